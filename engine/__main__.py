@@ -1,0 +1,290 @@
+"""Command line: ``python -m engine {train,compile,predict,evaluate,models} ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import CompileConfig, DataConfig, ModelConfig, PipelineConfig, TrainConfig
+
+
+class UserError(Exception):
+    """Bad input from the user: reported in one line, exit code 2."""
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="pneumoniamnist", help="MedMNIST 2D subset (default: pneumoniamnist)")
+    p.add_argument("--data-dir", default="", help="folder with <dataset>.npz (default: $MEDMNIST_DIR, else ~/.medmnist)")
+    p.add_argument("--size", type=int, default=28, help="image size: 28 (default) or 64/128/224 where the file exists")
+    p.add_argument("--no-download", action="store_true", help="never try medmnist's download")
+    p.add_argument("--models-dir", default=None, help="model registry (default: $ENGINE_MODELS_DIR, else ./models)")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="saved model name (default: the dataset's newest model)")
+    p.add_argument("--cache-dir", default=None, help="circuit cache (default: $ENGINE_CACHE_DIR, else ./.cache)")
+
+
+def _compile_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compile (default: the settings saved with the model)")
+    g.add_argument("--rounding-bits", type=int, default=None, help="rounding_threshold_bits (>= 2)")
+    g.add_argument("--rounding-method", choices=["approximate", "exact"], default=None)
+    g.add_argument("--p-error", type=float, default=None, help="error probability per PBS, e.g. 0.01")
+
+
+def _modes_arg(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--modes", default=default, help="'all' or a comma list of float,quantized,simulate,fhe")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description="Encrypted MedMNIST classification (Concrete ML).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a QAT FCNN and save it to the registry")
+    _data_args(p)
+    p.add_argument("--name", default=None, help="model name (default: derived from the architecture and time)")
+    p.add_argument("--hidden", type=int, nargs="*", default=[16], help="hidden widths, e.g. --hidden 32 16 (none: linear)")
+    p.add_argument("--weight-bits", type=int, default=3)
+    p.add_argument("--act-bits", type=int, default=3)
+    p.add_argument("--input-bits", type=int, default=3)
+    p.add_argument("--max-active-inputs", type=int, default=0, help="prune to this many inputs per neuron (0: off)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit-train", type=int, default=0, help="use only the first N training images")
+    p.add_argument("--no-class-weighting", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")
+    _compile_args(p)
+
+    p = sub.add_parser("compile", help="compile a saved model to a TFHE circuit (cached)")
+    _data_args(p)
+    _model_args(p)
+    _compile_args(p)
+    p.add_argument("--force", action="store_true", help="recompile even if cached")
+    p.add_argument("--keygen", action="store_true", help="also generate keys and report their size and time")
+    p.add_argument("--json", default=None, help="write the compile report to this file")
+
+    p = sub.add_parser("predict", help="classify images in one or more modes")
+    _data_args(p)
+    _model_args(p)
+    _compile_args(p)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--index", type=int, nargs="+", default=[0], help="image indices in the split")
+    p.add_argument("--image", nargs="+", default=None, help="image files (PNG, JPEG, BMP, TIFF, .npy) instead of --index")
+    _modes_arg(p, "all")
+    p.add_argument("--json", default=None)
+
+    p = sub.add_parser("evaluate", help="accuracy, AUC, agreement and latency per mode on a split")
+    _data_args(p)
+    _model_args(p)
+    _compile_args(p)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
+    _modes_arg(p, "float,quantized,simulate")
+    p.add_argument("--json", default=None, help="write the report to this file")
+
+    p = sub.add_parser("models", help="list saved models")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--models-dir", default=None)
+    return parser
+
+
+def _data_cfg(a) -> DataConfig:
+    return DataConfig(dataset=a.dataset.lower(), size=a.size, data_dir=a.data_dir, allow_download=not a.no_download)
+
+
+def _compile_cfg(a, base: CompileConfig) -> CompileConfig:
+    return CompileConfig(
+        rounding_threshold_bits=a.rounding_bits if a.rounding_bits is not None else base.rounding_threshold_bits,
+        rounding_method=a.rounding_method or base.rounding_method,
+        p_error=a.p_error if a.p_error is not None else base.p_error,
+        inputset_size=base.inputset_size,
+    )
+
+
+def _bar(desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc=desc, unit="img", file=sys.stderr, leave=False)
+
+    def update(done: int, total: int, message: str) -> None:
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(message, refresh=False)
+        bar.refresh()
+
+    return bar, update
+
+
+def _say(msg: str) -> None:
+    print(f"[engine] {msg}", file=sys.stderr)
+
+
+def cmd_train(a) -> int:
+    from tqdm import tqdm
+
+    from . import registry
+    from .train import train
+
+    from .data import dataset_info
+
+    dataset_info(a.dataset)
+    cfg = PipelineConfig(
+        data=_data_cfg(a),
+        model=ModelConfig(tuple(a.hidden), a.weight_bits, a.act_bits, a.input_bits, a.max_active_inputs),
+        train=TrainConfig(a.epochs, a.batch_size, a.lr, 0.0, a.seed, not a.no_class_weighting, a.limit_train),
+        compile=_compile_cfg(a, CompileConfig()),
+    )
+    if a.epochs < 1:
+        raise UserError("--epochs must be at least 1")
+    bar = tqdm(total=a.epochs, desc="training", unit="epoch", file=sys.stderr)
+
+    def on_epoch(r):
+        bar.update(1)
+        bar.set_postfix(loss=f"{r.train_loss:.3f}", val_acc=f"{r.val_accuracy:.3f}")
+
+    result = train(cfg, progress=on_epoch)
+    bar.close()
+    saved = registry.save(result, a.name, a.models_dir, overwrite=a.overwrite)
+    m = result.metrics
+    print(f"saved {saved.dataset}/{saved.name} (best epoch {m['best_epoch']}) to {saved.path}")
+    print(f"val accuracy {m['val']['accuracy']:.4f}  test accuracy {m['test']['accuracy']:.4f}  test AUC {m['test']['auc'] or float('nan'):.4f}")
+    return 0
+
+
+def _predictor(a):
+    from .data import dataset_info
+    from .infer import Predictor, parse_modes
+
+    dataset_info(a.dataset)  # unknown dataset: one clear error before anything loads
+    if getattr(a, "modes", None):
+        parse_modes(a.modes)
+
+    p = Predictor.open(a.dataset.lower(), a.model, a.models_dir, cache_dir=a.cache_dir, progress_text=_say)
+    p.compile_config = _compile_cfg(a, p.saved.config.compile)
+    return p
+
+
+def cmd_compile(a) -> int:
+    from .evaluate import circuit_line
+
+    p = _predictor(a)
+    if a.force:
+        from .fhe import compile_model
+
+        p.compiled = compile_model(p.saved, p.compile_config, p.cache_dir, _say, force=True)
+    compiled = p.ensure_compiled()
+    report = compiled.report.to_dict()
+    report.pop("files", None)
+    if a.keygen:
+        client = p.ensure_client()
+        client.keygen()
+        report.update(keygen_s=client.keygen_s, eval_key_bytes=len(client.evaluation_keys()))
+    print(f"{p.saved.dataset}/{p.saved.name} -> {compiled.path}")
+    print(circuit_line(report))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_predict(a) -> int:
+    import numpy as np
+
+    from .data import load_split
+    from .images import load_image
+
+    p = _predictor(a)
+    info = p.info
+    if a.image:
+        images = np.stack([load_image(Path(f), p.saved.config.data.size, info.n_channels).array for f in a.image])
+        names, truth = list(a.image), [None] * len(a.image)
+    else:
+        split = load_split(_data_cfg(a), a.split)
+        bad = [i for i in a.index if not 0 <= i < len(split)]
+        if bad:
+            raise UserError(f"index {bad[0]} out of range: the {a.split} split has {len(split)} images (0..{len(split) - 1})")
+        sub = split.subset(a.index)
+        images, names = sub.images, [f"{a.split}[{i}]" for i in a.index]
+        truth = [_label_text(info, t) for t in (sub.labels if info.multi_label else sub.targets)]
+    bar, update = _bar("predicting")
+    results = p.run(images, a.modes, progress=update)
+    bar.close()
+    out = []
+    for i, name in enumerate(names):
+        row = {"image": name, "true": truth[i]}
+        for mode, r in results.items():
+            row[mode] = {"label": _label_text(info, r.predictions[i]), "probabilities": np.round(r.scores[i], 4).tolist(),
+                         "latency_s": round(float(r.latency_s[i]), 5)}
+            for k, v in r.stages.items():
+                row[mode][k] = round(float(v[i]), 5)
+        out.append(row)
+        print(f"{name}: true={row['true']}  " + "  ".join(f"{m}={row[m]['label']} ({row[m]['latency_s'] * 1000:.1f} ms)" for m in results))
+    if "fhe" in results:
+        fhe = results["fhe"]
+        print(f"fhe sizes: ciphertext {fhe.sizes['ciphertext_bytes']:,} B, result {fhe.sizes['result_bytes']:,} B, "
+              f"evaluation keys {fhe.sizes['eval_key_bytes']:,} B; keygen {p.client.keygen_s:.2f} s")
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+def _label_text(info, pred) -> str:
+    import numpy as np
+
+    if info.multi_label:
+        on = [info.labels[j] for j in np.flatnonzero(np.asarray(pred))]
+        return "+".join(on) if on else "none"
+    return info.labels[int(pred)]
+
+
+def cmd_evaluate(a) -> int:
+    from .data import load_split
+    from .evaluate import evaluate, table, write_json
+
+    p = _predictor(a)
+    split = load_split(_data_cfg(a), a.split).head(a.limit)
+    bar, update = _bar("evaluating")
+    report = evaluate(p, split, a.modes, progress=update)
+    bar.close()
+    print(table(report))
+    if a.json:
+        write_json(report, Path(a.json))
+        print(f"wrote {a.json}")
+    return 0
+
+
+def cmd_models(a) -> int:
+    from . import registry
+
+    models = registry.list_models(a.dataset, a.models_dir)
+    if not models:
+        print("no saved models")
+    for m in models:
+        s = m.summary()
+        print(f"{s['dataset']:<16} {s['name']:<44} hidden={s['hidden']} bits={s['bits (w/a/in)']} "
+              f"val_acc={s['val_accuracy'] or 0:.4f} test_acc={s['test_accuracy'] or 0:.4f} {s['created']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DataError
+    from .images import ImageError
+    from .registry import ModelNotFound
+
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "compile": cmd_compile, "predict": cmd_predict,
+                "evaluate": cmd_evaluate, "models": cmd_models}[args.command](args)
+    except (UserError, DataError, ModelNotFound, ImageError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Typed configuration that travels through the pipeline.
+
+One :class:`PipelineConfig` holds everything a stage needs (data, model, training, compile);
+each stage reads only its own part. Configs round-trip through plain dicts (JSON) so a saved
+model carries the exact config that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_data_dir() -> Path:
+    """Folder holding MedMNIST ``.npz`` files: ``$MEDMNIST_DIR``, else ``~/.medmnist``."""
+    return Path(os.environ.get("MEDMNIST_DIR") or Path.home() / ".medmnist")
+
+
+def default_models_dir() -> Path:
+    """Model registry root: ``$ENGINE_MODELS_DIR``, else ``models/`` in the repository."""
+    return Path(os.environ.get("ENGINE_MODELS_DIR") or REPO_ROOT / "models")
+
+
+def default_cache_dir() -> Path:
+    """Compiled-circuit and key cache: ``$ENGINE_CACHE_DIR``, else ``.cache/`` in the repo."""
+    return Path(os.environ.get("ENGINE_CACHE_DIR") or REPO_ROOT / ".cache")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "pneumoniamnist"
+    size: int = 28
+    data_dir: str = ""  # empty: default_data_dir()
+    allow_download: bool = True
+
+    @property
+    def path(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else default_data_dir()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: tuple[int, ...] = (16,)
+    weight_bits: int = 3
+    act_bits: int = 3
+    input_bits: int = 3
+    # Unstructured L1 pruning: keep at most this many non-zero inputs per neuron (bounds
+    # the accumulator bit-width). 0 disables pruning.
+    max_active_inputs: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    class_weighting: bool = True
+    limit_train: int = 0  # 0: the whole training split (tests use a small slice)
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    rounding_threshold_bits: int = 6
+    rounding_method: str = "approximate"  # "approximate" adds no lookups; "exact" does
+    p_error: float = 0.01
+    inputset_size: int = 512
+
+    def __post_init__(self) -> None:
+        if not self.rounding_threshold_bits or self.rounding_threshold_bits < 2:
+            raise ValueError(
+                "rounding_threshold_bits must be >= 2: compiling without rounding makes key "
+                "generation take minutes and gigabytes"
+            )
+        if self.rounding_method not in ("approximate", "exact"):
+            raise ValueError("rounding_method must be 'approximate' or 'exact'")
+        if not 0 < self.p_error < 1:
+            raise ValueError("p_error must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PipelineConfig":
+        model = dict(d.get("model", {}))
+        if "hidden" in model:
+            model["hidden"] = tuple(int(h) for h in model["hidden"])
+        return cls(
+            data=_build(DataConfig, d.get("data", {})),
+            model=_build(ModelConfig, model),
+            train=_build(TrainConfig, d.get("train", {})),
+            compile=_build(CompileConfig, d.get("compile", {})),
+        )
+
+    def replace(self, **parts: Any) -> "PipelineConfig":
+        """Copy with some parts replaced, e.g. ``cfg.replace(compile=CompileConfig(...))``."""
+        return dataclasses.replace(self, **parts)
+
+
+def _build(cls: type, values: dict[str, Any]):
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in known})

@@ -1,0 +1,155 @@
+"""An uploaded image -> the model's input (uint8, dataset size, 1 or 3 channels).
+
+Conversions, each reported in ``LoadedImage.notes``:
+- palette, CMYK, grayscale+alpha, RGBA: converted; alpha is composited onto black (the
+  background of MedMNIST scans);
+- 16-bit or float data: rescaled to 0..255 by its own min and max;
+- animated GIF/TIFF/APNG: the first frame is used;
+- non-square: center-cropped to a square (as MedMNIST did), then resized (Lanczos);
+- RGB for a grayscale dataset: luminance; grayscale for an RGB dataset: replicated.
+Oversized, truncated, empty and non-image files raise :class:`ImageError`.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_BYTES = 25 * 1024 * 1024
+MAX_PIXELS = 40_000_000
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "MPO")
+EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "gif", "npy")
+
+
+class ImageError(Exception):
+    """The file is not an image the model can use; the message says why and what to do."""
+
+
+@dataclass
+class LoadedImage:
+    array: np.ndarray  # (size, size) or (size, size, 3), uint8: what the model sees
+    original: np.ndarray  # the decoded image before crop/resize (uint8), for display
+    notes: list[str] = field(default_factory=list)
+
+
+def load_image(source: Path | bytes, size: int = 28, channels: int = 1, name: str | None = None) -> LoadedImage:
+    """Decode ``source`` (a path or the uploaded bytes) into the model's input format."""
+    if isinstance(source, (str, Path)):
+        name = name or Path(source).name
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise ImageError(f"Cannot read {source}: {exc.strerror or exc}") from None
+    else:
+        data = bytes(source)
+    name = name or "upload"
+    if not data:
+        raise ImageError(f"{name} is empty.")
+    if len(data) > MAX_BYTES:
+        raise ImageError(f"{name} is {len(data) / 1e6:.0f} MB; the limit is {MAX_BYTES // 2**20} MB. Downscale it first.")
+    notes: list[str] = []
+    if name.lower().endswith(".npy") or data[:6] == b"\x93NUMPY":
+        arr = _from_npy(data, name, notes)
+    else:
+        arr = _from_pil(data, name, notes)
+    original = arr
+    arr = _to_channels(arr, channels, notes)
+    arr = _square_resize(arr, size, notes)
+    return LoadedImage(array=arr, original=original, notes=notes)
+
+
+def _from_npy(data: bytes, name: str, notes: list[str]) -> np.ndarray:
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:
+        raise ImageError(f"{name} is not a readable .npy array ({type(exc).__name__}).") from None
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = np.moveaxis(arr, 0, -1)  # channels-first -> channels-last
+        notes.append("moved the channel axis last")
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] != 3) or min(arr.shape[:2]) < 1:
+        raise ImageError(f"{name} has shape {arr.shape}; expected (H, W), (H, W, 3) or (3, H, W).")
+    if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
+        raise ImageError(f"{name} is {arr.shape[1]}x{arr.shape[0]} pixels; the limit is {MAX_PIXELS:,}.")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise ImageError(f"{name} holds {arr.dtype} values, not numbers.")
+    return _to_uint8(arr.astype(np.float64) if arr.dtype == bool else arr, notes)
+
+
+def _to_uint8(arr: np.ndarray, notes: list[str]) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    a = arr.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ImageError("The image contains NaN or infinite values.")
+    lo, hi = float(a.min()), float(a.max())
+    notes.append(f"rescaled {arr.dtype} values [{lo:g}, {hi:g}] to 0..255")
+    if hi == lo:
+        return np.zeros(a.shape, np.uint8)
+    return np.round((a - lo) / (hi - lo) * 255).astype(np.uint8)
+
+
+def _from_pil(data: bytes, name: str, notes: list[str]) -> np.ndarray:
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format
+        if fmt not in FORMATS:
+            raise ImageError(f"{name} is a {fmt} image; use PNG, JPEG, BMP, TIFF or .npy.")
+        if getattr(img, "n_frames", 1) > 1:
+            notes.append(f"animated/multi-page ({img.n_frames} frames): used the first frame")
+            img.seek(0)
+        img.load()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name} has more than {MAX_PIXELS:,} pixels. Downscale it first.") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} is not an image (use PNG, JPEG, BMP, TIFF or .npy).") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{name} is truncated or corrupt ({exc}).") from None
+    img = ImageOps.exif_transpose(img) or img
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _to_uint8(np.asarray(img), notes)
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        notes.append("converted palette colours")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        img = img.convert("RGB")
+        notes.append(f"converted {mode} to RGB")
+    elif mode == "1":
+        img = img.convert("L")
+    if img.mode in ("RGBA", "LA", "PA"):
+        notes.append("composited transparency onto black")
+        bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(bg, img.convert("RGBA")).convert("RGB" if img.mode == "RGBA" else "L")
+    return np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
+
+
+def _to_channels(arr: np.ndarray, channels: int, notes: list[str]) -> np.ndarray:
+    if channels == 1 and arr.ndim == 3:
+        notes.append("converted colour to grayscale")
+        return np.asarray(Image.fromarray(arr).convert("L"))
+    if channels == 3 and arr.ndim == 2:
+        notes.append("replicated grayscale into 3 channels")
+        return np.repeat(arr[..., None], 3, axis=2)
+    return arr
+
+
+def _square_resize(arr: np.ndarray, size: int, notes: list[str]) -> np.ndarray:
+    h, w = arr.shape[:2]
+    if h != w:
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        arr = arr[top : top + s, left : left + s]
+        notes.append(f"center-cropped {w}x{h} to {s}x{s}")
+    if arr.shape[0] != size:
+        notes.append(f"resized {arr.shape[0]}x{arr.shape[0]} to {size}x{size}")
+        arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.Resampling.LANCZOS))
+    return np.ascontiguousarray(arr, dtype=np.uint8)

@@ -1,0 +1,179 @@
+"""Saved models: ``<models_dir>/<dataset>/<name>/`` with weights, config, metrics, history.
+
+A model's content hash (weights + config) keys its compiled circuits in the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import PipelineConfig, default_models_dir
+from .data import to_features
+from .model import QATFCNN, build_model
+from .train import TrainResult
+
+WEIGHTS = "weights.pt"
+CALIBRATION = "calibration.npz"
+META = "model.json"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ModelNotFound(Exception):
+    """No saved model matches the request."""
+
+
+@dataclass
+class SavedModel:
+    dataset: str
+    name: str
+    path: Path
+    config: PipelineConfig
+    hash: str
+    created: float
+    metrics: dict
+    history: list[dict]
+    thresholds: list[float] | None
+    in_features: int
+    n_outputs: int
+
+    def load_torch(self) -> QATFCNN:
+        model = build_model(self.in_features, self.n_outputs, self.config.model)
+        state = torch.load(self.path / WEIGHTS, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        model.eval()
+        return model
+
+    def calibration_features(self, n: int) -> np.ndarray:
+        """Features of up to ``n`` stored training images: the compiler's input set."""
+        with np.load(self.path / CALIBRATION) as f:
+            images = f["images"]
+        return to_features(images[:n])
+
+    def summary(self) -> dict:
+        m = self.config.model
+        return {
+            "dataset": self.dataset,
+            "name": self.name,
+            "hidden": list(m.hidden),
+            "bits (w/a/in)": f"{m.weight_bits}/{m.act_bits}/{m.input_bits}",
+            "val_accuracy": self.metrics.get("val", {}).get("accuracy"),
+            "test_accuracy": self.metrics.get("test", {}).get("accuracy"),
+            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(self.created)),
+            "hash": self.hash[:12],
+        }
+
+
+def _weights_bytes(model: torch.nn.Module) -> bytes:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getvalue()
+
+
+def content_hash(weights: bytes, cfg: PipelineConfig) -> str:
+    h = hashlib.sha256()
+    h.update(weights)
+    # Only what changes the function the model computes (not data paths or epochs).
+    h.update(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True).encode())
+    h.update(cfg.data.dataset.encode() + str(cfg.data.size).encode())
+    return h.hexdigest()
+
+
+def default_name(cfg: PipelineConfig) -> str:
+    m = cfg.model
+    arch = "-".join(map(str, m.hidden)) or "linear"
+    return f"fcnn-{arch}-w{m.weight_bits}a{m.act_bits}i{m.input_bits}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def save(result: TrainResult, name: str | None = None, models_dir: Path | None = None, overwrite: bool = False) -> SavedModel:
+    cfg = result.config
+    name = name or default_name(cfg)
+    if not NAME_RE.match(name):
+        raise ValueError(f"Invalid model name '{name}': use letters, digits, '-', '_', '.' (max 64).")
+    root = Path(models_dir or default_models_dir()) / cfg.data.dataset
+    final = root / name
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"A model named '{name}' already exists in {root}; pick another name.")
+    weights = _weights_bytes(result.model)
+    meta = {
+        "dataset": cfg.data.dataset,
+        "name": name,
+        "hash": content_hash(weights, cfg),
+        "created": time.time(),
+        "config": cfg.to_dict(),
+        "in_features": int(result.model.linears()[0].in_features),
+        "n_outputs": int(result.model.linears()[-1].out_features),
+        "metrics": result.metrics,
+        "history": [dataclasses.asdict(h) for h in result.history],
+        "thresholds": result.thresholds,
+    }
+    # Data paths are machine-specific: the registry stores the dataset, not where it was read.
+    meta["config"]["data"]["data_dir"] = ""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    (tmp / WEIGHTS).write_bytes(weights)
+    (tmp / META).write_text(json.dumps(meta, indent=2))
+    np.savez_compressed(tmp / CALIBRATION, images=result.calibration)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return load(cfg.data.dataset, name, models_dir)
+
+
+def load(dataset: str, name: str | None = None, models_dir: Path | None = None) -> SavedModel:
+    """A saved model by name, or the dataset's default: the most recently created one."""
+    if name is None:
+        models = list_models(dataset, models_dir)
+        if not models:
+            root = Path(models_dir or default_models_dir()) / dataset
+            raise ModelNotFound(
+                f"No trained model for '{dataset}' in {root}. Train one first: "
+                f"python -m engine train --dataset {dataset}"
+            )
+        return models[0]
+    path = Path(models_dir or default_models_dir()) / dataset / name
+    if not (path / META).exists():
+        names = ", ".join(m.name for m in list_models(dataset, models_dir)) or "none"
+        raise ModelNotFound(f"No model '{name}' for '{dataset}' (available: {names}).")
+    return _read(path)
+
+
+def _read(path: Path) -> SavedModel:
+    meta = json.loads((path / META).read_text())
+    return SavedModel(
+        dataset=meta["dataset"],
+        name=meta["name"],
+        path=path,
+        config=PipelineConfig.from_dict(meta["config"]),
+        hash=meta["hash"],
+        created=meta["created"],
+        metrics=meta.get("metrics", {}),
+        history=meta.get("history", []),
+        thresholds=meta.get("thresholds"),
+        in_features=meta["in_features"],
+        n_outputs=meta["n_outputs"],
+    )
+
+
+def list_models(dataset: str | None = None, models_dir: Path | None = None) -> list[SavedModel]:
+    """Saved models, newest first (optionally of one dataset). Unreadable folders are skipped."""
+    root = Path(models_dir or default_models_dir())
+    pattern = f"{dataset}/*/{META}" if dataset else f"*/*/{META}"
+    out = []
+    for meta in root.glob(pattern):
+        try:
+            out.append(_read(meta.parent))
+        except (KeyError, ValueError, json.JSONDecodeError):
+            continue
+    return sorted(out, key=lambda m: m.created, reverse=True)

@@ -1,0 +1,158 @@
+"""Quantization-aware training: a plain loop with validation-based model selection."""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import metrics
+from .config import PipelineConfig
+from .data import Split, load_split, to_features
+from .model import QATFCNN, build_model
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    epochs: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    val_auc: float | None
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    model: QATFCNN
+    config: PipelineConfig
+    history: list[EpochReport] = field(default_factory=list)
+    best_epoch: int = 0
+    metrics: dict = field(default_factory=dict)
+    thresholds: list[float] | None = None
+    calibration: np.ndarray | None = None  # uint8 training images the compiler calibrates on
+
+
+CALIBRATION_SIZE = 512
+
+
+ProgressFn = Callable[[EpochReport], None]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def class_weights(split: Split) -> torch.Tensor | None:
+    """Inverse-frequency weights (single-label) or positive weights (multi-label)."""
+    y = split.targets
+    if split.info.multi_label:
+        pos = y.mean(axis=0).clip(1e-3, 1 - 1e-3)
+        return torch.tensor((1 - pos) / pos, dtype=torch.float32)
+    counts = np.bincount(y, minlength=split.info.n_outputs).astype(np.float64)
+    w = len(y) / (len(counts) * np.maximum(counts, 1))
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def loss_fn(split: Split, weighted: bool) -> nn.Module:
+    w = class_weights(split) if weighted else None
+    if split.info.multi_label:
+        return nn.BCEWithLogitsLoss(pos_weight=w)
+    return nn.CrossEntropyLoss(weight=w)
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, x: np.ndarray, batch: int = 1024) -> np.ndarray:
+    model.eval()
+    return np.concatenate([model(torch.from_numpy(x[i : i + batch])).numpy() for i in range(0, len(x), batch)])
+
+
+def evaluate_float(model: QATFCNN, split: Split, thresholds=None) -> dict:
+    scores = metrics.scores_from_logits(logits_of(model, to_features(split.images)), split.info)
+    y = split.labels
+    return {
+        "accuracy": metrics.accuracy(y, scores, split.info, thresholds),
+        "auc": metrics.auc(y, scores, split.info),
+        "n": len(split),
+    }
+
+
+def train(cfg: PipelineConfig, progress: ProgressFn | None = None) -> TrainResult:
+    """Train a QAT FCNN per ``cfg``; keep the epoch with the best validation score."""
+    tc = cfg.train
+    seed_everything(tc.seed)
+    train_split = load_split(cfg.data, "train").head(tc.limit_train)
+    val_split = load_split(cfg.data, "val")
+    info = train_split.info
+
+    x_train = torch.from_numpy(to_features(train_split.images))
+    y_train = torch.from_numpy(train_split.targets)
+    x_val = to_features(val_split.images)
+    y_val = torch.from_numpy(val_split.targets)
+
+    model = build_model(x_train.shape[1], info.n_outputs, cfg.model)
+    criterion = loss_fn(train_split, tc.class_weighting)
+    val_criterion = loss_fn(val_split, tc.class_weighting)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(tc.epochs, 1))
+    gen = torch.Generator().manual_seed(tc.seed)
+
+    calib_idx = np.random.default_rng(tc.seed).permutation(len(train_split))[:CALIBRATION_SIZE]
+    result = TrainResult(model=model, config=cfg, calibration=train_split.images[np.sort(calib_idx)])
+    best_score, best_state = -np.inf, None
+    # With pruning: one dense epoch, then fine-tune under the mask; only masked epochs compete.
+    prune_epoch = min(2, tc.epochs) if cfg.model.max_active_inputs else 0
+    for epoch in range(1, tc.epochs + 1):
+        t0 = time.perf_counter()
+        if epoch == prune_epoch:
+            model.apply_pruning()
+            best_score, best_state = -np.inf, None
+        model.train()
+        perm = torch.randperm(len(x_train), generator=gen)
+        total = 0.0
+        for i in range(0, len(perm), tc.batch_size):
+            idx = perm[i : i + tc.batch_size]
+            loss = criterion(model(x_train[idx]), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        sched.step()
+
+        logits = logits_of(model, x_val)
+        scores = metrics.scores_from_logits(logits, info)
+        val_loss = float(val_criterion(torch.from_numpy(logits), y_val))
+        acc = metrics.accuracy(val_split.labels, scores, info)
+        auc = metrics.auc(val_split.labels, scores, info)
+        report = EpochReport(epoch, tc.epochs, total / len(perm), val_loss, acc, auc, time.perf_counter() - t0)
+        result.history.append(report)
+        # Select on validation accuracy, AUC breaking ties.
+        score = acc + 1e-3 * (auc or 0.0)
+        if score > best_score:
+            best_score, best_state, result.best_epoch = score, copy.deepcopy(model.state_dict()), epoch
+        if progress:
+            progress(report)
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.remove_pruning()
+    model.eval()
+
+    if info.multi_label:
+        val_scores = metrics.scores_from_logits(logits_of(model, x_val), info)
+        result.thresholds = metrics.fit_label_thresholds(val_split.targets, val_scores).tolist()
+    result.metrics = {
+        "best_epoch": result.best_epoch,
+        "val": evaluate_float(model, val_split, result.thresholds),
+        "test": evaluate_float(model, load_split(cfg.data, "test"), result.thresholds),
+    }
+    return result
