@@ -140,6 +140,9 @@ def cmd_train(a) -> int:
     )
     if a.epochs < 1:
         raise UserError("--epochs must be at least 1")
+    from .data import locate
+
+    locate(cfg.data)  # a missing file fails here, before the progress bar starts
     bar = tqdm(total=a.epochs, desc="training", unit="epoch", file=sys.stderr)
 
     def on_epoch(r):
@@ -196,17 +199,19 @@ def cmd_predict(a) -> int:
     from .data import load_split
     from .images import load_image
 
+    sub = None
+    if not a.image:
+        split = load_split(_data_cfg(a), a.split)
+        bad = [i for i in a.index if not 0 <= i < len(split)]
+        if bad:
+            raise UserError(f"index {bad[0]} out of range: the {a.split} split has {len(split)} images (0..{len(split) - 1})")
+        sub = split.subset(a.index)
     p = _predictor(a)
     info = p.info
     if a.image:
         images = np.stack([load_image(Path(f), p.saved.config.data.size, info.n_channels).array for f in a.image])
         names, truth = list(a.image), [None] * len(a.image)
     else:
-        split = load_split(_data_cfg(a), a.split)
-        bad = [i for i in a.index if not 0 <= i < len(split)]
-        if bad:
-            raise UserError(f"index {bad[0]} out of range: the {a.split} split has {len(split)} images (0..{len(split) - 1})")
-        sub = split.subset(a.index)
         images, names = sub.images, [f"{a.split}[{i}]" for i in a.index]
         truth = [_label_text(info, t) for t in (sub.labels if info.multi_label else sub.targets)]
     bar, update = _bar("predicting")

@@ -124,7 +124,9 @@ def load_split(cfg: DataConfig, split: str) -> Split:
     """Load and validate one split of ``cfg.dataset``."""
     if split not in SPLITS:
         raise DataError(f"Unknown split '{split}'. Choose one of: {', '.join(SPLITS)}.")
-    arrays = _load_file(str(locate(cfg)), cfg.dataset.lower(), cfg.size)
+    path = locate(cfg)
+    stat = path.stat()  # part of the cache key: a replaced file is read again
+    arrays = _load_file(str(path), cfg.dataset.lower(), cfg.size, stat.st_mtime_ns, stat.st_size)
     return Split(cfg.dataset.lower(), split, arrays[f"{split}_images"], arrays[f"{split}_labels"], dataset_info(cfg.dataset))
 
 
@@ -169,7 +171,7 @@ def md5sum(path: Path) -> str:
 
 
 @lru_cache(maxsize=8)
-def _load_file(path_str: str, flag: str, size: int) -> dict[str, np.ndarray]:
+def _load_file(path_str: str, flag: str, size: int, _mtime_ns: int = 0, _bytes: int = 0) -> dict[str, np.ndarray]:
     """Read and validate a whole file once per process (the arrays are small)."""
     path = Path(path_str)
     info = dataset_info(flag)

@@ -13,6 +13,7 @@ Oversized, truncated, empty and non-image files raise :class:`ImageError`.
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,10 +96,13 @@ def _to_uint8(arr: np.ndarray, notes: list[str]) -> np.ndarray:
 
 
 def _from_pil(data: bytes, name: str, notes: list[str]) -> np.ndarray:
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check the size ourselves
+            img = Image.open(io.BytesIO(data))
         fmt = img.format
+        if img.width * img.height > MAX_PIXELS:
+            raise ImageError(f"{name} is {img.width}x{img.height} pixels; the limit is {MAX_PIXELS:,}. Downscale it first.")
         if fmt not in FORMATS:
             raise ImageError(f"{name} is a {fmt} image; use PNG, JPEG, BMP, TIFF or .npy.")
         if getattr(img, "n_frames", 1) > 1:

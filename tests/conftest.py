@@ -1,0 +1,97 @@
+"""Shared fixtures: the real MedMNIST folder, generated files of other subsets, and one tiny
+model trained, saved and compiled once per session (real Concrete ML, a 784-8-2 circuit)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from medmnist import INFO
+
+from engine.config import CompileConfig, DataConfig, ModelConfig, PipelineConfig, TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def real_data_dir() -> Path:
+    for cand in (os.environ.get("MEDMNIST_DIR"), REPO.parent / "shared" / "data" / "medmnist"):
+        if cand and (Path(cand) / "pneumoniamnist.npz").exists():
+            return Path(cand)
+    pytest.fail("PneumoniaMNIST not found: set MEDMNIST_DIR to the folder holding pneumoniamnist.npz", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return real_data_dir()
+
+
+def make_npz(folder: Path, flag: str, n: int = 40, size: int = 28, seed: int = 0) -> Path:
+    """A small file in the official MedMNIST layout for ``flag`` (random but learnable)."""
+    info = INFO[flag]
+    rng = np.random.default_rng(seed)
+    shape = (size, size) if info["n_channels"] == 1 else (size, size, info["n_channels"])
+    n_labels = len(info["label"])
+    arrays = {}
+    for split in ("train", "val", "test"):
+        if info["task"].startswith("multi-label"):
+            labels = rng.integers(0, 2, size=(n, n_labels)).astype(np.uint8)
+            signal = labels[:, :1]
+        else:
+            labels = (np.arange(n) % n_labels).reshape(n, 1).astype(np.uint8)
+            signal = labels
+        base = rng.integers(0, 100, size=(n, *shape))
+        images = (base + 150 * (signal.reshape(n, *([1] * len(shape))) % 2)).clip(0, 255).astype(np.uint8)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+    name = f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(folder / name, **arrays)
+    return folder / name
+
+
+TINY = ModelConfig(hidden=(8,), weight_bits=3, act_bits=3, input_bits=3)
+TINY_COMPILE = CompileConfig(rounding_threshold_bits=4, p_error=0.05, inputset_size=128)
+
+
+def tiny_config(data_dir: Path, dataset: str = "pneumoniamnist", **train) -> PipelineConfig:
+    return PipelineConfig(
+        data=DataConfig(dataset, data_dir=str(data_dir), allow_download=False),
+        model=TINY,
+        train=TrainConfig(**{"epochs": 2, "limit_train": 1024, **train}),
+        compile=TINY_COMPILE,
+    )
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_saved(data_dir, models_dir):
+    from engine import registry
+    from engine.train import train
+
+    return registry.save(train(tiny_config(data_dir)), "tiny", models_dir)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def predictor(tiny_saved, cache_dir, tmp_path_factory):
+    from engine.infer import Predictor
+
+    p = Predictor(saved=tiny_saved, cache_dir=cache_dir, key_dir=tmp_path_factory.mktemp("keys"))
+    p.ensure_compiled()
+    return p
+
+
+@pytest.fixture(scope="session")
+def test_split(data_dir):
+    from engine.data import load_split
+
+    return load_split(DataConfig("pneumoniamnist", data_dir=str(data_dir), allow_download=False), "test")

@@ -1,0 +1,78 @@
+"""The command line as a user drives it (subprocesses, real data, real circuits)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("cli")
+    return {**os.environ, "MEDMNIST_DIR": str(data_dir), "ENGINE_MODELS_DIR": str(root / "models"),
+            "ENGINE_CACHE_DIR": str(root / "cache")}
+
+
+def run(env, *args, ok=True):
+    p = subprocess.run([sys.executable, "-m", "engine", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if ok:
+        assert p.returncode == 0, p.stderr[-2000:]
+    return p
+
+
+def test_train_compile_predict_evaluate(env, tmp_path):
+    out = run(env, "train", "--dataset", "pneumoniamnist", "--epochs", "2", "--hidden", "8", "--limit-train", "1024",
+              "--rounding-bits", "4", "--p-error", "0.05", "--name", "cli-tiny").stdout
+    assert "saved pneumoniamnist/cli-tiny" in out and "test accuracy" in out
+    first = run(env, "compile", "--dataset", "pneumoniamnist").stdout
+    assert "8 PBS" in first and "freshly compiled" in first
+    second = run(env, "compile", "--dataset", "pneumoniamnist", "--keygen").stdout
+    assert "from cache" in second and "keygen" in second
+    pred = tmp_path / "pred.json"
+    out = run(env, "predict", "--dataset", "pneumoniamnist", "--split", "test", "--index", "0", "7", "--modes", "all",
+              "--json", str(pred)).stdout
+    assert out.count("test[") == 2 and "fhe sizes" in out
+    rows = json.loads(pred.read_text())
+    assert [r["image"] for r in rows] == ["test[0]", "test[7]"]
+    assert all(r["simulate"]["label"] == r["fhe"]["label"] for r in rows)
+    report_path = tmp_path / "out.json"
+    out = run(env, "evaluate", "--dataset", "pneumoniamnist", "--modes", "float,quantized,simulate,fhe", "--limit", "6",
+              "--json", str(report_path)).stdout
+    rep = json.loads(report_path.read_text())
+    assert rep["dataset"] == "pneumoniamnist" and rep["model"] == "cli-tiny" and rep["n"] == 6
+    assert set(rep["modes"]) == {"float", "quantized", "simulate", "fhe"}
+    for m in rep["modes"].values():
+        assert {"accuracy", "auc", "latency_median_s", "latency_p90_s"} <= set(m)
+    assert rep["agreement_simulate_fhe"] == 1.0
+    c = rep["circuit"]
+    assert c["pbs_count"] == 8 and c["from_cache"] and c["keygen_s"] > 0 and c["eval_key_bytes"] > 0
+    assert "fhe stages" in out
+
+
+def test_train_then_evaluate_any_subset(env, tmp_path):
+    from conftest import make_npz
+
+    make_npz(tmp_path, "dermamnist", n=48)
+    e = {**env, "MEDMNIST_DIR": str(tmp_path)}
+    run(e, "train", "--dataset", "dermamnist", "--epochs", "1", "--hidden", "4")
+    out = run(e, "evaluate", "--dataset", "dermamnist", "--modes", "float,quantized", "--limit", "10").stdout
+    assert "dermamnist" in out and "quantized" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["predict", "--dataset", "nosuchmnist"], "Unknown dataset 'nosuchmnist'"),
+    (["predict", "--dataset", "pneumoniamnist", "--modes", "float,gpu"], "Unknown mode(s) gpu"),
+    (["predict", "--dataset", "pneumoniamnist", "--index", "100000"], "out of range"),
+    (["evaluate", "--dataset", "breastmnist"], "No trained model for 'breastmnist'"),
+    (["train", "--dataset", "breastmnist", "--data-dir", "/nonexistent", "--no-download"], "breastmnist.npz not found"),
+    (["train", "--dataset", "breastmnist", "--rounding-bits", "0"], "rounding_threshold_bits"),
+])
+def test_user_errors_are_one_line(env, args, needle):
+    p = run(env, *args, ok=False)
+    assert p.returncode == 2
+    err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and needle in err[0], p.stderr[-1500:]
+    assert "Traceback" not in p.stderr

@@ -1,0 +1,114 @@
+"""Real Concrete ML on a tiny 784-8-2 circuit: compile, cache, keys, four modes."""
+
+import shutil
+import time
+
+import numpy as np
+import pytest
+from joblib import Parallel, delayed
+
+from engine.config import CompileConfig
+from engine.fhe import FHEClient, FHEServer, compile_model
+
+
+def test_compile_report(predictor):
+    r = predictor.compiled.report
+    assert r.pbs_count == 8  # one lookup per hidden neuron, none added by approximate rounding
+    assert 2 <= r.max_bit_width <= 16
+    assert r.compile["rounding_threshold_bits"] == 4 and r.versions["concrete-ml"] == "1.9.0"
+
+
+def test_second_compile_comes_from_cache(predictor, tiny_saved, cache_dir):
+    t0 = time.perf_counter()
+    again = compile_model(tiny_saved, predictor.compile_config or tiny_saved.config.compile, cache_dir)
+    assert again.report.from_cache and again.path == predictor.compiled.path
+    assert time.perf_counter() - t0 < 5
+    other = compile_model(tiny_saved, CompileConfig(rounding_threshold_bits=5, p_error=0.05, inputset_size=128), cache_dir)
+    assert not other.report.from_cache and other.path != again.path
+
+
+def test_four_modes_agree(predictor, test_split):
+    imgs = test_split.subset(np.arange(0, 120, 20)).images  # 6 images
+    res = predictor.run(imgs, "all")
+    assert list(res) == ["float", "quantized", "simulate", "fhe"]
+    assert np.array_equal(res["simulate"].predictions, res["fhe"].predictions)
+    # Same integers in clear and simulation, up to rare PBS errors at p_error=0.05
+    assert (res["quantized"].predictions == res["simulate"].predictions).mean() >= 0.8
+    fhe = res["fhe"]
+    assert set(fhe.stages) == {"encrypt_s", "server_s", "decrypt_s"}
+    assert all(len(v) == 6 and (v > 0).all() for v in fhe.stages.values())
+    assert fhe.sizes["ciphertext_bytes"] > 784 and fhe.sizes["eval_key_bytes"] > 1000
+    assert np.allclose(fhe.scores.sum(axis=1), 1)
+
+
+def _serve(server_only_dir, ciphertext, eval_keys):
+    # Another process, given only server.zip and bytes: what a remote server has.
+    return FHEServer(server_only_dir).run(ciphertext, eval_keys)
+
+
+def test_server_needs_only_server_zip_and_bytes(predictor, test_split, tmp_path):
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    shutil.copy(predictor.compiled.deployment_dir / "server.zip", server_dir)
+    client = predictor.ensure_client()
+    from engine.data import to_features
+
+    feats = to_features(test_split.images[:2])
+    jobs = [delayed(_serve)(server_dir, client.encrypt(feats[i : i + 1]), client.evaluation_keys()) for i in range(2)]
+    outs = Parallel(n_jobs=2, backend="loky")(jobs)
+    remote = np.concatenate([client.decrypt(o) for o in outs]).argmax(1)
+    local = predictor.run(test_split.images[:2], "simulate")["simulate"].predictions
+    assert np.array_equal(remote, local)
+    assert sorted(p.name for p in server_dir.iterdir()) == ["server.zip"]
+
+
+def test_keys_persist_in_client_key_dir(predictor, tmp_path, test_split):
+    from engine.data import to_features
+
+    a = FHEClient(predictor.compiled, tmp_path / "k")
+    a.keygen()
+    assert any((tmp_path / "k").rglob("*")), "keys were not written to the client's key folder"
+    b = FHEClient(predictor.compiled, tmp_path / "k")
+    b.keygen()
+    ct = a.encrypt(to_features(test_split.images[:1]))
+    res = predictor.ensure_server().run(ct, a.evaluation_keys())
+    assert np.allclose(a.decrypt(res), b.decrypt(res))  # same key pair, loaded from disk
+
+
+def _corrupt_and_recompile(tiny_saved, cache_dir, damage):
+    cc = tiny_saved.config.compile
+    first = compile_model(tiny_saved, cc, cache_dir)
+    damage(first.path)
+    messages = []
+    again = compile_model(tiny_saved, cc, cache_dir, progress=messages.append)
+    assert not again.report.from_cache
+    assert any("rebuilding" in m for m in messages)
+    assert compile_model(tiny_saved, cc, cache_dir).report.from_cache
+    return again
+
+
+def test_corrupt_cache_entries_are_rebuilt(tiny_saved, tmp_path):
+    def truncate(path):
+        z = path / "deployment" / "server.zip"
+        z.write_bytes(z.read_bytes()[:100])
+
+    _corrupt_and_recompile(tiny_saved, tmp_path, truncate)
+    _corrupt_and_recompile(tiny_saved, tmp_path, lambda p: (p / "report.json").unlink())
+    _corrupt_and_recompile(tiny_saved, tmp_path, lambda p: (p / "quantized_module.json").write_text("{"))
+
+
+def _compile_in_process(saved, cache_dir):
+    c = compile_model(saved, saved.config.compile, cache_dir)
+    return str(c.path)
+
+
+def test_concurrent_compiles_leave_one_valid_entry(tiny_saved, tmp_path):
+    paths = Parallel(n_jobs=2, backend="loky")(delayed(_compile_in_process)(tiny_saved, tmp_path) for _ in range(2))
+    assert paths[0] == paths[1]
+    assert compile_model(tiny_saved, tiny_saved.config.compile, tmp_path).report.from_cache
+    assert not list((tmp_path / "circuits").glob(".tmp-*"))
+
+
+def test_compile_refuses_no_rounding():
+    with pytest.raises(ValueError, match="rounding_threshold_bits"):
+        CompileConfig(rounding_threshold_bits=0)

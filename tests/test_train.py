@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+from conftest import make_npz, tiny_config
+
+from engine import registry
+from engine.config import ModelConfig
+from engine.train import train
+
+
+def test_tiny_model_learns_pneumonia(tiny_saved):
+    m = tiny_saved.metrics
+    # Two epochs on 1024 images: clearly better than the majority class (62.5% of test).
+    assert m["val"]["accuracy"] > 0.8 and m["test"]["auc"] > 0.85
+    assert len(tiny_saved.history) == 2 and m["best_epoch"] in (1, 2)
+    assert tiny_saved.in_features == 784 and tiny_saved.n_outputs == 2
+
+
+def test_training_is_reproducible(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, epochs=1, limit_train=256)
+    a = registry.save(train(cfg), "a", tmp_path)
+    b = registry.save(train(cfg), "b", tmp_path)
+    assert a.hash == b.hash
+    c = registry.save(train(tiny_config(data_dir, epochs=1, limit_train=256, seed=1)), "c", tmp_path)
+    assert c.hash != a.hash
+
+
+def test_progress_callback_sees_every_epoch(data_dir):
+    seen = []
+    train(tiny_config(data_dir, epochs=3, limit_train=128), progress=seen.append)
+    assert [r.epoch for r in seen] == [1, 2, 3] and all(r.epochs == 3 for r in seen)
+
+
+def test_pruning_bounds_active_inputs(data_dir):
+    cfg = tiny_config(data_dir, epochs=2, limit_train=256)
+    cfg = cfg.replace(model=ModelConfig(hidden=(8, 4), max_active_inputs=20))
+    model = train(cfg).model
+    nz = [(layer.weight != 0).sum(dim=1) for layer in model.linears()]
+    assert int(nz[0].max()) <= 20 and int(nz[0].max()) > 0
+    assert int(nz[1].max()) <= 8  # in_features 8 < 20: left dense
+
+
+def test_multilabel_rgb_and_linear_models(tmp_path):
+    make_npz(tmp_path, "chestmnist", n=64)
+    make_npz(tmp_path, "bloodmnist", n=64)
+    with pytest.warns(UserWarning):
+        r = train(tiny_config(tmp_path, "chestmnist", epochs=2))
+    assert len(r.thresholds) == 14 and r.model.linears()[-1].out_features == 14
+    assert 0 <= r.metrics["test"]["accuracy"] <= 1
+    cfg = tiny_config(tmp_path, "bloodmnist", epochs=2).replace(model=ModelConfig(hidden=()))
+    with pytest.warns(UserWarning):
+        r = train(cfg)
+    assert len(r.model.linears()) == 1 and r.model.linears()[0].in_features == 28 * 28 * 3
+
+
+def test_registry_default_is_newest_and_roundtrips(tiny_saved, models_dir):
+    latest = registry.load("pneumoniamnist", None, models_dir)
+    assert latest.name == max(registry.list_models("pneumoniamnist", models_dir), key=lambda m: m.created).name
+    again = registry.load("pneumoniamnist", "tiny", models_dir)
+    assert again.hash == tiny_saved.hash and again.config == tiny_saved.config
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 784)).astype(np.float32)
+    import torch
+
+    with torch.no_grad():
+        assert torch.equal(again.load_torch()(torch.from_numpy(x)), tiny_saved.load_torch()(torch.from_numpy(x)))
+    with pytest.raises(registry.ModelNotFound, match="python -m engine train --dataset dermamnist"):
+        registry.load("dermamnist", None, models_dir)
+    with pytest.raises(registry.ModelNotFound, match="available: .*tiny"):
+        registry.load("pneumoniamnist", "nope", models_dir)
