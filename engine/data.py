@@ -216,3 +216,24 @@ def _check_split(path, info: DatasetInfo, size, split, images, labels, fix) -> N
                 f"{where}: labels range over [{labels.min()}, {labels.max()}], "
                 f"but '{info.flag}' ({info.task}) allows [0, {hi}]. {fix}"
             )
+
+
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
+
+
+def load_samples(flag: str) -> Split:
+    """The few real test images shipped in ``samples/<flag>.npz`` for the offline demo."""
+    info = dataset_info(flag)
+    path = SAMPLES_DIR / f"{info.flag}.npz"
+    if not path.exists():
+        raise DataError(f"No shipped samples for '{info.flag}' ({path} is absent).")
+    with np.load(path) as f:
+        return Split(info.flag, "test", f["test_images"], f["test_labels"], info)
+
+
+def gallery_split(cfg: DataConfig) -> tuple[Split, str]:
+    """The test split if its file is available, else the shipped samples; with a description."""
+    try:
+        return load_split(cfg, "test"), f"{cfg.dataset} test split ({locate(cfg)})"
+    except DataError:
+        return load_samples(cfg.dataset), f"{cfg.dataset}: {len(load_samples(cfg.dataset))} shipped test samples (dataset file not found)"

@@ -135,3 +135,35 @@ def circuit_line(c: dict) -> str:
     if c.get("eval_key_bytes"):
         parts.append(f"eval keys {c['eval_key_bytes'] / 1e6:.1f} MB")
     return ", ".join(parts)
+
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
+
+
+def load_reports(folder: Path | None = None) -> list[dict]:
+    """Stored evaluation/benchmark reports (``*.json`` with a ``modes`` section)."""
+    out = []
+    for path in sorted(Path(folder or RESULTS_DIR).glob("*.json")):
+        try:
+            rep = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(rep, dict) and isinstance(rep.get("modes"), dict):
+            rep.setdefault("source", path.name)
+            out.append(rep)
+    return out
+
+
+def report_rows(reports: list[dict]) -> list[dict]:
+    """One flat row per (report, mode): the Benchmarks table."""
+    rows = []
+    for rep in reports:
+        for mode, m in rep["modes"].items():
+            rows.append({
+                "dataset": rep.get("dataset"), "model": rep.get("model"), "n": rep.get("n"), "mode": mode,
+                "accuracy": m.get("accuracy"), "auc": m.get("auc"),
+                "latency_median_ms": None if m.get("latency_median_s") is None else 1000 * m["latency_median_s"],
+                "latency_p90_ms": None if m.get("latency_p90_s") is None else 1000 * m["latency_p90_s"],
+                "source": rep.get("source"),
+            })
+    return rows

@@ -227,6 +227,12 @@ def _build_entry(saved: SavedModel, cc: CompileConfig, key: str, out: Path) -> C
     return report
 
 
+def is_cached(saved: SavedModel, cc: CompileConfig | None = None, cache_dir: Path | None = None) -> bool:
+    """Whether a complete entry for this model and config is on disk (not verified)."""
+    key = cache_key(saved.hash, cc or saved.config.compile)
+    return (Path(cache_dir or default_cache_dir()) / "circuits" / key / "report.json").exists()
+
+
 def cached_entries(cache_dir: Path | None = None) -> list[dict]:
     root = Path(cache_dir or default_cache_dir()) / "circuits"
     out = []
@@ -287,12 +293,48 @@ class FHEClient:
 
 
 class FHEServer:
-    """The model owner's side: runs the circuit on ciphertexts with evaluation keys only."""
+    """The model owner's side: runs the circuit on ciphertexts with evaluation keys only.
+
+    A client registers its serialized evaluation keys once (``register``) and then sends only
+    ciphertexts with the returned key id, as a deployed service would: deserializing the keys
+    on every request would cost more than the circuit itself.
+    """
+
+    MAX_CLIENTS = 16
 
     def __init__(self, deployment_dir: Path):
+        import threading
+        from collections import OrderedDict
+
         from concrete.ml.deployment import FHEModelServer
 
         self._server = FHEModelServer(str(deployment_dir))
+        self._keys: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
 
-    def run(self, ciphertext: bytes, evaluation_keys: bytes) -> bytes:
-        return self._server.run(ciphertext, evaluation_keys)
+    def register(self, evaluation_keys: bytes) -> str:
+        """Keep a client's deserialized evaluation keys; returns the id to run with."""
+        from concrete import fhe
+
+        key_id = hashlib.sha256(evaluation_keys).hexdigest()[:32]
+        with self._lock:
+            if key_id in self._keys:
+                self._keys.move_to_end(key_id)
+                return key_id
+        keys = fhe.EvaluationKeys.deserialize(evaluation_keys)
+        with self._lock:
+            self._keys[key_id] = keys
+            while len(self._keys) > self.MAX_CLIENTS:
+                self._keys.popitem(last=False)
+        return key_id
+
+    def run(self, ciphertext: bytes, evaluation_keys: bytes | str) -> bytes:
+        """Run on one serialized ciphertext with a registered key id (or the keys' bytes)."""
+        if isinstance(evaluation_keys, str):
+            with self._lock:
+                keys = self._keys.get(evaluation_keys)
+            if keys is None:
+                raise KeyError("Unknown evaluation key id: register the client's evaluation keys first.")
+        else:
+            keys = evaluation_keys
+        return self._server.run(ciphertext, keys)

@@ -155,10 +155,11 @@ class Predictor:
     def _one_fhe(self, x):
         client, server = self.client, self.server
         eval_keys = client.evaluation_keys()
+        key_id = server.register(eval_keys)  # once per client; later calls are a lookup
         t0 = time.perf_counter()
         ct = client.encrypt(x)
         t1 = time.perf_counter()
-        res = server.run(ct, eval_keys)
+        res = server.run(ct, key_id)
         t2 = time.perf_counter()
         y = client.decrypt(res)
         t3 = time.perf_counter()

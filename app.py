@@ -1,0 +1,68 @@
+"""Home: what the system does, the state of model / circuit / keys, and a first encrypted prediction."""
+
+import numpy as np
+import streamlit as st
+
+import ui
+from engine.data import gallery_split
+
+st.set_page_config(page_title="Encrypted MedMNIST", page_icon="🔒", layout="wide")
+st.title("🔒 Encrypted medical image classification")
+st.markdown(
+    "A hospital keeps its images private while still using a third party's model. **The client** "
+    "(hospital) quantizes and encrypts an image with its own secret key; **the server** runs a "
+    "quantization-aware neural network compiled to a TFHE circuit *directly on the ciphertext*; "
+    "only the client can decrypt the prediction. The server never sees the image or the result."
+)
+st.graphviz_chart(
+    """
+digraph { rankdir=LR; node [shape=box, style="rounded,filled", fontname="sans-serif"];
+  img [label="Image\\n(hospital)", fillcolor="#e8f4ff"];
+  enc [label="Client\\nquantize + encrypt\\n(secret key stays here)", fillcolor="#e8f4ff"];
+  srv [label="Server\\nFHE circuit on ciphertext\\n(evaluation keys only)", fillcolor="#fff3e0"];
+  dec [label="Client\\ndecrypt + dequantize", fillcolor="#e8f4ff"];
+  out [label="Prediction", fillcolor="#e8ffe8"];
+  img -> enc -> srv [label="ciphertext"]; srv -> dec [label="encrypted result"]; dec -> out; }
+"""
+)
+
+saved = ui.select_model()
+if saved is None:
+    st.stop()
+cc = ui.compile_settings(saved)
+info = ui.dataset_info(saved.dataset)
+
+col1, col2, col3 = st.columns(3)
+m = saved.metrics
+col1.metric("Model", saved.name, help=f"{saved.dataset}, hidden {list(saved.config.model.hidden)}")
+col1.caption(f"Validation accuracy {100 * m['val']['accuracy']:.1f}% · test {100 * m['test']['accuracy']:.1f}% (float)")
+client = ui.session_client(saved, cc)
+col2.metric("Compiled circuit", "ready (cached)" if client is not None or ui.is_compiled(saved, cc) else "not compiled yet")
+col3.metric("This session's keys", "generated" if client is not None and client.has_keys else "none yet")
+
+st.subheader("Try it: encrypted prediction on a sample image")
+split, source = gallery_split(ui.data_config(saved.dataset))
+idx = st.number_input(f"Sample index ({source})", 0, len(split) - 1, 0, key="home_index")
+img = split.images[int(idx)]
+left, right = st.columns([1, 3])
+left.image(img, caption=f"true: {ui.label_text(info, split.labels[int(idx)] if info.multi_label else split.targets[int(idx)])}",
+           width=160, clamp=True)
+if right.button("🔒 Encrypt and classify", type="primary", key="home_run"):
+    try:
+        with st.spinner("Preparing: compile (cached after the first time) and generate this session's keys…"):
+            p = ui.predictor(saved, cc)
+            p.ensure_client().keygen()
+        results = p.run(img[None], ["fhe"])
+        fhe = results["fhe"]
+        right.success(f"Encrypted prediction: **{ui.label_text(info, fhe.predictions[0])}** "
+                      f"({1000 * fhe.latency_s[0]:.0f} ms end to end)")
+        right.dataframe(ui.results_table(results, info), hide_index=True)
+        right.caption(ui.sizes_text(results) + f" · key generation {p.client.keygen_s:.2f} s")
+    except Exception as exc:  # noqa: BLE001 - shown to the user, never a traceback
+        ui.fail(exc)
+
+st.markdown(
+    "**Pages:** Train a model · Compile it to a circuit · Encrypted inference on a gallery in four "
+    "modes · Upload your own image · Bit-width explorer · Benchmarks. "
+    "Data: MedMNIST v2 (Yang et al., Scientific Data 2023), CC BY 4.0."
+)

@@ -1,0 +1,81 @@
+"""Train a QAT FCNN on a MedMNIST subset, with live progress, and manage saved models."""
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+import ui
+from engine import registry
+from engine.config import CompileConfig, ModelConfig, PipelineConfig, TrainConfig
+from engine.data import DataError, locate
+from engine.train import train
+
+st.set_page_config(page_title="Train", page_icon="🏋️", layout="wide")
+st.title("🏋️ Train a quantization-aware model")
+
+present = ui.present_datasets(ui.data_dir())
+choices = present + [d for d in ui.available_datasets() if d not in present]
+with st.form("train_form"):
+    c1, c2 = st.columns(2)
+    dataset = c1.selectbox("MedMNIST subset", choices, key="train_dataset",
+                           format_func=lambda d: d + ("" if d in present else " (download)"))
+    hidden_text = c1.text_input("Hidden widths (comma separated, empty = linear)", "16", key="train_hidden")
+    epochs = c1.number_input("Epochs", 1, 200, 10, key="train_epochs")
+    name = c1.text_input("Model name (empty = automatic)", "", key="train_name")
+    wbits = c2.slider("Weight bits", 2, 8, 3, key="train_wbits")
+    abits = c2.slider("Activation bits", 2, 8, 3, key="train_abits")
+    ibits = c2.slider("Input bits", 2, 8, 3, key="train_ibits")
+    prune = c2.number_input("Max active inputs per neuron (0 = no pruning)", 0, 4096, 0, key="train_prune")
+    limit = c2.number_input("Use only the first N training images (0 = all)", 0, 1_000_000, 0, key="train_limit")
+    submitted = st.form_submit_button("Train", type="primary")
+
+if submitted:
+    try:
+        hidden = tuple(int(h) for h in hidden_text.replace(" ", "").split(",") if h)
+        cfg = PipelineConfig(
+            data=ui.data_config(dataset, allow_download=True),
+            model=ModelConfig(hidden, wbits, abits, ibits, int(prune)),
+            train=TrainConfig(epochs=int(epochs), limit_train=int(limit)),
+            compile=CompileConfig(),
+        )
+        locate(cfg.data)
+        bar = st.progress(0.0, text="training…")
+        chart = st.empty()
+        history = []
+
+        def on_epoch(r):
+            history.append(r)
+            bar.progress(r.epoch / r.epochs, text=f"epoch {r.epoch}/{r.epochs}: val accuracy {100 * r.val_accuracy:.1f}%")
+            chart.plotly_chart(_history_figure(history), key=f"hist_{r.epoch}")
+
+        def _history_figure(hist):
+            fig = go.Figure()
+            ep = [h.epoch for h in hist]
+            fig.add_scatter(x=ep, y=[h.train_loss for h in hist], name="train loss")
+            fig.add_scatter(x=ep, y=[h.val_loss for h in hist], name="val loss")
+            fig.add_scatter(x=ep, y=[h.val_accuracy for h in hist], name="val accuracy", yaxis="y2")
+            fig.update_layout(xaxis_title="epoch", yaxis_title="loss", height=320, margin=dict(t=20),
+                              yaxis2=dict(title="accuracy", overlaying="y", side="right", range=[0, 1]))
+            return fig
+
+        result = train(cfg, progress=on_epoch)
+        saved = registry.save(result, name.strip() or None)
+        st.session_state["model"] = (saved.dataset, saved.name)
+        st.success(f"Saved **{saved.dataset}/{saved.name}** (best epoch {result.best_epoch}): validation accuracy "
+                   f"{100 * result.metrics['val']['accuracy']:.1f}%, test {100 * result.metrics['test']['accuracy']:.1f}%. "
+                   "It is now the selected model.")
+    except (DataError, ValueError, FileExistsError) as exc:
+        ui.fail(exc)
+
+st.subheader("Saved models")
+models = registry.list_models()
+if models:
+    st.dataframe(pd.DataFrame([m.summary() for m in models]), hide_index=True)
+    options = [f"{m.dataset}/{m.name}" for m in models]
+    pick = st.selectbox("Use model", options, key="train_use")
+    if st.button("Use this model", key="train_use_btn"):
+        ds, nm = pick.split("/", 1)
+        st.session_state["model"] = (ds, nm)
+        st.success(f"Selected {pick} for the other pages.")
+else:
+    st.info("No saved models yet.")

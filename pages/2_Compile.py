@@ -1,0 +1,50 @@
+"""Compile the selected model to a TFHE circuit (cached) and generate this session's keys."""
+
+import streamlit as st
+
+import ui
+
+st.set_page_config(page_title="Compile", page_icon="⚙️", layout="wide")
+st.title("⚙️ Compile to an FHE circuit")
+st.markdown(
+    "Compilation turns the quantized network into a TFHE circuit. Each hidden neuron becomes one "
+    "programmable bootstrap (a table lookup on encrypted data), the dominant cost. Accumulators are "
+    "rounded to *rounding threshold bits* before each lookup; *p_error* is the tolerated probability "
+    "of an off-by-one lookup result, traded against speed. Circuits are cached on disk, keyed by "
+    "model hash, settings and Concrete ML version."
+)
+saved = ui.select_model()
+if saved is None:
+    st.stop()
+cc = ui.compile_settings(saved, st)
+
+if st.button("Compile", type="primary", key="compile_btn"):
+    try:
+        with st.spinner("Compiling (instant when cached)…"):
+            p = ui.predictor(saved, cc)
+        st.session_state["compiled_report"] = p.compiled.report.to_dict()
+    except Exception as exc:  # noqa: BLE001
+        ui.fail(exc)
+
+rep = st.session_state.get("compiled_report")
+if rep and rep["model_hash"] == saved.hash and rep["compile"]["rounding_threshold_bits"] == cc.rounding_threshold_bits \
+        and rep["compile"]["p_error"] == cc.p_error:
+    c = st.columns(4)
+    c[0].metric("Max bit-width", rep["max_bit_width"], help="Widest integer in the circuit (accumulators)")
+    c[1].metric("Programmable bootstraps", rep["pbs_count"])
+    c[2].metric("Compile time", f"{rep['compile_s']:.2f} s")
+    c[3].metric("Source", "cache" if rep["from_cache"] else "fresh compile")
+    st.caption(f"Cache key {rep['cache_key']} · concrete-ml {rep['versions']['concrete-ml']}")
+    if st.button("Generate this session's keys", key="keygen_btn"):
+        try:
+            client = ui.predictor(saved, cc).ensure_client()
+            client.keygen()
+            st.session_state["keygen"] = (client.keygen_s, len(client.evaluation_keys()))
+        except Exception as exc:  # noqa: BLE001
+            ui.fail(exc)
+    if "keygen" in st.session_state:
+        ks, size = st.session_state["keygen"]
+        k = st.columns(2)
+        k[0].metric("Key generation", f"{ks:.2f} s")
+        k[1].metric("Evaluation key size", f"{size / 2**20:.1f} MiB")
+        st.caption("The secret key stays in this browser session's client; the server receives only the evaluation keys.")

@@ -1,0 +1,35 @@
+"""Accuracy and latency of the four modes across stored results, against the published reference."""
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+import ui
+from engine.evaluate import RESULTS_DIR, load_reports, report_rows
+
+st.set_page_config(page_title="Benchmarks", page_icon="📊", layout="wide")
+st.title("📊 Benchmarks")
+ref = ui.REFERENCE
+st.markdown(
+    f"Stored results from `python -m engine bench` / `evaluate --json` in `{RESULTS_DIR.name}/`. "
+    f"Dotted lines: the published reference ({100 * ref['plaintext_accuracy']:.1f}% plaintext, "
+    f"{100 * ref['encrypted_accuracy']:.1f}% encrypted, {1000 * ref['latency_s']:.0f} ms per image)."
+)
+reports = load_reports()
+if not reports:
+    st.info("No stored results yet: run `python -m engine bench --dataset pneumoniamnist`.")
+    st.stop()
+df = pd.DataFrame(report_rows(reports))
+df["run"] = df["dataset"] + " / " + df["model"] + " (n=" + df["n"].astype(str) + ")"
+fig = px.bar(df, x="mode", y="accuracy", color="run", barmode="group", range_y=[0.5, 1.0], height=380)
+fig.add_hline(y=ref["plaintext_accuracy"], line_dash="dot", annotation_text="reference plaintext 88.2%")
+fig.add_hline(y=ref["encrypted_accuracy"], line_dash="dash", annotation_text="reference encrypted 87.5%",
+              annotation_position="bottom right")
+st.plotly_chart(fig, key="bench_acc")
+fig2 = px.bar(df, x="mode", y="latency_median_ms", color="run", barmode="group", log_y=True, height=380,
+              labels={"latency_median_ms": "median latency per image (ms, log)"})
+fig2.add_hline(y=1000 * ref["latency_s"], line_dash="dot", annotation_text="reference 150 ms")
+st.plotly_chart(fig2, key="bench_lat")
+st.dataframe(df.drop(columns=["run"]), hide_index=True)
+st.download_button("Download table (CSV)", df.drop(columns=["run"]).to_csv(index=False), "benchmarks.csv", "text/csv",
+                   key="bench_csv")
