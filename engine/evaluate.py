@@ -140,10 +140,17 @@ def circuit_line(c: dict) -> str:
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
 
 
+def results_dir() -> Path:
+    """Where benchmark reports are stored: ``$ENGINE_RESULTS_DIR``, else ``bench/results``."""
+    import os
+
+    return Path(os.environ.get("ENGINE_RESULTS_DIR") or RESULTS_DIR)
+
+
 def load_reports(folder: Path | None = None) -> list[dict]:
     """Stored evaluation/benchmark reports (``*.json`` with a ``modes`` section)."""
     out = []
-    for path in sorted(Path(folder or RESULTS_DIR).glob("*.json")):
+    for path in sorted(Path(folder or results_dir()).glob("*.json")):
         try:
             rep = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):

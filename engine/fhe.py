@@ -96,7 +96,18 @@ class CompiledModel:
 
     def run_clear(self, x: np.ndarray) -> np.ndarray:
         """Quantized inference in the clear (``fhe="disable"``): same integers as the circuit."""
+        _thread_tag_stack()
         return self.quantized.forward(x, fhe="disable")
+
+
+def _thread_tag_stack() -> None:
+    """Concrete's ``tag`` keeps a thread-local stack initialised only in the importing thread;
+    clear inference from any other thread (Streamlit runs each session in its own) needs one."""
+    import importlib
+
+    tag_module = importlib.import_module("concrete.fhe.extensions.tag")  # the package re-exports tag()
+    if not hasattr(tag_module.tag_context, "stack"):
+        tag_module.tag_context.stack = []
 
 
 class Simulator:
@@ -197,6 +208,7 @@ def _build_entry(saved: SavedModel, cc: CompileConfig, key: str, out: Path) -> C
     from concrete.ml.deployment import FHEModelDev
     from concrete.ml.torch.compile import compile_brevitas_qat_model
 
+    _thread_tag_stack()
     model = saved.load_torch()
     inputset = torch.from_numpy(saved.calibration_features(cc.inputset_size))
     t0 = time.perf_counter()

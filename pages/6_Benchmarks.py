@@ -5,13 +5,13 @@ import plotly.express as px
 import streamlit as st
 
 import ui
-from engine.evaluate import RESULTS_DIR, load_reports, report_rows
+from engine.evaluate import load_reports, report_rows, results_dir
 
 st.set_page_config(page_title="Benchmarks", page_icon="📊", layout="wide")
 st.title("📊 Benchmarks")
 ref = ui.REFERENCE
 st.markdown(
-    f"Stored results from `python -m engine bench` / `evaluate --json` in `{RESULTS_DIR.name}/`. "
+    f"Stored results from `python -m engine bench` / `evaluate --json` in `{results_dir()}`. "
     f"Dotted lines: the published reference ({100 * ref['plaintext_accuracy']:.1f}% plaintext, "
     f"{100 * ref['encrypted_accuracy']:.1f}% encrypted, {1000 * ref['latency_s']:.0f} ms per image)."
 )

@@ -112,3 +112,31 @@ def test_concurrent_compiles_leave_one_valid_entry(tiny_saved, tmp_path):
 def test_compile_refuses_no_rounding():
     with pytest.raises(ValueError, match="rounding_threshold_bits"):
         CompileConfig(rounding_threshold_bits=0)
+
+
+def test_two_sessions_share_a_server_concurrently(predictor, test_split):
+    """Two clients (own keys) on one shared server, in threads as Streamlit runs sessions."""
+    import threading
+
+    from engine.infer import Predictor
+
+    imgs = test_split.images[:3]
+    expected = predictor.run(imgs, "simulate")["simulate"].predictions
+    server = predictor.ensure_server()
+    out, errors = {}, []
+
+    def session(k):
+        try:
+            p = Predictor(saved=predictor.saved, compiled=predictor.compiled, server=server,
+                          client=FHEClient(predictor.compiled))
+            out[k] = (p.run(imgs, "quantized,fhe"), p.client.evaluation_keys())
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=session, args=(k,)) for k in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors, errors
+    for res, _ in out.values():
+        assert np.array_equal(res["fhe"].predictions, expected)
+    assert out[0][1] != out[1][1]  # each session has its own key pair

@@ -1,0 +1,127 @@
+"""Every dashboard page through streamlit.testing.v1.AppTest, on the tiny real model."""
+
+import json
+import shutil
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import REPO
+
+TIMEOUT = 300
+
+
+@pytest.fixture
+def app_env(monkeypatch, tiny_saved, models_dir, cache_dir, data_dir, tmp_path):
+    monkeypatch.setenv("ENGINE_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv("MEDMNIST_DIR", str(data_dir))
+    monkeypatch.setenv("ENGINE_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.chdir(REPO)
+    return tmp_path
+
+
+def page(path: str) -> AppTest:
+    at = AppTest.from_file(str(REPO / path), default_timeout=TIMEOUT)
+    at.session_state["model"] = ("pneumoniamnist", "tiny")
+    return at.run()
+
+
+def ok(at: AppTest) -> AppTest:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def test_home_encrypted_prediction(app_env):
+    at = ok(page("app.py"))
+    assert "Encrypted medical image classification" in at.title[0].value
+    at.button(key="home_run").click().run()
+    ok(at)
+    assert any("Encrypted prediction:" in s.value for s in at.success)
+    table = at.dataframe[0].value
+    assert list(table["mode"]) == ["Encrypted (FHE)"] and table["server (ms)"].iloc[0] > 0
+    assert any(m.label == "This session's keys" for m in at.metric)
+    at.run()
+    assert [m.value for m in at.metric if m.label == "This session's keys"] == ["generated"]
+
+
+def test_train_page_trains_and_saves(app_env, monkeypatch):
+    monkeypatch.setenv("ENGINE_MODELS_DIR", str(app_env / "models"))
+    at = AppTest.from_file(str(REPO / "pages/1_Train.py"), default_timeout=TIMEOUT).run()
+    ok(at)
+    at.selectbox(key="train_dataset").set_value("pneumoniamnist")
+    at.text_input(key="train_hidden").set_value("4")
+    at.number_input(key="train_epochs").set_value(2)
+    at.number_input(key="train_limit").set_value(256)
+    at.text_input(key="train_name").set_value("from-ui")
+    at.button[0].click().run()
+    ok(at)
+    assert any("Saved **pneumoniamnist/from-ui**" in s.value for s in at.success)
+    assert "from-ui" in list(at.dataframe[0].value["name"])
+    assert at.session_state["model"] == ("pneumoniamnist", "from-ui")
+    assert (app_env / "models" / "pneumoniamnist" / "from-ui" / "weights.pt").exists()
+
+
+def test_compile_page_reports_circuit_and_keys(app_env):
+    at = ok(page("pages/2_Compile.py"))
+    at.button(key="compile_btn").click().run()
+    ok(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Programmable bootstraps"] == "8" and metrics["Source"] in ("cache", "fresh compile")
+    at.button(key="keygen_btn").click().run()
+    ok(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Key generation"].endswith(" s") and metrics["Evaluation key size"].endswith("MiB")
+
+
+def test_inference_page_four_modes(app_env):
+    at = ok(page("pages/3_Encrypted_inference.py"))
+    assert len(at.multiselect(key="inf_pick").value) == 2
+    at.button(key="inf_run").click().run()
+    ok(at)
+    df = at.dataframe[0].value
+    assert len(df) == 8 and set(df["mode"]) == {"Float (PyTorch)", "Quantized clear", "FHE simulation", "Encrypted (FHE)"}
+    sim = df[df["mode"] == "FHE simulation"]["prediction"].tolist()
+    enc = df[df["mode"] == "Encrypted (FHE)"]["prediction"].tolist()
+    assert sim == enc
+    assert any("FHE simulation vs Encrypted (FHE): 100%" in c.value for c in at.caption)
+    at.selectbox(key="inf_class").set_value("normal").run()
+    ok(at)
+    assert all("normal" in str(o) for o in at.multiselect(key="inf_pick").options)
+
+
+def test_upload_page_renders(app_env):
+    at = ok(page("pages/4_Upload.py"))
+    assert "28×28 grayscale" in at.markdown[0].value
+
+
+def test_bitwidth_explorer_sweeps_and_caches(app_env):
+    at = AppTest.from_file(str(REPO / "pages/5_Bit-width_explorer.py"), default_timeout=TIMEOUT).run()
+    ok(at)
+    at.text_input(key="sw_hidden").set_value("4")
+    at.number_input(key="sw_epochs").set_value(1)
+    at.number_input(key="sw_limit").set_value(256)
+    at.slider(key="sw_bits").set_value((2, 3))
+    at.multiselect(key="sw_rounding").set_value([4])
+    at.number_input(key="sw_nval").set_value(60)
+    at.number_input(key="sw_nfhe").set_value(1)
+    at.button[0].click().run()
+    ok(at)
+    df = at.dataframe[0].value
+    assert list(df["bits"]) == [2, 3] and df["simulate_accuracy"].between(0, 1).all()
+    assert (df["fhe_latency_median_s"] > 0).all() and list(df["pbs_count"]) == [4, 4]
+
+
+def test_benchmarks_page(app_env):
+    at = ok(page("pages/6_Benchmarks.py"))
+    assert any("No stored results" in i.value for i in at.info)
+    (app_env / "results").mkdir()
+    rep = {"dataset": "pneumoniamnist", "model": "tiny", "n": 10, "modes": {
+        "float": {"accuracy": 0.9, "auc": 0.95, "latency_median_s": 0.001, "latency_p90_s": 0.002},
+        "fhe": {"accuracy": 0.88, "auc": 0.94, "latency_median_s": 0.5, "latency_p90_s": 0.6}}}
+    (app_env / "results" / "x.json").write_text(json.dumps(rep))
+    at = ok(page("pages/6_Benchmarks.py"))
+    df = at.dataframe[0].value
+    assert list(df["mode"]) == ["float", "fhe"] and df["latency_median_ms"].tolist() == [1.0, 500.0]
+    assert len(at.get("plotly_chart")) == 2
