@@ -52,14 +52,18 @@ if right.button("🔒 Encrypt and classify", type="primary", key="home_run"):
         with st.spinner("Preparing: compile (cached after the first time) and generate this session's keys…"):
             p = ui.predictor(saved, cc)
             p.ensure_client().keygen()
-        results = p.run(img[None], ["fhe"])
-        fhe = results["fhe"]
-        right.success(f"Encrypted prediction: **{ui.label_text(info, fhe.predictions[0])}** "
-                      f"({1000 * fhe.latency_s[0]:.0f} ms end to end)")
-        right.dataframe(ui.results_table(results, info), hide_index=True)
-        right.caption(ui.sizes_text(results) + f" · key generation {p.client.keygen_s:.2f} s")
+        st.session_state["home_result"] = (saved.hash, int(idx), p.run(img[None], ["fhe"]), p.client.keygen_s)
+        st.rerun()  # refresh the status row above (keys are now generated)
     except Exception as exc:  # noqa: BLE001 - shown to the user, never a traceback
         ui.fail(exc)
+last = st.session_state.get("home_result")
+if last and last[0] == saved.hash and last[1] == int(idx):
+    _, _, results, keygen_s = last
+    fhe = results["fhe"]
+    right.success(f"Encrypted prediction: **{ui.label_text(info, fhe.predictions[0])}** "
+                  f"({1000 * fhe.latency_s[0]:.0f} ms end to end)")
+    right.dataframe(ui.results_table(results, info), hide_index=True)
+    right.caption(ui.sizes_text(results) + f" · key generation {keygen_s:.2f} s")
 
 st.markdown(
     "**Pages:** Train a model · Compile it to a circuit · Encrypted inference on a gallery in four "
