@@ -53,6 +53,9 @@ class ModelConfig:
     # Unstructured L1 pruning: keep at most this many non-zero inputs per neuron (bounds
     # the accumulator bit-width). 0 disables pruning.
     max_active_inputs: int = 0
+    # Average-pool the image by this factor on the client, before quantization and encryption
+    # (1: the full image). Fewer encrypted inputs: cheaper encryption and linear layer.
+    input_pool: int = 1
 
 
 @dataclass(frozen=True)

@@ -114,9 +114,18 @@ class Split:
         return self.labels.astype(np.float32) if self.info.multi_label else self.labels[:, 0].astype(np.int64)
 
 
-def to_features(images: np.ndarray) -> np.ndarray:
-    """uint8 images (N, H, W[, C]) -> float32 (N, H*W*C) in [-1, 1], the FCNN's input."""
-    x = np.asarray(images, dtype=np.float32).reshape(len(images), -1)
+def to_features(images: np.ndarray, pool: int = 1) -> np.ndarray:
+    """uint8 images (N, H, W[, C]) -> float32 (N, F) in [-1, 1], the FCNN's input.
+
+    ``pool > 1`` averages ``pool x pool`` pixel blocks first: client-side preprocessing in the
+    clear (the data owner's own computation) that divides the number of encrypted inputs.
+    """
+    x = np.asarray(images, dtype=np.float32)
+    if pool > 1:
+        n, h, w = x.shape[:3]
+        hh, ww = h // pool, w // pool
+        x = x[:, : hh * pool, : ww * pool].reshape(n, hh, pool, ww, pool, *x.shape[3:]).mean(axis=(2, 4))
+    x = x.reshape(len(images), -1)
     return x / 127.5 - 1.0
 
 

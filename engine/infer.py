@@ -95,10 +95,14 @@ class Predictor:
             self.server = FHEServer(self.ensure_compiled().deployment_dir)
         return self.server
 
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """The model's input for uint8 images: the client-side preprocessing."""
+        return to_features(images, self.saved.config.model.input_pool)
+
     def run(self, images: np.ndarray, modes=MODES, progress: ProgressFn | None = None) -> dict[str, ModeResult]:
         """Run uint8 images (N, H, W[, C]) through each mode in ``modes``."""
         modes = parse_modes(modes)
-        x = to_features(images)
+        x = self.features(images)
         if x.shape[1] != self.saved.in_features:
             raise ValueError(
                 f"Images have {x.shape[1]} values each but the model expects {self.saved.in_features}: "

@@ -59,7 +59,7 @@ class SavedModel:
         """Features of up to ``n`` stored training images: the compiler's input set."""
         with np.load(self.path / CALIBRATION) as f:
             images = f["images"]
-        return to_features(images[:n])
+        return to_features(images[:n], self.config.model.input_pool)
 
     def summary(self) -> dict:
         m = self.config.model

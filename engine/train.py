@@ -76,8 +76,8 @@ def logits_of(model: nn.Module, x: np.ndarray, batch: int = 1024) -> np.ndarray:
     return np.concatenate([model(torch.from_numpy(x[i : i + batch])).numpy() for i in range(0, len(x), batch)])
 
 
-def evaluate_float(model: QATFCNN, split: Split, thresholds=None) -> dict:
-    scores = metrics.scores_from_logits(logits_of(model, to_features(split.images)), split.info)
+def evaluate_float(model: QATFCNN, split: Split, pool: int = 1, thresholds=None) -> dict:
+    scores = metrics.scores_from_logits(logits_of(model, to_features(split.images, pool)), split.info)
     y = split.labels
     return {
         "accuracy": metrics.accuracy(y, scores, split.info, thresholds),
@@ -94,9 +94,10 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None) -> TrainResul
     val_split = load_split(cfg.data, "val")
     info = train_split.info
 
-    x_train = torch.from_numpy(to_features(train_split.images))
+    pool = cfg.model.input_pool
+    x_train = torch.from_numpy(to_features(train_split.images, pool))
     y_train = torch.from_numpy(train_split.targets)
-    x_val = to_features(val_split.images)
+    x_val = to_features(val_split.images, pool)
     y_val = torch.from_numpy(val_split.targets)
 
     model = build_model(x_train.shape[1], info.n_outputs, cfg.model)
@@ -152,7 +153,7 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None) -> TrainResul
         result.thresholds = metrics.fit_label_thresholds(val_split.targets, val_scores).tolist()
     result.metrics = {
         "best_epoch": result.best_epoch,
-        "val": evaluate_float(model, val_split, result.thresholds),
-        "test": evaluate_float(model, load_split(cfg.data, "test"), result.thresholds),
+        "val": evaluate_float(model, val_split, pool, result.thresholds),
+        "test": evaluate_float(model, load_split(cfg.data, "test"), pool, result.thresholds),
     }
     return result

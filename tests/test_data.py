@@ -25,6 +25,9 @@ def test_real_pneumonia_matches_info(data_dir):
             assert set(np.unique(s.targets)) == {0, 1}
     x = to_features(s.images[:5])
     assert x.shape == (5, 784) and x.min() >= -1 and x.max() <= 1
+    pooled = to_features(s.images[:5], pool=2)  # 2x2 block means: 14x14 inputs
+    assert pooled.shape == (5, 196)
+    assert np.isclose(pooled[0, 0], s.images[0, :2, :2].astype(np.float32).mean() / 127.5 - 1)
 
 
 def test_real_breast_loads(data_dir):

@@ -53,7 +53,7 @@ def test_server_needs_only_server_zip_and_bytes(predictor, test_split, tmp_path)
     client = predictor.ensure_client()
     from engine.data import to_features
 
-    feats = to_features(test_split.images[:2])
+    feats = predictor.features(test_split.images[:2])
     jobs = [delayed(_serve)(server_dir, client.encrypt(feats[i : i + 1]), client.evaluation_keys()) for i in range(2)]
     outs = Parallel(n_jobs=2, backend="loky")(jobs)
     remote = np.concatenate([client.decrypt(o) for o in outs]).argmax(1)
@@ -70,7 +70,7 @@ def test_keys_persist_in_client_key_dir(predictor, tmp_path, test_split):
     assert any((tmp_path / "k").rglob("*")), "keys were not written to the client's key folder"
     b = FHEClient(predictor.compiled, tmp_path / "k")
     b.keygen()
-    ct = a.encrypt(to_features(test_split.images[:1]))
+    ct = a.encrypt(predictor.features(test_split.images[:1]))
     res = predictor.ensure_server().run(ct, a.evaluation_keys())
     assert np.allclose(a.decrypt(res), b.decrypt(res))  # same key pair, loaded from disk
 
