@@ -67,6 +67,7 @@ class TrainConfig:
     seed: int = 0
     class_weighting: bool = True
     limit_train: int = 0  # 0: the whole training split (tests use a small slice)
+    augment_shift: int = 0  # random translations of up to this many pixels each epoch (0: off)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def random_shift(images: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Translate each image by up to ``k`` pixels in each direction (zero padding)."""
+    n, h, w = images.shape[:3]
+    pad = [(0, 0), (k, k), (k, k)] + [(0, 0)] * (images.ndim - 3)
+    padded = np.pad(images, pad)
+    dy, dx = rng.integers(0, 2 * k + 1, size=(2, n))
+    return np.stack([padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+
+
 def class_weights(split: Split) -> torch.Tensor | None:
     """Inverse-frequency weights (single-label) or positive weights (multi-label)."""
     y = split.targets
@@ -106,6 +115,7 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None) -> TrainResul
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(tc.epochs, 1))
     gen = torch.Generator().manual_seed(tc.seed)
+    aug_rng = np.random.default_rng(tc.seed)
 
     calib_idx = np.random.default_rng(tc.seed).permutation(len(train_split))[:CALIBRATION_SIZE]
     result = TrainResult(model=model, config=cfg, calibration=train_split.images[np.sort(calib_idx)])
@@ -118,6 +128,8 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None) -> TrainResul
             model.apply_pruning()
             best_score, best_state = -np.inf, None
         model.train()
+        if tc.augment_shift:
+            x_train = torch.from_numpy(to_features(random_shift(train_split.images, tc.augment_shift, aug_rng), pool))
         perm = torch.randperm(len(x_train), generator=gen)
         total = 0.0
         for i in range(0, len(perm), tc.batch_size):
