@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-bits", type=int, default=3)
     p.add_argument("--input-bits", type=int, default=3)
     p.add_argument("--max-active-inputs", type=int, default=0, help="prune to this many inputs per neuron (0: off)")
+    p.add_argument("--input-pool", type=int, default=1, help="average-pool the image by this factor on the client")
+    p.add_argument("--augment", type=int, default=0, help="random shifts of up to N pixels during training")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -86,6 +88,37 @@ def build_parser() -> argparse.ArgumentParser:
     _modes_arg(p, "float,quantized,simulate")
     p.add_argument("--json", default=None, help="write the report to this file")
 
+    p.add_argument("--backend", choices=["local", "dask"], default=None,
+                   help="run the fhe mode as one batch over processes (local) or a Dask cluster")
+    p.add_argument("--scheduler", default=None, help="dask scheduler address, e.g. tcp://10.0.0.5:8786")
+
+    p = sub.add_parser("bench", help="full-test-split benchmark of the four modes; writes bench/results/")
+    _data_args(p)
+    _model_args(p)
+    _compile_args(p)
+    p.add_argument("--limit", type=int, default=0, help="only the first N test images (0: the full split)")
+    p.add_argument("--throughput-images", type=int, default=128, help="images in the parallel throughput run")
+    p.add_argument("--backend", choices=["local", "dask"], default="local")
+    p.add_argument("--scheduler", default=None)
+    p.add_argument("--defaults-cap", type=float, default=600.0, help="seconds allowed for the Concrete ML defaults run")
+    p.add_argument("--defaults-images", type=int, default=3)
+    p.add_argument("--out", default=None, help="results folder (default: bench/results)")
+
+    p = sub.add_parser("search", help="design-space search: validation accuracy vs encrypted latency, Pareto plot")
+    _data_args(p)
+    p.add_argument("--hidden", nargs="+", default=["8", "16"], help="architectures, e.g. 8 16 32,16")
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3], help="weight/activation/input bit-widths")
+    p.add_argument("--pools", type=int, nargs="+", default=[1, 2], help="client-side input pooling factors")
+    p.add_argument("--prune", type=int, nargs="+", default=[0], help="max active inputs per neuron (0: off)")
+    p.add_argument("--rounding", type=int, nargs="+", default=[4, 5])
+    p.add_argument("--p-error", type=float, nargs="+", default=[0.1])
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--augment", type=int, default=2, help="random shift augmentation (pixels)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-fhe", type=int, default=3, help="validation images timed with real encryption per point")
+    p.add_argument("--target-ms", type=float, default=150.0, help="latency target for choosing a point")
+    p.add_argument("--out", default=None, help="results folder (default: bench/results)")
+
     p = sub.add_parser("models", help="list saved models")
     p.add_argument("--dataset", default=None)
     p.add_argument("--models-dir", default=None)
@@ -108,7 +141,7 @@ def _compile_cfg(a, base: CompileConfig) -> CompileConfig:
 def _bar(desc: str):
     from tqdm import tqdm
 
-    bar = tqdm(total=0, desc=desc, unit="img", file=sys.stderr, leave=False)
+    bar = tqdm(total=0, desc=desc, unit="img", file=sys.stderr, leave=False, mininterval=0.5, disable=None)
 
     def update(done: int, total: int, message: str) -> None:
         bar.total = total
@@ -134,8 +167,8 @@ def cmd_train(a) -> int:
     dataset_info(a.dataset)
     cfg = PipelineConfig(
         data=_data_cfg(a),
-        model=ModelConfig(tuple(a.hidden), a.weight_bits, a.act_bits, a.input_bits, a.max_active_inputs),
-        train=TrainConfig(a.epochs, a.batch_size, a.lr, 0.0, a.seed, not a.no_class_weighting, a.limit_train),
+        model=ModelConfig(tuple(a.hidden), a.weight_bits, a.act_bits, a.input_bits, a.max_active_inputs, a.input_pool),
+        train=TrainConfig(a.epochs, a.batch_size, a.lr, 0.0, a.seed, not a.no_class_weighting, a.limit_train, a.augment),
         compile=_compile_cfg(a, CompileConfig()),
     )
     if a.epochs < 1:
@@ -143,7 +176,7 @@ def cmd_train(a) -> int:
     from .data import locate
 
     locate(cfg.data)  # a missing file fails here, before the progress bar starts
-    bar = tqdm(total=a.epochs, desc="training", unit="epoch", file=sys.stderr)
+    bar = tqdm(total=a.epochs, desc="training", unit="epoch", file=sys.stderr, disable=None)
 
     def on_epoch(r):
         bar.update(1)
@@ -252,12 +285,74 @@ def cmd_evaluate(a) -> int:
     p = _predictor(a)
     split = load_split(_data_cfg(a), a.split).head(a.limit)
     bar, update = _bar("evaluating")
-    report = evaluate(p, split, a.modes, progress=update)
+    report = evaluate(p, split, a.modes, progress=update, backend=a.backend, scheduler=a.scheduler)
     bar.close()
     print(table(report))
     if a.json:
         write_json(report, Path(a.json))
         print(f"wrote {a.json}")
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from . import bench
+
+    p = _predictor(a)
+    bar, update = _bar("benchmark")
+    report = bench.run_bench(p, _data_cfg(a), a.limit, a.throughput_images, a.backend, a.scheduler,
+                             a.defaults_cap, a.defaults_images, say=_say, progress=update)
+    bar.close()
+    jpath, mpath = bench.write(report, Path(a.out) if a.out else None)
+    print(bench.markdown(report))
+    print(f"wrote {jpath} and {mpath}")
+    return 0
+
+
+def cmd_search(a) -> int:
+    import itertools
+
+    from .data import dataset_info, locate
+    from .evaluate import results_dir, write_json
+    from .sweep import choose, pareto_figure, pareto_front, point_label, run_grid
+
+    dataset_info(a.dataset)
+    data = _data_cfg(a)
+    locate(data)
+    configs = []
+    for hidden, bits, pool, prune, rb, pe in itertools.product(a.hidden, a.bits, a.pools, a.prune, a.rounding, a.p_error):
+        h = tuple(int(x) for x in hidden.split(",") if x)
+        configs.append(PipelineConfig(
+            data=data, model=ModelConfig(h, bits, bits, bits, prune, pool),
+            train=TrainConfig(epochs=a.epochs, seed=a.seed, augment_shift=a.augment),
+            compile=CompileConfig(rounding_threshold_bits=rb, p_error=pe)))
+    bar, update = _bar("search")
+    rows = run_grid(configs, 0, a.n_fhe, None, update)
+    bar.close()
+    target = a.target_ms / 1000
+    best = choose(rows, target)
+    out = Path(a.out) if a.out else results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    front = pareto_front(rows)
+    write_json({"dataset": data.dataset, "target_s": target, "points": rows, "pareto": [point_label(r) for r in front],
+                "chosen": best}, out / f"{data.dataset}_search.json")
+    fig = pareto_figure(rows, f"{data.dataset}: validation accuracy vs encrypted latency", target)
+    fig.write_html(out / f"{data.dataset}_pareto.html", include_plotlyjs="cdn")
+    try:
+        fig.write_image(out / f"{data.dataset}_pareto.png", scale=1)
+    except Exception as exc:  # noqa: BLE001 - the HTML is the primary artefact
+        _say(f"PNG export failed ({type(exc).__name__}: {exc}); the HTML plot was written")
+    for r in sorted(rows, key=lambda r: r["fhe_latency_median_s"] or 0):
+        mark = "*" if r in front else " "
+        print(f"{mark} {point_label(r):<36} val sim {100 * r['simulate_accuracy']:.1f}%  float {100 * r['float_accuracy']:.1f}%  "
+              f"fhe {1000 * (r['fhe_latency_median_s'] or 0):.0f} ms  PBS {r['pbs_count']}  max bits {r['max_bit_width']}")
+    m = best["config"]["model"]
+    c = best["config"]["compile"]
+    print(f"chosen (validation only): {point_label(best)}")
+    print(f"train it: python -m engine train --dataset {data.dataset} --epochs {a.epochs} --augment {a.augment} "
+          f"--hidden {' '.join(map(str, m['hidden']))} --weight-bits {m['weight_bits']} --act-bits {m['act_bits']} "
+          f"--input-bits {m['input_bits']} --input-pool {m['input_pool']} --max-active-inputs {m['max_active_inputs']} "
+          f"--rounding-bits {c['rounding_threshold_bits']} --p-error {c['p_error']} --seed {a.seed}")
+    print(f"wrote {out / (data.dataset + '_search.json')} and the Pareto plot ({data.dataset}_pareto.html/.png)")
     return 0
 
 
@@ -282,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "compile": cmd_compile, "predict": cmd_predict,
-                "evaluate": cmd_evaluate, "models": cmd_models}[args.command](args)
+                "evaluate": cmd_evaluate, "bench": cmd_bench, "search": cmd_search, "models": cmd_models}[args.command](args)
     except (UserError, DataError, ModelNotFound, ImageError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

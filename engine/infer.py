@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from . import metrics, registry
 from .config import CompileConfig
 from .data import to_features
 from .fhe import CompiledModel, FHEClient, FHEServer, compile_model
+
+if TYPE_CHECKING:
+    from .distribute import BatchResult
 
 MODES = ("float", "quantized", "simulate", "fhe")
 ProgressFn = Callable[[int, int, str], None]
@@ -130,17 +133,28 @@ class Predictor:
                 if progress:
                     progress(done, total, f"{mode}: image {i + 1}/{len(x)}")
             logits = np.concatenate(logits) if logits else np.zeros((0, self.saved.n_outputs))
-            scores = metrics.scores_from_logits(logits, self.info)
-            out[mode] = ModeResult(
-                mode=mode,
-                logits=logits,
-                scores=scores,
-                predictions=metrics.predict(scores, self.info, self.saved.thresholds),
-                latency_s=np.asarray(lat),
-                stages={k: np.asarray(v) for k, v in stages.items()},
-                sizes=sizes,
-            )
+            out[mode] = self.result(mode, logits, np.asarray(lat), {k: np.asarray(v) for k, v in stages.items()}, sizes)
         return out
+
+    def result(self, mode: str, logits: np.ndarray, latency_s: np.ndarray, stages=None, sizes=None) -> ModeResult:
+        """Package logits and timings as a :class:`ModeResult` (scores, predictions)."""
+        scores = metrics.scores_from_logits(logits, self.info)
+        return ModeResult(mode=mode, logits=logits, scores=scores,
+                          predictions=metrics.predict(scores, self.info, self.saved.thresholds),
+                          latency_s=latency_s, stages=stages or {}, sizes=sizes or {})
+
+    def run_distributed(self, images: np.ndarray, backend: str = "local", scheduler: str | None = None,
+                        n_jobs: int = 2) -> tuple[ModeResult, "BatchResult"]:
+        """Encrypted mode over a batch spread across processes or a Dask cluster."""
+        from .distribute import run_batch
+
+        client = self.ensure_client()
+        client.keygen()
+        batch = run_batch(client, self.ensure_compiled().deployment_dir / "server.zip", self.features(images),
+                          backend, scheduler, n_jobs)
+        stages = {"encrypt_s": batch.encrypt_s, "server_s": batch.server_s, "decrypt_s": batch.decrypt_s}
+        latency = batch.encrypt_s + batch.server_s + batch.decrypt_s
+        return self.result("fhe", batch.logits, latency, stages, batch.sizes), batch
 
     # one image (1, F) per call: returns logits, stage timings, sizes
     def _one_float(self, x):

@@ -1,13 +1,15 @@
-"""Bit-width sweeps: train, compile and measure one architecture at several bit-widths.
+"""Design-space exploration: train, compile and measure configurations; bit-width sweeps,
+searches and their Pareto front (validation accuracy against encrypted latency).
 
 Accuracy is measured on the validation split (float, quantized clear, FHE simulation); the
 encrypted latency on a few validation images through the real client/server split. Each point
-is cached with ``joblib.Memory``, so a repeated sweep returns at once.
+is cached with ``joblib.Memory``, so a repeated sweep or search returns at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 from typing import Callable
 
@@ -16,13 +18,15 @@ from joblib import Memory
 
 from .config import PipelineConfig, default_cache_dir
 
+ProgressFn = Callable[[int, int, str], None]
+
 
 def _memory(cache_dir: Path | None) -> Memory:
     return Memory(str(Path(cache_dir or default_cache_dir()) / "sweeps"), verbose=0)
 
 
-def run_point(base: PipelineConfig, bits: int, rounding_bits: int, n_val: int, n_fhe: int, cache_dir: str | None) -> dict:
-    """One sweep point (weights, activations and inputs all at ``bits``)."""
+def measure(cfg: PipelineConfig, n_val: int, n_fhe: int, cache_dir: str | None) -> dict:
+    """Train ``cfg``, compile it, and measure validation accuracy and encrypted latency."""
     import tempfile
 
     from . import metrics, registry
@@ -30,49 +34,97 @@ def run_point(base: PipelineConfig, bits: int, rounding_bits: int, n_val: int, n
     from .infer import Predictor
     from .train import train
 
-    cfg = base.replace(
-        model=dataclasses.replace(base.model, weight_bits=bits, act_bits=bits, input_bits=bits),
-        compile=dataclasses.replace(base.compile, rounding_threshold_bits=max(rounding_bits, 2)),
-    )
     result = train(cfg)
     with tempfile.TemporaryDirectory() as models_dir:
-        saved = registry.save(result, f"sweep-b{bits}-r{rounding_bits}", Path(models_dir))
+        saved = registry.save(result, "point", Path(models_dir))
         p = Predictor(saved=saved, cache_dir=Path(cache_dir) if cache_dir else None)
         val = load_split(cfg.data, "val").head(n_val)
         res = p.run(val.images, ["float", "quantized", "simulate"])
         acc = {m: metrics.accuracy(val.labels, r.scores, val.info, saved.thresholds) for m, r in res.items()}
-        lat = None
-        if n_fhe:
-            fhe = p.run(val.images[:n_fhe], ["fhe"])["fhe"]
-            lat = float(np.median(fhe.latency_s))
+        fhe = p.run(val.images[:n_fhe], ["fhe"])["fhe"] if n_fhe else None
         rep = p.compiled.report
+        m, c = cfg.model, cfg.compile
         return {
-            "bits": bits, "rounding_bits": rounding_bits, "hidden": list(cfg.model.hidden),
+            "hidden": list(m.hidden), "bits": m.weight_bits, "act_bits": m.act_bits, "input_bits": m.input_bits,
+            "input_pool": m.input_pool, "max_active_inputs": m.max_active_inputs,
+            "rounding_bits": c.rounding_threshold_bits, "p_error": c.p_error, "epochs": cfg.train.epochs,
+            "augment_shift": cfg.train.augment_shift, "best_epoch": result.best_epoch,
             "float_accuracy": acc["float"], "quantized_accuracy": acc["quantized"], "simulate_accuracy": acc["simulate"],
-            "fhe_latency_median_s": lat, "max_bit_width": rep.max_bit_width, "pbs_count": rep.pbs_count,
+            "fhe_latency_median_s": float(np.median(fhe.latency_s)) if fhe else None,
+            "fhe_server_median_s": float(np.median(fhe.stages["server_s"])) if fhe else None,
+            "max_bit_width": rep.max_bit_width, "pbs_count": rep.pbs_count,
             "keygen_s": p.client.keygen_s if p.client else None, "n_val": len(val),
+            "config": cfg.to_dict(),
         }
 
 
-def sweep(
-    base: PipelineConfig,
-    bit_widths: list[int],
-    rounding_bits: list[int],
-    n_val: int = 0,
-    n_fhe: int = 3,
-    cache_dir: Path | None = None,
-    progress: Callable[[int, int, str], None] | None = None,
-) -> list[dict]:
-    """Every (bits, rounding) point, cached; ``progress(done, total, message)`` after each."""
-    cached = _memory(cache_dir).cache(run_point)
-    grid = [(b, r) for b in bit_widths for r in rounding_bits]
+def run_grid(configs: list[PipelineConfig], n_val: int = 0, n_fhe: int = 3, cache_dir: Path | None = None,
+             progress: ProgressFn | None = None, labels: list[str] | None = None) -> list[dict]:
+    """Measure every config (cached); ``progress(done, total, message)`` before each and at the end."""
+    cached = _memory(cache_dir).cache(measure)
     out = []
-    for k, (b, r) in enumerate(grid):
+    for k, cfg in enumerate(configs):
         if progress:
-            progress(k, len(grid), f"{b}-bit, rounding {r}")
-        out.append(cached(base, b, r, n_val, n_fhe, str(cache_dir) if cache_dir else None))
+            progress(k, len(configs), labels[k] if labels else f"point {k + 1}/{len(configs)}")
+        out.append(cached(cfg, n_val, n_fhe, str(cache_dir) if cache_dir else None))
     if progress:
-        progress(len(grid), len(grid), "done")
+        progress(len(configs), len(configs), "done")
     return out
 
 
+def sweep(base: PipelineConfig, bit_widths: list[int], rounding_bits: list[int], n_val: int = 0, n_fhe: int = 3,
+          cache_dir: Path | None = None, progress: ProgressFn | None = None) -> list[dict]:
+    """Weights, activations and inputs all at each bit-width, for each rounding setting."""
+    grid = list(itertools.product(bit_widths, rounding_bits))
+    configs = [
+        base.replace(
+            model=dataclasses.replace(base.model, weight_bits=b, act_bits=b, input_bits=b),
+            compile=dataclasses.replace(base.compile, rounding_threshold_bits=max(r, 2)),
+        )
+        for b, r in grid
+    ]
+    return run_grid(configs, n_val, n_fhe, cache_dir, progress, [f"{b}-bit, rounding {r}" for b, r in grid])
+
+
+def pareto_front(rows: list[dict], x: str = "fhe_latency_median_s", y: str = "simulate_accuracy") -> list[dict]:
+    """Points no other point beats on both lower latency and higher accuracy."""
+    pts = sorted((r for r in rows if r.get(x) is not None), key=lambda r: (r[x], -r[y]))
+    front, best = [], -np.inf
+    for r in pts:
+        if r[y] > best:
+            front.append(r)
+            best = r[y]
+    return front
+
+
+def choose(rows: list[dict], latency_target_s: float) -> dict:
+    """The most accurate point (validation, simulated) within the latency target, else the
+    fastest point within one accuracy point of the most accurate."""
+    within = [r for r in rows if r.get("fhe_latency_median_s") is not None and r["fhe_latency_median_s"] <= latency_target_s]
+    if within:
+        return max(within, key=lambda r: (r["simulate_accuracy"], -r["fhe_latency_median_s"]))
+    top = max(r["simulate_accuracy"] for r in rows)
+    return min((r for r in rows if r["simulate_accuracy"] >= top - 0.01), key=lambda r: r["fhe_latency_median_s"] or np.inf)
+
+
+def point_label(r: dict) -> str:
+    hidden = "-".join(map(str, r["hidden"])) or "linear"
+    return f"h{hidden} b{r['bits']} pool{r['input_pool']} r{r['rounding_bits']} p{r['p_error']}"
+
+
+def pareto_figure(rows: list[dict], title: str, latency_target_s: float | None = None):
+    import plotly.graph_objects as go
+
+    front = pareto_front(rows)
+    fig = go.Figure()
+    fig.add_scatter(x=[1000 * r["fhe_latency_median_s"] for r in rows], y=[r["simulate_accuracy"] for r in rows],
+                    mode="markers", name="configurations", text=[point_label(r) for r in rows],
+                    marker=dict(size=9, color=[r["pbs_count"] for r in rows], colorscale="Viridis",
+                                colorbar=dict(title="PBS"), showscale=True))
+    fig.add_scatter(x=[1000 * r["fhe_latency_median_s"] for r in front], y=[r["simulate_accuracy"] for r in front],
+                    mode="lines+markers", name="Pareto front", line=dict(color="crimson"), text=[point_label(r) for r in front])
+    if latency_target_s:
+        fig.add_vline(x=1000 * latency_target_s, line_dash="dot", annotation_text=f"{1000 * latency_target_s:.0f} ms target")
+    fig.update_layout(title=title, xaxis_title="encrypted latency per image, median (ms)",
+                      yaxis_title="validation accuracy (FHE simulation)", height=520, width=900)
+    return fig

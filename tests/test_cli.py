@@ -76,3 +76,24 @@ def test_user_errors_are_one_line(env, args, needle):
     err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and needle in err[0], p.stderr[-1500:]
     assert "Traceback" not in p.stderr
+
+
+def test_bench_writes_json_and_markdown(env, tmp_path):
+    """The benchmark on a few images (the full-split figures come from the same command)."""
+    out = tmp_path / "results"
+    p = run(env, "bench", "--dataset", "pneumoniamnist", "--model", "cli-tiny", "--limit", "6",
+            "--throughput-images", "4", "--defaults-cap", "20", "--defaults-images", "1", "--out", str(out))
+    rep = json.loads((out / "pneumoniamnist.json").read_text())
+    for key in ("fhe_e2e_latency_median_s", "fhe_server_latency_median_s", "throughput_img_per_s",
+                "defaults_latency_ratio", "defaults_keygen_ratio", "agreement_simulate_fhe", "eval_key_bytes"):
+        assert rep[key] is not None, key
+    assert set(rep["modes"]) == {"float", "quantized", "simulate", "fhe"} and rep["n"] == 6
+    assert rep["fhe_server_latency_median_s"] < rep["fhe_e2e_latency_median_s"]
+    assert rep["throughput"]["agrees_with_sequential"] in (True, False) and rep["throughput"]["workers"] == 2
+    assert rep["machine"]["cores"] >= 1 and rep["machine"]["cpu"]
+    assert rep["defaults"]["cap_s"] == 20
+    if not rep["defaults"]["finished"]:
+        assert rep["defaults_latency_ratio_is_lower_bound"]
+    md = (out / "pneumoniamnist.md").read_text()
+    assert "| fhe |" in md and "throughput" in md and "Concrete ML defaults" in md
+    assert "| fhe |" in p.stdout

@@ -1,0 +1,181 @@
+"""Benchmark a saved model on a full test split: the four modes, latency, keys, throughput,
+and the same model compiled with Concrete ML's defaults for comparison.
+
+Writes ``bench/results/<dataset>.json`` and ``bench/results/<dataset>.md``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .data import load_split
+from .evaluate import latency_stats, machine_info, results_dir, summarize, write_json
+from .fhe import FHEClient, compile_model
+from .infer import Predictor
+
+
+def _defaults_worker(model_dir: str, n_images: int, queue) -> None:
+    """In a child process: compile with Concrete ML's defaults (no rounding threshold, default
+    p_error), generate keys, run a few encrypted images. Reports each phase as it ends."""
+    import torch
+    from concrete.ml.torch.compile import compile_brevitas_qat_model
+
+    from .fhe import _thread_tag_stack
+    from .registry import _read
+
+    _thread_tag_stack()
+    saved = _read(Path(model_dir))
+    t0 = time.perf_counter()
+    qm = compile_brevitas_qat_model(saved.load_torch(), torch.from_numpy(saved.calibration_features(512)))
+    queue.put(("compile_s", time.perf_counter() - t0))
+    queue.put(("pbs_count", int(qm.fhe_circuit.statistics["programmable_bootstrap_count"])))
+    queue.put(("max_bit_width", int(qm.fhe_circuit.graph.maximum_integer_bit_width())))
+    t0 = time.perf_counter()
+    qm.fhe_circuit.keygen()
+    queue.put(("keygen_s", time.perf_counter() - t0))
+    x = saved.calibration_features(n_images)
+    lat = []
+    for i in range(n_images):
+        t0 = time.perf_counter()
+        qm.forward(x[i : i + 1], fhe="execute")
+        lat.append(time.perf_counter() - t0)
+        queue.put(("latencies", list(lat)))
+    queue.put(("done", True))
+
+
+def measure_defaults(model_dir: Path, n_images: int = 3, cap_s: float = 600.0) -> dict:
+    """Concrete ML defaults on the same model, within ``cap_s`` seconds of wall time."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_defaults_worker, args=(str(model_dir), n_images, queue), daemon=True)
+    start = time.perf_counter()
+    proc.start()
+    out: dict = {"cap_s": cap_s, "finished": False}
+    while time.perf_counter() - start < cap_s:
+        try:
+            key, value = queue.get(timeout=1.0)
+        except Exception:  # queue.Empty
+            if not proc.is_alive():
+                break
+            continue
+        if key == "done":
+            out["finished"] = True
+            break
+        out[key] = value
+    out["wall_s"] = time.perf_counter() - start
+    if proc.is_alive():
+        proc.kill()
+    proc.join(timeout=10)
+    if out.get("latencies"):
+        out["latency_median_s"] = float(np.median(out.pop("latencies")))
+    return out
+
+
+def run_bench(predictor: Predictor, data_cfg, limit: int = 0, throughput_images: int = 128,
+              backend: str = "local", scheduler: str | None = None, defaults_cap_s: float = 600.0,
+              defaults_images: int = 3, say: Callable[[str], None] = lambda m: None,
+              progress=None) -> dict:
+    saved = predictor.saved
+    split = load_split(data_cfg, "test").head(limit)
+
+    say("cold compile (fresh cache folder)")
+    with tempfile.TemporaryDirectory() as tmp:
+        cold = compile_model(saved, predictor.compile_config, Path(tmp)).report
+    predictor.ensure_compiled()
+    say("key generation (fresh client)")
+    predictor.client = FHEClient(predictor.compiled)
+    keygen_s = predictor.client.keygen()
+
+    say(f"four modes on {len(split)} test images")
+    results = predictor.run(split.images, "all", progress)
+    report = summarize(predictor, split, results)
+    fhe = results["fhe"]
+    report["circuit"]["compile_s"] = cold.compile_s
+    report["circuit"]["from_cache"] = False
+    report["circuit"]["keygen_s"] = keygen_s
+    e2e, server = latency_stats(fhe.latency_s), latency_stats(fhe.stages["server_s"])
+    report.update(
+        fhe_e2e_latency_median_s=e2e["latency_median_s"], fhe_e2e_latency_p90_s=e2e["latency_p90_s"],
+        fhe_server_latency_median_s=server["latency_median_s"], fhe_server_latency_p90_s=server["latency_p90_s"],
+        ciphertext_bytes=fhe.sizes["ciphertext_bytes"], result_bytes=fhe.sizes["result_bytes"],
+        eval_key_bytes=fhe.sizes["eval_key_bytes"],
+    )
+
+    n_tp = min(throughput_images or len(split), len(split))
+    say(f"throughput: {n_tp} images spread over workers ({backend})")
+    tp_result, batch = predictor.run_distributed(split.images[:n_tp], backend, scheduler)
+    report["throughput_img_per_s"] = n_tp / batch.wall_s
+    report["throughput"] = {"backend": backend, "workers": batch.n_workers, "images": n_tp, "wall_s": batch.wall_s,
+                            "server_wall_s": batch.server_wall_s,
+                            "agrees_with_sequential": bool(np.array_equal(tp_result.predictions, fhe.predictions[:n_tp]))}
+
+    say(f"Concrete ML defaults on the same model (capped at {defaults_cap_s:.0f} s)")
+    d = measure_defaults(saved.path, defaults_images, defaults_cap_s)
+    ours_lat = e2e["latency_median_s"]
+    if d.get("latency_median_s"):
+        report["defaults_latency_ratio"] = d["latency_median_s"] / ours_lat
+        report["defaults_latency_ratio_is_lower_bound"] = False
+    else:  # did not finish: the cap (minus what was spent before) bounds it from below
+        spent = d["wall_s"] - d.get("compile_s", 0) - d.get("keygen_s", 0)
+        report["defaults_latency_ratio"] = max(spent, 0) / ours_lat if "keygen_s" in d else d["wall_s"] / ours_lat
+        report["defaults_latency_ratio_is_lower_bound"] = True
+    if d.get("keygen_s"):
+        report["defaults_keygen_ratio"] = d["keygen_s"] / keygen_s
+        report["defaults_keygen_ratio_is_lower_bound"] = False
+    else:
+        report["defaults_keygen_ratio"] = (d["wall_s"] - d.get("compile_s", 0)) / keygen_s
+        report["defaults_keygen_ratio_is_lower_bound"] = True
+    report["defaults"] = d
+    report["machine"] = machine_info()
+    return report
+
+
+def write(report: dict, folder: Path | None = None) -> tuple[Path, Path]:
+    folder = Path(folder or results_dir())
+    folder.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = folder / f"{report['dataset']}.json", folder / f"{report['dataset']}.md"
+    write_json(report, jpath)
+    mpath.write_text(markdown(report))
+    return jpath, mpath
+
+
+def markdown(r: dict) -> str:
+    m, c = r["modes"], r["circuit"]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    ms = lambda v: "-" if v is None else f"{1000 * v:.1f} ms"  # noqa: E731
+    lines = [
+        f"### {r['dataset']} — model `{r['model']}` — {r['n']} test images",
+        "",
+        f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores.",
+        "",
+        "| mode | accuracy | AUC | median latency / image | p90 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for mode in ("float", "quantized", "simulate", "fhe"):
+        x = m[mode]
+        auc = "-" if x["auc"] is None else f"{x['auc']:.3f}"
+        lines.append(f"| {mode} | {pct(x['accuracy'])} | {auc} | {ms(x['latency_median_s'])} | {ms(x['latency_p90_s'])} |")
+    lb = lambda k: " (lower bound)" if r.get(f"{k}_is_lower_bound") else ""  # noqa: E731
+    lines += [
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+        f"| encrypted end to end, median / p90 | {ms(r['fhe_e2e_latency_median_s'])} / {ms(r['fhe_e2e_latency_p90_s'])} |",
+        f"| server run alone, median / p90 | {ms(r['fhe_server_latency_median_s'])} / {ms(r['fhe_server_latency_p90_s'])} |",
+        f"| encrypt / decrypt (median) | {ms(m['fhe'].get('encrypt_median_s'))} / {ms(m['fhe'].get('decrypt_median_s'))} |",
+        f"| simulate vs encrypted agreement | {pct(r.get('agreement_simulate_fhe'))} |",
+        f"| key generation | {c['keygen_s']:.2f} s |",
+        f"| cold compile | {c['compile_s']:.2f} s |",
+        f"| evaluation keys / ciphertext in / result out | {r['eval_key_bytes'] / 2**20:.1f} MiB / {r['ciphertext_bytes'] / 1024:.1f} KiB / {r['result_bytes'] / 1024:.1f} KiB |",
+        f"| max bit-width / programmable bootstraps | {c['max_bit_width']} / {c['pbs_count']} |",
+        f"| throughput ({r['throughput']['workers']} {r['throughput']['backend']} workers, {r['throughput']['images']} images) | {r['throughput_img_per_s']:.2f} img/s |",
+        f"| Concrete ML defaults vs ours: latency | {r['defaults_latency_ratio']:.1f}x{lb('defaults_latency_ratio')} |",
+        f"| Concrete ML defaults vs ours: key generation | {r['defaults_keygen_ratio']:.1f}x{lb('defaults_keygen_ratio')} |",
+    ]
+    return "\n".join(lines) + "\n"

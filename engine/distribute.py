@@ -1,0 +1,122 @@
+"""Run encrypted inference for a batch across processes or a Dask cluster (joblib).
+
+The client encrypts every image, the batch is cut into one chunk per worker, and each worker
+(a loky process here, a ``dask.distributed`` worker elsewhere) receives only ``server.zip``,
+the serialized evaluation keys and ciphertexts. A worker process loads the server once and keeps
+the deserialized evaluation keys, then answers every chunk it gets. The client decrypts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from joblib import Parallel, delayed, parallel_config
+
+from .fhe import FHEClient, FHEServer
+
+_SERVERS: dict[str, FHEServer] = {}  # per worker process: server.zip digest -> loaded server
+
+
+def _server_for(server_zip: bytes) -> FHEServer:
+    digest = hashlib.sha256(server_zip).hexdigest()
+    if digest not in _SERVERS:
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="fhe-server-"))
+        (folder / "server.zip").write_bytes(server_zip)
+        _SERVERS[digest] = FHEServer(folder)
+    return _SERVERS[digest]
+
+
+def serve_chunk(server_zip: bytes, evaluation_keys: bytes, ciphertexts: list[bytes]) -> list[tuple[bytes, float]]:
+    """Worker side: run the circuit on each ciphertext; returns (result, seconds) pairs."""
+    server = _server_for(server_zip)
+    key_id = server.register(evaluation_keys)
+    out = []
+    for ct in ciphertexts:
+        t0 = time.perf_counter()
+        res = server.run(ct, key_id)
+        out.append((res, time.perf_counter() - t0))
+    return out
+
+
+@dataclass
+class BatchResult:
+    logits: np.ndarray
+    encrypt_s: np.ndarray  # per image, on the client
+    server_s: np.ndarray  # per image, measured in the worker
+    decrypt_s: np.ndarray  # per image, on the client
+    sizes: dict
+    server_wall_s: float  # the parallel part, as the client sees it
+    n_workers: int
+
+    @property
+    def wall_s(self) -> float:
+        return float(self.encrypt_s.sum() + self.server_wall_s + self.decrypt_s.sum())
+
+
+@contextmanager
+def backend_context(backend: str = "local", scheduler: str | None = None, n_jobs: int = 2):
+    """joblib configuration for ``local`` (loky processes) or ``dask`` (a distributed cluster)."""
+    if backend == "local":
+        with parallel_config(backend="loky", n_jobs=n_jobs):
+            yield n_jobs
+    elif backend == "dask":
+        from dask.distributed import Client
+
+        if not scheduler:
+            raise ValueError("--backend dask needs --scheduler tcp://HOST:PORT")
+        client = Client(scheduler)
+        try:
+            workers = max(1, sum(client.nthreads().values()))
+            with parallel_config(backend="dask", n_jobs=workers):
+                yield workers
+        finally:
+            client.close()
+    else:
+        raise ValueError(f"Unknown backend '{backend}': use local or dask")
+
+
+def encrypt_batch(client: FHEClient, features: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+    """Client side: one serialized ciphertext per image, with the seconds each took."""
+    cts, secs = [], []
+    for i in range(len(features)):
+        t0 = time.perf_counter()
+        cts.append(client.encrypt(features[i : i + 1]))
+        secs.append(time.perf_counter() - t0)
+    return cts, np.array(secs)
+
+
+def serve_batch(server_zip: Path, evaluation_keys: bytes, ciphertexts: list[bytes], backend: str = "local",
+                scheduler: str | None = None, n_jobs: int = 2) -> tuple[list[bytes], np.ndarray, float, int]:
+    """Server side, spread over workers: results, per-image seconds, wall seconds, workers."""
+    zip_bytes = Path(server_zip).read_bytes()
+    t0 = time.perf_counter()
+    with backend_context(backend, scheduler, n_jobs) as workers:
+        chunks = [c.tolist() for c in np.array_split(np.arange(len(ciphertexts)), min(workers, len(ciphertexts))) if len(c)]
+        parts = Parallel()(delayed(serve_chunk)(zip_bytes, evaluation_keys, [ciphertexts[i] for i in c]) for c in chunks)
+    wall = time.perf_counter() - t0
+    flat = [r for part in parts for r in part]
+    return [r for r, _ in flat], np.array([s for _, s in flat]), wall, workers
+
+
+def run_batch(client: FHEClient, server_zip: Path, features: np.ndarray, backend: str = "local",
+              scheduler: str | None = None, n_jobs: int = 2) -> BatchResult:
+    """Encrypt ``features`` (N, F), run the circuit on the workers, decrypt."""
+    eval_keys = client.evaluation_keys()
+    cts, enc_s = encrypt_batch(client, features)
+    results, server_s, wall, workers = serve_batch(server_zip, eval_keys, cts, backend, scheduler, n_jobs)
+    logits, dec_s = [], []
+    for res in results:
+        t0 = time.perf_counter()
+        logits.append(np.asarray(client.decrypt(res), dtype=np.float64).reshape(1, -1))
+        dec_s.append(time.perf_counter() - t0)
+    sizes = {"ciphertext_bytes": len(cts[0]) if cts else 0, "result_bytes": len(results[0]) if results else 0,
+             "eval_key_bytes": len(eval_keys)}
+    return BatchResult(np.concatenate(logits) if logits else np.zeros((0, 0)), enc_s, server_s, np.array(dec_s),
+                       sizes, wall, workers)
