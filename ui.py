@@ -56,6 +56,17 @@ def select_model(container=None) -> registry.SavedModel | None:
     return models[names.index(name)]
 
 
+def model_page(page_title: str, icon: str, title: str):
+    """Page header + sidebar pickers: (saved model, compile config, dataset info); stops the
+    page when no model exists yet."""
+    st.set_page_config(page_title=page_title, page_icon=icon, layout="wide")
+    st.title(f"{icon} {title}")
+    saved = select_model()
+    if saved is None:
+        st.stop()
+    return saved, compile_settings(saved), dataset_info(saved.dataset)
+
+
 def compile_settings(saved: registry.SavedModel, container=None) -> CompileConfig:
     """Rounding bits and p_error widgets, defaulting to the settings saved with the model."""
     box = container or st.sidebar

@@ -57,6 +57,14 @@ class ModelConfig:
     # (1: the full image). Fewer encrypted inputs: cheaper encryption and linear layer.
     input_pool: int = 1
 
+    @staticmethod
+    def parse_hidden(text: str) -> tuple[int, ...]:
+        """``"32, 16"`` -> ``(32, 16)``; empty text -> ``()`` (a linear model)."""
+        try:
+            return tuple(int(h) for h in text.replace(" ", "").split(",") if h)
+        except ValueError:
+            raise ValueError(f"Hidden widths must be whole numbers separated by commas, got '{text}'.") from None
+
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -27,15 +27,18 @@ with st.form("train_form"):
     ibits = c2.slider("Input bits", 2, 8, 3, key="train_ibits")
     prune = c2.number_input("Max active inputs per neuron (0 = no pruning)", 0, 4096, 0, key="train_prune")
     limit = c2.number_input("Use only the first N training images (0 = all)", 0, 1_000_000, 0, key="train_limit")
+    pool = c1.selectbox("Client-side input pooling", [1, 2, 4], key="train_pool",
+                        help="Average-pool the image before encryption: 2 -> 14x14 inputs (4x fewer ciphertexts)")
+    augment = c1.number_input("Random shift augmentation (pixels)", 0, 4, 0, key="train_augment")
     submitted = st.form_submit_button("Train", type="primary")
 
 if submitted:
     try:
-        hidden = tuple(int(h) for h in hidden_text.replace(" ", "").split(",") if h)
+        hidden = ModelConfig.parse_hidden(hidden_text)
         cfg = PipelineConfig(
             data=ui.data_config(dataset, allow_download=True),
-            model=ModelConfig(hidden, wbits, abits, ibits, int(prune)),
-            train=TrainConfig(epochs=int(epochs), limit_train=int(limit)),
+            model=ModelConfig(hidden, wbits, abits, ibits, int(prune), int(pool)),
+            train=TrainConfig(epochs=int(epochs), limit_train=int(limit), augment_shift=int(augment)),
             compile=CompileConfig(),
         )
         locate(cfg.data)

@@ -6,13 +6,7 @@ import streamlit as st
 import ui
 from engine.data import gallery_split
 
-st.set_page_config(page_title="Encrypted inference", page_icon="🔐", layout="wide")
-st.title("🔐 Encrypted inference: four modes side by side")
-saved = ui.select_model()
-if saved is None:
-    st.stop()
-cc = ui.compile_settings(saved)
-info = ui.dataset_info(saved.dataset)
+saved, cc, info = ui.model_page("Encrypted inference", "🔐", "Encrypted inference: four modes side by side")
 split, source = gallery_split(ui.data_config(saved.dataset))
 truth = [ui.label_text(info, split.labels[i] if info.multi_label else split.targets[i]) for i in range(len(split))]
 st.caption(f"Gallery: {source}")

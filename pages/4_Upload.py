@@ -5,13 +5,7 @@ import streamlit as st
 import ui
 from engine.images import EXTENSIONS, ImageError, load_image
 
-st.set_page_config(page_title="Upload", page_icon="📤", layout="wide")
-st.title("📤 Classify your own image, encrypted")
-saved = ui.select_model()
-if saved is None:
-    st.stop()
-cc = ui.compile_settings(saved)
-info = ui.dataset_info(saved.dataset)
+saved, cc, info = ui.model_page("Upload", "📤", "Classify your own image, encrypted")
 size, channels = saved.config.data.size, info.n_channels
 st.markdown(
     f"Model **{saved.name}** expects {size}×{size} {'grayscale' if channels == 1 else 'RGB'} "
@@ -19,6 +13,10 @@ st.markdown(
     "Non-square images are center-cropped, then resized; transparency is composited onto black; "
     "16-bit and float data are rescaled to 0–255."
 )
+pool = saved.config.model.input_pool
+if pool > 1:
+    st.caption(f"Before encrypting, the client averages {pool}×{pool} pixel blocks: "
+               f"{(size // pool) ** 2 * channels} encrypted inputs per image.")
 up = st.file_uploader("Image", type=list(EXTENSIONS), key="upload_file")
 if up is not None:
     try:

@@ -34,7 +34,7 @@ with st.form("sweep_form"):
 
 if go_btn:
     try:
-        hidden = tuple(int(h) for h in hidden_text.replace(" ", "").split(",") if h)
+        hidden = ModelConfig.parse_hidden(hidden_text)
         base = PipelineConfig(data=ui.data_config(dataset), model=ModelConfig(hidden=hidden),
                               train=TrainConfig(epochs=int(epochs), limit_train=int(limit)), compile=CompileConfig())
         bar, update = ui.progress_bar("Sweeping")
