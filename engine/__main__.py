@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p-error", type=float, nargs="+", default=[0.1])
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--augment", type=int, default=2, help="random shift augmentation (pixels)")
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-fhe", type=int, default=3, help="validation images timed with real encryption per point")
     p.add_argument("--target-ms", type=float, default=150.0, help="latency target for choosing a point")
@@ -323,7 +324,7 @@ def cmd_search(a) -> int:
         h = tuple(int(x) for x in hidden.split(",") if x)
         configs.append(PipelineConfig(
             data=data, model=ModelConfig(h, bits, bits, bits, prune, pool),
-            train=TrainConfig(epochs=a.epochs, seed=a.seed, augment_shift=a.augment),
+            train=TrainConfig(epochs=a.epochs, lr=a.lr, seed=a.seed, augment_shift=a.augment),
             compile=CompileConfig(rounding_threshold_bits=rb, p_error=pe)))
     bar, update = _bar("search")
     rows = run_grid(configs, 0, a.n_fhe, None, update)
@@ -348,7 +349,7 @@ def cmd_search(a) -> int:
     m = best["config"]["model"]
     c = best["config"]["compile"]
     print(f"chosen (validation only): {point_label(best)}")
-    print(f"train it: python -m engine train --dataset {data.dataset} --epochs {a.epochs} --augment {a.augment} "
+    print(f"train it: python -m engine train --dataset {data.dataset} --epochs {a.epochs} --augment {a.augment} --lr {a.lr} "
           f"--hidden {' '.join(map(str, m['hidden']))} --weight-bits {m['weight_bits']} --act-bits {m['act_bits']} "
           f"--input-bits {m['input_bits']} --input-pool {m['input_pool']} --max-active-inputs {m['max_active_inputs']} "
           f"--rounding-bits {c['rounding_threshold_bits']} --p-error {c['p_error']} --seed {a.seed}")

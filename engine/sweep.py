@@ -126,5 +126,6 @@ def pareto_figure(rows: list[dict], title: str, latency_target_s: float | None =
     if latency_target_s:
         fig.add_vline(x=1000 * latency_target_s, line_dash="dot", annotation_text=f"{1000 * latency_target_s:.0f} ms target")
     fig.update_layout(title=title, xaxis_title="encrypted latency per image, median (ms)",
-                      yaxis_title="validation accuracy (FHE simulation)", height=520, width=900)
+                      yaxis_title="validation accuracy (FHE simulation)", height=520, width=900,
+                      legend=dict(orientation="h", yanchor="top", y=-0.15))
     return fig
