@@ -30,6 +30,7 @@ with st.form("train_form"):
     pool = c1.selectbox("Client-side input pooling", [1, 2, 4], key="train_pool",
                         help="Average-pool the image before encryption: 2 -> 14x14 inputs (4x fewer ciphertexts)")
     augment = c1.number_input("Random shift augmentation (pixels)", 0, 4, 0, key="train_augment")
+    lr = c2.select_slider("Learning rate", [3e-4, 1e-3, 3e-3, 1e-2], value=1e-3, key="train_lr")
     submitted = st.form_submit_button("Train", type="primary")
 
 if submitted:
@@ -38,7 +39,7 @@ if submitted:
         cfg = PipelineConfig(
             data=ui.data_config(dataset, allow_download=True),
             model=ModelConfig(hidden, wbits, abits, ibits, int(prune), int(pool)),
-            train=TrainConfig(epochs=int(epochs), limit_train=int(limit), augment_shift=int(augment)),
+            train=TrainConfig(epochs=int(epochs), lr=float(lr), limit_train=int(limit), augment_shift=int(augment)),
             compile=CompileConfig(),
         )
         locate(cfg.data)

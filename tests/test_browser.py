@@ -100,6 +100,7 @@ def test_upload_in_browser(server, browser, tmp_path):
     page.get_by_text("center-cropped 90x120 to 90x90").wait_for(timeout=60_000)
     page.get_by_role("button", name="Encrypted prediction").click()
     page.get_by_text("Encrypted prediction:").wait_for(timeout=180_000)
+    page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=30_000)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "upload_encrypted_prediction.png"), full_page=True)
     page.close()
