@@ -100,12 +100,10 @@ def predictor(saved: registry.SavedModel, cc: CompileConfig) -> Predictor:
 
 
 def session_client(saved: registry.SavedModel, cc: CompileConfig) -> FHEClient | None:
-    cc_json = json.dumps(cc.__dict__, sort_keys=True)
-    try:
-        compiled, _ = _shared_circuit(saved.dataset, saved.name, saved.hash, cc_json)
-    except Exception:
-        return None
-    return st.session_state.get("fhe_clients", {}).get(compiled.report.cache_key)
+    """This session's client for the model's circuit, if it has one (never compiles)."""
+    from engine.fhe import cache_key
+
+    return st.session_state.get("fhe_clients", {}).get(cache_key(saved.hash, cc))
 
 
 def progress_bar(text: str):

@@ -260,7 +260,8 @@ def cmd_predict(a) -> int:
             for k, v in r.stages.items():
                 row[mode][k] = round(float(v[i]), 5)
         out.append(row)
-        print(f"{name}: true={row['true']}  " + "  ".join(f"{m}={row[m]['label']} ({row[m]['latency_s'] * 1000:.1f} ms)" for m in results))
+        truth_text = f"true={row['true']}  " if row["true"] is not None else ""
+        print(f"{name}: {truth_text}" + "  ".join(f"{m}={row[m]['label']} ({row[m]['latency_s'] * 1000:.1f} ms)" for m in results))
     if "fhe" in results:
         fhe = results["fhe"]
         print(f"fhe sizes: ciphertext {fhe.sizes['ciphertext_bytes']:,} B, result {fhe.sizes['result_bytes']:,} B, "
