@@ -1,7 +1,6 @@
 """Real Concrete ML on a tiny 784-8-2 circuit: compile, cache, keys, four modes."""
 
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -11,18 +10,18 @@ from engine.config import CompileConfig
 from engine.fhe import FHEClient, FHEServer, compile_model
 
 
-def test_compile_report(predictor):
+def test_compile_report(predictor, tiny_saved, tmp_path):
     r = predictor.compiled.report
-    assert r.pbs_count == 8  # one lookup per hidden neuron, none added by approximate rounding
     assert 2 <= r.max_bit_width <= 16
     assert r.compile["rounding_threshold_bits"] == 4 and r.versions["concrete-ml"] == "1.9.0"
+    # One lookup per hidden neuron with approximate rounding; exact rounding adds lookups.
+    approx = compile_model(tiny_saved, CompileConfig(rounding_threshold_bits=4, p_error=0.01, inputset_size=128), tmp_path)
+    assert approx.report.pbs_count == 8 and r.pbs_count > 8
 
 
 def test_second_compile_comes_from_cache(predictor, tiny_saved, cache_dir):
-    t0 = time.perf_counter()
     again = compile_model(tiny_saved, predictor.compile_config or tiny_saved.config.compile, cache_dir)
     assert again.report.from_cache and again.path == predictor.compiled.path
-    assert time.perf_counter() - t0 < 5
     other = compile_model(tiny_saved, CompileConfig(rounding_threshold_bits=5, p_error=0.05, inputset_size=128), cache_dir)
     assert not other.report.from_cache and other.path != again.path
 
@@ -32,7 +31,7 @@ def test_four_modes_agree(predictor, test_split):
     res = predictor.run(imgs, "all")
     assert list(res) == ["float", "quantized", "simulate", "fhe"]
     assert np.array_equal(res["simulate"].predictions, res["fhe"].predictions)
-    # Same integers in clear and simulation, up to rare PBS errors at p_error=0.05
+    # Same integers in clear and simulation, up to rare PBS errors at p_error=0.01
     assert (res["quantized"].predictions == res["simulate"].predictions).mean() >= 0.8
     fhe = res["fhe"]
     assert set(fhe.stages) == {"encrypt_s", "server_s", "decrypt_s"}
