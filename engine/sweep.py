@@ -109,7 +109,8 @@ def choose(rows: list[dict], latency_target_s: float) -> dict:
 
 def point_label(r: dict) -> str:
     hidden = "-".join(map(str, r["hidden"])) or "linear"
-    return f"h{hidden} b{r['bits']} pool{r['input_pool']} r{r['rounding_bits']} p{r['p_error']}"
+    prune = f" prune{r['max_active_inputs']}" if r.get("max_active_inputs") else ""
+    return f"h{hidden} b{r['bits']} pool{r['input_pool']}{prune} r{r['rounding_bits']} p{r['p_error']}"
 
 
 def pareto_figure(rows: list[dict], title: str, latency_target_s: float | None = None):
