@@ -73,8 +73,8 @@ def compile_settings(saved: registry.SavedModel, container=None) -> CompileConfi
     base = saved.config.compile
     rb = box.slider("Rounding threshold bits", 2, 8, base.rounding_threshold_bits, key="cc_rounding",
                     help="Accumulators are rounded to this many bits before each table lookup.")
-    options = [0.001, 0.01, 0.05, 0.1, 0.2]
-    pe = box.select_slider("p_error per lookup", options, value=base.p_error if base.p_error in options else 0.01, key="cc_perror")
+    options = sorted({0.001, 0.01, 0.05, 0.1, 0.2, base.p_error})
+    pe = box.select_slider("p_error per lookup", options, value=base.p_error, key="cc_perror")
     return CompileConfig(rounding_threshold_bits=rb, rounding_method=base.rounding_method, p_error=pe,
                          inputset_size=base.inputset_size)
 

@@ -25,7 +25,7 @@ def run(env, *args, ok=True):
 
 def test_train_compile_predict_evaluate(env, tmp_path):
     out = run(env, "train", "--dataset", "pneumoniamnist", "--epochs", "2", "--hidden", "8", "--limit-train", "1024",
-              "--rounding-bits", "4", "--rounding-method", "exact", "--p-error", "0.01", "--name", "cli-tiny").stdout
+              "--rounding-bits", "4", "--rounding-method", "exact", "--p-error", "1e-5", "--name", "cli-tiny").stdout
     assert "saved pneumoniamnist/cli-tiny" in out and "test accuracy" in out
     first = run(env, "compile", "--dataset", "pneumoniamnist").stdout
     assert " PBS" in first and "freshly compiled" in first
@@ -49,7 +49,7 @@ def test_train_compile_predict_evaluate(env, tmp_path):
     assert rep["agreement_simulate_fhe"] == 1.0
     c = rep["circuit"]
     assert c["pbs_count"] > 8 and c["from_cache"] and c["keygen_s"] > 0 and c["eval_key_bytes"] > 0
-    assert c["compile"] == {"rounding_threshold_bits": 4, "rounding_method": "exact", "p_error": 0.01, "inputset_size": 512}
+    assert c["compile"] == {"rounding_threshold_bits": 4, "rounding_method": "exact", "p_error": 1e-5, "inputset_size": 512}
     assert "fhe stages" in out
 
 
