@@ -1,10 +1,10 @@
 """Home: what the system does, the state of model / circuit / keys, and a first encrypted prediction."""
 
-import numpy as np
 import streamlit as st
 
 import ui
 from engine.data import gallery_split
+from engine.fhe import is_cached
 
 st.set_page_config(page_title="Encrypted MedMNIST", page_icon="🔒", layout="wide")
 st.title("🔒 Encrypted medical image classification")
@@ -37,7 +37,7 @@ m = saved.metrics
 col1.metric("Model", saved.name, help=f"{saved.dataset}, hidden {list(saved.config.model.hidden)}")
 col1.caption(f"Validation accuracy {100 * m['val']['accuracy']:.1f}% · test {100 * m['test']['accuracy']:.1f}% (float)")
 client = ui.session_client(saved, cc)
-col2.metric("Compiled circuit", "ready (cached)" if client is not None or ui.is_compiled(saved, cc) else "not compiled yet")
+col2.metric("Compiled circuit", "ready (cached)" if client is not None or is_cached(saved, cc) else "not compiled yet")
 col3.metric("This session's keys", "generated" if client is not None and client.has_keys else "none yet")
 
 st.subheader("Try it: encrypted prediction on a sample image")
@@ -45,7 +45,7 @@ split, source = gallery_split(ui.data_config(saved.dataset))
 idx = st.number_input(f"Sample index ({source})", 0, len(split) - 1, 0, key="home_index")
 img = split.images[int(idx)]
 left, right = st.columns([1, 3])
-left.image(img, caption=f"true: {ui.label_text(info, split.labels[int(idx)] if info.multi_label else split.targets[int(idx)])}",
+left.image(img, caption=f"true: {ui.label_text(info, split.targets[int(idx)])}",
            width=160, clamp=True)
 if right.button("🔒 Encrypt and classify", type="primary", key="home_run"):
     try:

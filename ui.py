@@ -8,18 +8,18 @@ each browser session gets its own ``FHEClient`` (its keys live in that session's
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
 from engine import registry
 from engine.config import CompileConfig, DataConfig, default_data_dir
-from engine.data import DataError, available_datasets, dataset_info, present_datasets
+# available_datasets, present_datasets and MODES are re-exported for the pages.
+from engine.data import DataError, available_datasets, dataset_info, present_datasets  # noqa: F401
 from engine.fhe import FHEClient, FHEServer, compile_model
-from engine.infer import MODES, Predictor
+from engine.infer import MODES, Predictor  # noqa: F401
+from engine.metrics import label_text
 
 REFERENCE = {"plaintext_accuracy": 0.882, "encrypted_accuracy": 0.875, "latency_s": 0.150}
 MODE_LABELS = {"float": "Float (PyTorch)", "quantized": "Quantized clear", "simulate": "FHE simulation", "fhe": "Encrypted (FHE)"}
@@ -134,13 +134,6 @@ def results_table(results: dict, info, labels_true=None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def label_text(info, pred) -> str:
-    if info.multi_label:
-        on = [info.labels[j] for j in np.flatnonzero(np.asarray(pred))]
-        return "+".join(on) if on else "none"
-    return info.labels[int(pred)]
-
-
 def agreement_text(results: dict) -> str:
     from engine.evaluate import agreement
 
@@ -163,14 +156,3 @@ def fail(exc: Exception) -> None:
     """Show an error as a message, never a traceback."""
     st.error(f"{type(exc).__name__}: {exc}" if not isinstance(exc, (DataError, ValueError)) else str(exc))
 
-
-__all__ = [
-    "MODES", "MODE_LABELS", "REFERENCE", "available_datasets", "dataset_info", "present_datasets", "os",
-]
-
-
-
-def is_compiled(saved: registry.SavedModel, cc: CompileConfig) -> bool:
-    from engine.fhe import is_cached
-
-    return is_cached(saved, cc)

@@ -232,6 +232,7 @@ def cmd_predict(a) -> int:
 
     from .data import load_split
     from .images import load_image
+    from .metrics import label_text
 
     sub = None
     if not a.image:
@@ -247,7 +248,7 @@ def cmd_predict(a) -> int:
         names, truth = list(a.image), [None] * len(a.image)
     else:
         images, names = sub.images, [f"{a.split}[{i}]" for i in a.index]
-        truth = [_label_text(info, t) for t in (sub.labels if info.multi_label else sub.targets)]
+        truth = [label_text(info, t) for t in sub.targets]
     bar, update = _bar("predicting")
     results = p.run(images, a.modes, progress=update)
     bar.close()
@@ -255,7 +256,7 @@ def cmd_predict(a) -> int:
     for i, name in enumerate(names):
         row = {"image": name, "true": truth[i]}
         for mode, r in results.items():
-            row[mode] = {"label": _label_text(info, r.predictions[i]), "probabilities": np.round(r.scores[i], 4).tolist(),
+            row[mode] = {"label": label_text(info, r.predictions[i]), "probabilities": np.round(r.scores[i], 4).tolist(),
                          "latency_s": round(float(r.latency_s[i]), 5)}
             for k, v in r.stages.items():
                 row[mode][k] = round(float(v[i]), 5)
@@ -269,15 +270,6 @@ def cmd_predict(a) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
     return 0
-
-
-def _label_text(info, pred) -> str:
-    import numpy as np
-
-    if info.multi_label:
-        on = [info.labels[j] for j in np.flatnonzero(np.asarray(pred))]
-        return "+".join(on) if on else "none"
-    return info.labels[int(pred)]
 
 
 def cmd_evaluate(a) -> int:

@@ -245,4 +245,5 @@ def gallery_split(cfg: DataConfig) -> tuple[Split, str]:
     try:
         return load_split(cfg, "test"), f"{cfg.dataset} test split ({locate(cfg)})"
     except DataError:
-        return load_samples(cfg.dataset), f"{cfg.dataset}: {len(load_samples(cfg.dataset))} shipped test samples (dataset file not found)"
+        samples = load_samples(cfg.dataset)
+        return samples, f"{cfg.dataset}: {len(samples)} shipped test samples (dataset file not found)"

@@ -25,7 +25,6 @@ import shutil
 import tempfile
 import time
 import uuid
-import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -243,17 +242,6 @@ def is_cached(saved: SavedModel, cc: CompileConfig | None = None, cache_dir: Pat
     """Whether a complete entry for this model and config is on disk (not verified)."""
     key = cache_key(saved.hash, cc or saved.config.compile)
     return (Path(cache_dir or default_cache_dir()) / "circuits" / key / "report.json").exists()
-
-
-def cached_entries(cache_dir: Path | None = None) -> list[dict]:
-    root = Path(cache_dir or default_cache_dir()) / "circuits"
-    out = []
-    for rep in sorted(root.glob("*/report.json")):
-        try:
-            out.append(json.loads(rep.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue
-    return out
 
 
 # --------------------------------------------------------------------------- client / server

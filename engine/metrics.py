@@ -26,6 +26,14 @@ def predict(scores: np.ndarray, info: DatasetInfo, thresholds: np.ndarray | None
     return scores.argmax(axis=1)
 
 
+def label_text(info: DatasetInfo, pred) -> str:
+    """A prediction or target as text: the class name, or the '+'-joined positive labels."""
+    if info.multi_label:
+        on = [info.labels[j] for j in np.flatnonzero(np.asarray(pred))]
+        return "+".join(on) if on else "none"
+    return info.labels[int(pred)]
+
+
 def accuracy(y_true: np.ndarray, scores: np.ndarray, info: DatasetInfo, thresholds=None) -> float:
     if info.multi_label and thresholds is not None:
         pred = predict(scores, info, thresholds)

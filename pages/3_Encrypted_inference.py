@@ -8,7 +8,7 @@ from engine.data import gallery_split
 
 saved, cc, info = ui.model_page("Encrypted inference", "🔐", "Encrypted inference: four modes side by side")
 split, source = gallery_split(ui.data_config(saved.dataset))
-truth = [ui.label_text(info, split.labels[i] if info.multi_label else split.targets[i]) for i in range(len(split))]
+truth = [ui.label_text(info, split.targets[i]) for i in range(len(split))]
 st.caption(f"Gallery: {source}")
 
 c1, c2, c3 = st.columns([2, 1, 1])

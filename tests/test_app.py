@@ -1,7 +1,6 @@
 """Every dashboard page through streamlit.testing.v1.AppTest, on the tiny real model."""
 
 import json
-import shutil
 
 import pytest
 from streamlit.testing.v1 import AppTest

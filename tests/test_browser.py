@@ -1,7 +1,6 @@
 """The dashboard in a real headless Chromium: `streamlit run app.py` on localhost, driven by
 Playwright (Debian's chromium; Playwright's own browser download is not used)."""
 
-import io
 import os
 import shutil
 import socket

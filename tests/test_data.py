@@ -1,5 +1,4 @@
 import warnings
-import zipfile
 
 import numpy as np
 import pytest

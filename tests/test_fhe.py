@@ -50,7 +50,6 @@ def test_server_needs_only_server_zip_and_bytes(predictor, test_split, tmp_path)
     server_dir.mkdir()
     shutil.copy(predictor.compiled.deployment_dir / "server.zip", server_dir)
     client = predictor.ensure_client()
-    from engine.data import to_features
 
     feats = predictor.features(test_split.images[:2])
     jobs = [delayed(_serve)(server_dir, client.encrypt(feats[i : i + 1]), client.evaluation_keys()) for i in range(2)]
@@ -62,8 +61,6 @@ def test_server_needs_only_server_zip_and_bytes(predictor, test_split, tmp_path)
 
 
 def test_keys_persist_in_client_key_dir(predictor, tmp_path, test_split):
-    from engine.data import to_features
-
     a = FHEClient(predictor.compiled, tmp_path / "k")
     a.keygen()
     assert any((tmp_path / "k").rglob("*")), "keys were not written to the client's key folder"
