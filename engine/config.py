@@ -76,6 +76,12 @@ class TrainConfig:
     class_weighting: bool = True
     limit_train: int = 0  # 0: the whole training split (tests use a small slice)
     augment_shift: int = 0  # random translations of up to this many pixels each epoch (0: off)
+    augment_rotate: float = 0.0  # random rotations of up to this many degrees (0: off)
+    augment_scale: float = 0.0  # random zoom by a factor in [1 - s, 1 + s] (0: off)
+
+    @property
+    def augments(self) -> bool:
+        return bool(self.augment_shift or self.augment_rotate or self.augment_scale)
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,9 @@ def to_features(images: np.ndarray, pool: int = 1) -> np.ndarray:
     """uint8 images (N, H, W[, C]) -> float32 (N, F) in [-1, 1], the FCNN's input.
 
     ``pool > 1`` averages ``pool x pool`` pixel blocks first: client-side preprocessing in the
-    clear (the data owner's own computation) that divides the number of encrypted inputs.
+    clear (the data owner's own computation) that divides the number of encrypted inputs. When
+    the size is not a multiple of ``pool`` the trailing rows and columns are dropped (28 px with
+    ``pool=3``: the top-left 27x27 pixels, 9x9 inputs).
     """
     x = np.asarray(images, dtype=np.float32)
     if pool > 1:

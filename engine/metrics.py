@@ -41,6 +41,15 @@ def accuracy(y_true: np.ndarray, scores: np.ndarray, info: DatasetInfo, threshol
     return float(getACC(np.asarray(y_true).reshape(len(scores), -1), scores, info.task))
 
 
+def balanced_accuracy(y_true: np.ndarray, scores: np.ndarray, info: DatasetInfo) -> float | None:
+    """Mean per-class recall of the argmax prediction (single-label tasks; None otherwise)."""
+    if info.multi_label:
+        return None
+    y = np.asarray(y_true).reshape(-1)
+    pred = scores.argmax(axis=1)
+    return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
+
+
 def auc(y_true: np.ndarray, scores: np.ndarray, info: DatasetInfo) -> float | None:
     """medmnist's AUC, or None where it is undefined (a class missing from the sample)."""
     y = np.asarray(y_true).reshape(len(scores), -1)

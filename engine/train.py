@@ -27,6 +27,7 @@ class EpochReport:
     val_accuracy: float
     val_auc: float | None
     seconds: float
+    val_balanced_accuracy: float | None = None
 
 
 @dataclass
@@ -52,13 +53,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def random_shift(images: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Translate each image by up to ``k`` pixels in each direction (zero padding)."""
-    n, h, w = images.shape[:3]
-    pad = [(0, 0), (k, k), (k, k)] + [(0, 0)] * (images.ndim - 3)
-    padded = np.pad(images, pad)
-    dy, dx = rng.integers(0, 2 * k + 1, size=(2, n))
-    return np.stack([padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+def random_affine(images: np.ndarray, shift: float, rotate: float, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """Random translation (up to ``shift`` pixels), rotation (up to ``rotate`` degrees) and zoom
+    (factor in ``[1 - scale, 1 + scale]``) of each image, edges extended; float32, same shape."""
+    x = torch.from_numpy(np.asarray(images, dtype=np.float32))
+    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    n, _, h, w = x.shape
+    angle = torch.from_numpy(np.deg2rad(rng.uniform(-rotate, rotate, n))).float()
+    zoom = torch.from_numpy(rng.uniform(1 - scale, 1 + scale, n)).float()
+    move = torch.from_numpy(rng.uniform(-shift, shift, (n, 2)) * 2 / np.array([w, h])).float()
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = angle.cos() / zoom, -angle.sin() / zoom
+    theta[:, 1, 0], theta[:, 1, 1] = angle.sin() / zoom, angle.cos() / zoom
+    theta[:, :, 2] = move
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    y = torch.nn.functional.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    y = y[:, 0] if np.ndim(images) == 3 else y.permute(0, 2, 3, 1)
+    return y.numpy()
 
 
 def class_weights(split: Split) -> torch.Tensor | None:
@@ -128,8 +139,9 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None) -> TrainResul
             model.apply_pruning()
             best_score, best_state = -np.inf, None
         model.train()
-        if tc.augment_shift:
-            x_train = torch.from_numpy(to_features(random_shift(train_split.images, tc.augment_shift, aug_rng), pool))
+        if tc.augments:
+            moved = random_affine(train_split.images, tc.augment_shift, tc.augment_rotate, tc.augment_scale, aug_rng)
+            x_train = torch.from_numpy(to_features(moved, pool))
         perm = torch.randperm(len(x_train), generator=gen)
         total = 0.0
         for i in range(0, len(perm), tc.batch_size):
@@ -146,10 +158,14 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None) -> TrainResul
         val_loss = float(val_criterion(torch.from_numpy(logits), y_val))
         acc = metrics.accuracy(val_split.labels, scores, info)
         auc = metrics.auc(val_split.labels, scores, info)
-        report = EpochReport(epoch, tc.epochs, total / len(perm), val_loss, acc, auc, time.perf_counter() - t0)
+        bal = metrics.balanced_accuracy(val_split.labels, scores, info)
+        report = EpochReport(epoch, tc.epochs, total / len(perm), val_loss, acc, auc, time.perf_counter() - t0, bal)
         result.history.append(report)
-        # Select on validation accuracy, AUC breaking ties.
-        score = acc + 1e-3 * (auc or 0.0)
+        # Select on validation accuracy, AUC breaking ties. A class-weighted loss targets the
+        # balanced error (every class counts the same), so its epochs compete on balanced
+        # accuracy: the prevalence in the validation split is not the one at a new hospital.
+        select = bal if tc.class_weighting and bal is not None else acc
+        score = select + 1e-3 * (auc or 0.0)
         if score > best_score:
             best_score, best_state, result.best_epoch = score, copy.deepcopy(model.state_dict()), epoch
         if progress:

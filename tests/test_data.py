@@ -27,6 +27,9 @@ def test_real_pneumonia_matches_info(data_dir):
     pooled = to_features(s.images[:5], pool=2)  # 2x2 block means: 14x14 inputs
     assert pooled.shape == (5, 196)
     assert np.isclose(pooled[0, 0], s.images[0, :2, :2].astype(np.float32).mean() / 127.5 - 1)
+    by3 = to_features(s.images[:5], pool=3)  # 28 is not a multiple of 3: 27x27 -> 9x9 inputs
+    assert by3.shape == (5, 81)
+    assert np.isclose(by3[1, -1], s.images[1, 24:27, 24:27].astype(np.float32).mean() / 127.5 - 1)
 
 
 def test_real_breast_loads(data_dir):

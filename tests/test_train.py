@@ -66,3 +66,40 @@ def test_registry_default_is_newest_and_roundtrips(tiny_saved, models_dir):
         registry.load("dermamnist", None, models_dir)
     with pytest.raises(registry.ModelNotFound, match="available: .*tiny"):
         registry.load("pneumoniamnist", "nope", models_dir)
+
+
+def test_affine_augmentation_is_bounded(data_dir):
+    from engine.data import DataConfig, load_split
+    from engine.train import random_affine
+
+    images = load_split(DataConfig("pneumoniamnist", data_dir=str(data_dir)), "val").images[:64]
+    rng = np.random.default_rng(0)
+    assert np.allclose(random_affine(images, 0, 0, 0, rng), images, atol=1e-3)
+
+    def centroid(x):
+        x = np.asarray(x, dtype=np.float64)
+        rows, cols = np.indices(x.shape[1:])
+        mass = x.sum(axis=(1, 2))
+        return np.stack([(x * rows).sum(axis=(1, 2)) / mass, (x * cols).sum(axis=(1, 2)) / mass], axis=1)
+
+    moved = random_affine(images, 2, 0, 0, rng)
+    step = np.abs(centroid(moved) - centroid(images))
+    assert moved.shape == images.shape and step.max() <= 2.5 and step.mean() > 0.3
+    turned = random_affine(images, 0, 10, 0.1, rng)
+    assert not np.allclose(turned, images, atol=1) and 0 <= turned.min() and turned.max() <= 255
+    rgb = np.repeat(images[..., None], 3, axis=-1)
+    assert random_affine(rgb, 2, 10, 0.1, rng).shape == rgb.shape
+
+
+def test_class_weighted_training_selects_on_balanced_accuracy(data_dir):
+    from engine.metrics import balanced_accuracy
+    from engine.data import dataset_info
+
+    info = dataset_info("pneumoniamnist")
+    y = np.array([0, 0, 0, 1])
+    all_pneumonia = np.tile([0.2, 0.8], (4, 1))
+    assert balanced_accuracy(y, all_pneumonia, info) == 0.5
+    r = train(tiny_config(data_dir, epochs=4, limit_train=512, augment_shift=2, augment_rotate=10, augment_scale=0.1))
+    score = [h.val_balanced_accuracy + 1e-3 * h.val_auc for h in r.history]
+    assert r.best_epoch == 1 + int(np.argmax(score))
+    assert all(0.5 <= h.val_balanced_accuracy <= 1 for h in r.history)
