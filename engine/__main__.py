@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-active-inputs", type=int, default=0, help="prune to this many inputs per neuron (0: off)")
     p.add_argument("--input-pool", type=int, default=1, help="average-pool the image by this factor on the client")
     p.add_argument("--augment", type=int, default=0, help="random shifts of up to N pixels during training")
+    p.add_argument("--rotate", type=float, default=0.0, help="random rotations of up to N degrees during training")
+    p.add_argument("--scale", type=float, default=0.0, help="random zoom by a factor in [1-S, 1+S] during training")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -107,13 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="design-space search: validation accuracy vs encrypted latency, Pareto plot")
     _data_args(p)
     p.add_argument("--hidden", nargs="+", default=["8", "16"], help="architectures, e.g. 8 16 32,16")
-    p.add_argument("--bits", type=int, nargs="+", default=[2, 3], help="weight/activation/input bit-widths")
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3], help="bit-widths for weights, activations and inputs alike")
+    p.add_argument("--weight-bits", type=int, nargs="+", default=None, help="weight bit-widths (default: --bits)")
+    p.add_argument("--act-bits", type=int, nargs="+", default=None, help="activation bit-widths (default: --bits)")
+    p.add_argument("--input-bits", type=int, nargs="+", default=None, help="input bit-widths (default: --bits)")
     p.add_argument("--pools", type=int, nargs="+", default=[1, 2], help="client-side input pooling factors")
     p.add_argument("--prune", type=int, nargs="+", default=[0], help="max active inputs per neuron (0: off)")
     p.add_argument("--rounding", type=int, nargs="+", default=[4, 5])
     p.add_argument("--p-error", type=float, nargs="+", default=[0.1])
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--augment", type=int, default=2, help="random shift augmentation (pixels)")
+    p.add_argument("--rotate", type=float, default=0.0, help="random rotation augmentation (degrees)")
+    p.add_argument("--scale", type=float, default=0.0, help="random zoom augmentation (fraction)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-fhe", type=int, default=3, help="validation images timed with real encryption per point")
@@ -169,7 +176,9 @@ def cmd_train(a) -> int:
     cfg = PipelineConfig(
         data=_data_cfg(a),
         model=ModelConfig(tuple(a.hidden), a.weight_bits, a.act_bits, a.input_bits, a.max_active_inputs, a.input_pool),
-        train=TrainConfig(a.epochs, a.batch_size, a.lr, 0.0, a.seed, not a.no_class_weighting, a.limit_train, a.augment),
+        train=TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                          class_weighting=not a.no_class_weighting, limit_train=a.limit_train,
+                          augment_shift=a.augment, augment_rotate=a.rotate, augment_scale=a.scale),
         compile=_compile_cfg(a, CompileConfig()),
     )
     if a.epochs < 1:
@@ -307,17 +316,23 @@ def cmd_search(a) -> int:
 
     from .data import dataset_info, locate
     from .evaluate import results_dir, write_json
-    from .sweep import choose, pareto_figure, pareto_front, point_label, run_grid
+    from .sweep import choose, pareto_figure, pareto_front, point_label, run_grid, score
 
     dataset_info(a.dataset)
     data = _data_cfg(a)
     locate(data)
     configs = []
-    for hidden, bits, pool, prune, rb, pe in itertools.product(a.hidden, a.bits, a.pools, a.prune, a.rounding, a.p_error):
+    if a.weight_bits or a.act_bits or a.input_bits:
+        bit_triples = list(itertools.product(a.weight_bits or a.bits, a.act_bits or a.bits, a.input_bits or a.bits))
+    else:
+        bit_triples = [(b, b, b) for b in a.bits]
+    train_cfg = TrainConfig(epochs=a.epochs, lr=a.lr, seed=a.seed, augment_shift=a.augment,
+                            augment_rotate=a.rotate, augment_scale=a.scale)
+    for hidden, (wb, ab, ib), pool, prune, rb, pe in itertools.product(a.hidden, bit_triples, a.pools, a.prune,
+                                                                      a.rounding, a.p_error):
         h = tuple(int(x) for x in hidden.split(",") if x)
         configs.append(PipelineConfig(
-            data=data, model=ModelConfig(h, bits, bits, bits, prune, pool),
-            train=TrainConfig(epochs=a.epochs, lr=a.lr, seed=a.seed, augment_shift=a.augment),
+            data=data, model=ModelConfig(h, wb, ab, ib, prune, pool), train=train_cfg,
             compile=CompileConfig(rounding_threshold_bits=rb, p_error=pe)))
     bar, update = _bar("search")
     rows = run_grid(configs, 0, a.n_fhe, None, update)
@@ -337,12 +352,14 @@ def cmd_search(a) -> int:
         _say(f"PNG export failed ({type(exc).__name__}: {exc}); the HTML plot was written")
     for r in sorted(rows, key=lambda r: r["fhe_latency_median_s"] or 0):
         mark = "*" if r in front else " "
-        print(f"{mark} {point_label(r):<36} val sim {100 * r['simulate_accuracy']:.1f}%  float {100 * r['float_accuracy']:.1f}%  "
+        print(f"{mark} {point_label(r):<40} val sim {100 * r['simulate_accuracy']:.1f}% (score {100 * score(r):.1f}%, "
+              f"agreement {100 * r.get('simulate_agreement', 1):.1f}%)  float {100 * r['float_accuracy']:.1f}%  "
               f"fhe {1000 * (r['fhe_latency_median_s'] or 0):.0f} ms  PBS {r['pbs_count']}  max bits {r['max_bit_width']}")
     m = best["config"]["model"]
     c = best["config"]["compile"]
     print(f"chosen (validation only): {point_label(best)}")
-    print(f"train it: python -m engine train --dataset {data.dataset} --epochs {a.epochs} --augment {a.augment} --lr {a.lr} "
+    print(f"train it: python -m engine train --dataset {data.dataset} --epochs {a.epochs} --augment {a.augment} "
+          f"--rotate {a.rotate:g} --scale {a.scale:g} --lr {a.lr} "
           f"--hidden {' '.join(map(str, m['hidden']))} --weight-bits {m['weight_bits']} --act-bits {m['act_bits']} "
           f"--input-bits {m['input_bits']} --input-pool {m['input_pool']} --max-active-inputs {m['max_active_inputs']} "
           f"--rounding-bits {c['rounding_threshold_bits']} --p-error {c['p_error']} --seed {a.seed}")

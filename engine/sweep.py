@@ -20,6 +20,8 @@ from .config import PipelineConfig, default_cache_dir
 
 ProgressFn = Callable[[int, int, str], None]
 
+AGREEMENT_IMAGES = 1024
+
 
 def _memory(cache_dir: Path | None) -> Memory:
     return Memory(str(Path(cache_dir or default_cache_dir()) / "sweeps"), verbose=0)
@@ -41,6 +43,16 @@ def measure(cfg: PipelineConfig, n_val: int, n_fhe: int, cache_dir: str | None) 
         val = load_split(cfg.data, "val").head(n_val)
         res = p.run(val.images, ["float", "quantized", "simulate"])
         acc = {m: metrics.accuracy(val.labels, r.scores, val.info, saved.thresholds) for m, r in res.items()}
+        # Two more simulations of at least AGREEMENT_IMAGES images (validation, then training
+        # images when validation is small): how often the circuit's noise flips a prediction,
+        # the validation proxy for "encrypted agrees with simulation".
+        pool_images = val.images
+        if len(pool_images) < AGREEMENT_IMAGES:
+            extra = load_split(cfg.data, "train").images[: AGREEMENT_IMAGES - len(pool_images)]
+            pool_images = np.concatenate([pool_images, extra])
+        first, second = (p.run(pool_images, ["simulate"])["simulate"].predictions for _ in range(2))
+        agree = float(np.mean(np.all((first == second).reshape(len(first), -1), axis=1)))
+        balanced = metrics.balanced_accuracy(val.labels, res["simulate"].scores, val.info)
         fhe = p.run(val.images[:n_fhe], ["fhe"])["fhe"] if n_fhe else None
         rep = p.compiled.report
         m, c = cfg.model, cfg.compile
@@ -48,8 +60,10 @@ def measure(cfg: PipelineConfig, n_val: int, n_fhe: int, cache_dir: str | None) 
             "hidden": list(m.hidden), "bits": m.weight_bits, "act_bits": m.act_bits, "input_bits": m.input_bits,
             "input_pool": m.input_pool, "max_active_inputs": m.max_active_inputs,
             "rounding_bits": c.rounding_threshold_bits, "p_error": c.p_error, "epochs": cfg.train.epochs,
-            "augment_shift": cfg.train.augment_shift, "best_epoch": result.best_epoch,
+            "augment_shift": cfg.train.augment_shift, "augment_rotate": cfg.train.augment_rotate,
+            "augment_scale": cfg.train.augment_scale, "best_epoch": result.best_epoch,
             "float_accuracy": acc["float"], "quantized_accuracy": acc["quantized"], "simulate_accuracy": acc["simulate"],
+            "simulate_balanced_accuracy": balanced, "simulate_agreement": agree,
             "fhe_latency_median_s": float(np.median(fhe.latency_s)) if fhe else None,
             "fhe_server_median_s": float(np.median(fhe.stages["server_s"])) if fhe else None,
             "max_bit_width": rep.max_bit_width, "pbs_count": rep.pbs_count,
@@ -86,31 +100,58 @@ def sweep(base: PipelineConfig, bit_widths: list[int], rounding_bits: list[int],
     return run_grid(configs, n_val, n_fhe, cache_dir, progress, [f"{b}-bit, rounding {r}" for b, r in grid])
 
 
-def pareto_front(rows: list[dict], x: str = "fhe_latency_median_s", y: str = "simulate_accuracy") -> list[dict]:
-    """Points no other point beats on both lower latency and higher accuracy."""
-    pts = sorted((r for r in rows if r.get(x) is not None), key=lambda r: (r[x], -r[y]))
+def pareto_front(rows: list[dict], x: str = "fhe_latency_median_s") -> list[dict]:
+    """Points no other point beats on both lower latency and a higher validation score."""
+    pts = sorted((r for r in rows if r.get(x) is not None), key=lambda r: (r[x], -score(r)))
     front, best = [], -np.inf
     for r in pts:
-        if r[y] > best:
+        if score(r) > best:
             front.append(r)
-            best = r[y]
+            best = score(r)
     return front
 
 
-def choose(rows: list[dict], latency_target_s: float) -> dict:
-    """The most accurate point (validation, simulated) within the latency target, else the
-    fastest point within one accuracy point of the most accurate."""
-    within = [r for r in rows if r.get("fhe_latency_median_s") is not None and r["fhe_latency_median_s"] <= latency_target_s]
+def score(r: dict) -> float:
+    """A point's validation score: simulated balanced accuracy where defined (single-label,
+    class-weighted training), else simulated accuracy."""
+    if r.get("simulate_balanced_accuracy") is not None and r["config"]["train"].get("class_weighting", True):
+        return r["simulate_balanced_accuracy"]
+    return r["simulate_accuracy"]
+
+
+def choose(rows: list[dict], latency_target_s: float, min_agreement: float = 0.99) -> dict:
+    """Pick a point on validation figures only.
+
+    Candidates are points whose repeated simulations agree on at least ``min_agreement`` of
+    the images (all points if none does) and, if any is, within the latency target. The trained
+    model comes first: the one with the best score. Compile settings (rounding, ``p_error``)
+    do not change a trained model, so score differences between them are simulation noise;
+    among the chosen model's candidates, take the most stable one, then the fastest.
+    """
+    stable = [r for r in rows if r.get("simulate_agreement", 1.0) >= min_agreement] or rows
+    timed = [r for r in stable if r.get("fhe_latency_median_s") is not None]
+    within = [r for r in timed if r["fhe_latency_median_s"] <= latency_target_s]
     if within:
-        return max(within, key=lambda r: (r["simulate_accuracy"], -r["fhe_latency_median_s"]))
-    top = max(r["simulate_accuracy"] for r in rows)
-    return min((r for r in rows if r["simulate_accuracy"] >= top - 0.01), key=lambda r: r["fhe_latency_median_s"] or np.inf)
+        best = max(within, key=lambda r: (score(r), -r["fhe_latency_median_s"]))
+        same_model = [r for r in within if _model_key(r) == _model_key(best)]
+        return max(same_model, key=lambda r: (r.get("simulate_agreement", 1.0), -r["fhe_latency_median_s"]))
+    top = max(score(r) for r in stable)
+    return min((r for r in stable if score(r) >= top - 0.01), key=lambda r: r["fhe_latency_median_s"] or np.inf)
+
+
+def _model_key(r: dict) -> str:
+    """The trained model behind a point: its config without the compile settings."""
+    import json
+
+    return json.dumps({k: v for k, v in r["config"].items() if k != "compile"}, sort_keys=True)
 
 
 def point_label(r: dict) -> str:
     hidden = "-".join(map(str, r["hidden"])) or "linear"
     prune = f" prune{r['max_active_inputs']}" if r.get("max_active_inputs") else ""
-    return f"h{hidden} b{r['bits']} pool{r['input_pool']}{prune} r{r['rounding_bits']} p{r['p_error']}"
+    a, i = r.get("act_bits", r["bits"]), r.get("input_bits", r["bits"])
+    bits = f"b{r['bits']}" if r["bits"] == a == i else f"w{r['bits']}a{a}i{i}"
+    return f"h{hidden} {bits} pool{r['input_pool']}{prune} r{r['rounding_bits']} p{r['p_error']:g}"
 
 
 def pareto_figure(rows: list[dict], title: str, latency_target_s: float | None = None):
@@ -118,15 +159,15 @@ def pareto_figure(rows: list[dict], title: str, latency_target_s: float | None =
 
     front = pareto_front(rows)
     fig = go.Figure()
-    fig.add_scatter(x=[1000 * r["fhe_latency_median_s"] for r in rows], y=[r["simulate_accuracy"] for r in rows],
+    fig.add_scatter(x=[1000 * r["fhe_latency_median_s"] for r in rows], y=[score(r) for r in rows],
                     mode="markers", name="configurations", text=[point_label(r) for r in rows],
                     marker=dict(size=9, color=[r["pbs_count"] for r in rows], colorscale="Viridis",
                                 colorbar=dict(title="PBS"), showscale=True))
-    fig.add_scatter(x=[1000 * r["fhe_latency_median_s"] for r in front], y=[r["simulate_accuracy"] for r in front],
+    fig.add_scatter(x=[1000 * r["fhe_latency_median_s"] for r in front], y=[score(r) for r in front],
                     mode="lines+markers", name="Pareto front", line=dict(color="crimson"), text=[point_label(r) for r in front])
     if latency_target_s:
         fig.add_vline(x=1000 * latency_target_s, line_dash="dot", annotation_text=f"{1000 * latency_target_s:.0f} ms target")
     fig.update_layout(title=title, xaxis_title="encrypted latency per image, median (ms)",
-                      yaxis_title="validation accuracy (FHE simulation)", height=520, width=900,
+                      yaxis_title="validation score (FHE simulation; balanced accuracy)", height=520, width=900,
                       legend=dict(orientation="h", yanchor="top", y=-0.15))
     return fig

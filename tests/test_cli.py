@@ -98,3 +98,17 @@ def test_bench_writes_json_and_markdown(env, tmp_path):
     md = (out / "pneumoniamnist.md").read_text()
     assert "| fhe |" in md and "throughput" in md and "Concrete ML defaults" in md
     assert "| fhe |" in p.stdout
+
+
+def test_search_scores_points_and_chooses_a_stable_one(env, tmp_path):
+    out = run(env, "search", "--dataset", "pneumoniamnist", "--hidden", "8", "--weight-bits", "2", "--act-bits", "2", "3",
+              "--input-bits", "2", "--pools", "2", "--rounding", "4", "--p-error", "1e-5", "--epochs", "1",
+              "--augment", "0", "--n-fhe", "1", "--out", str(tmp_path)).stdout
+    assert "chosen (validation only): h8 w2a" in out and "--act-bits" in out
+    report = json.loads((tmp_path / "pneumoniamnist_search.json").read_text())
+    points = report["points"]
+    assert sorted(p["act_bits"] for p in points) == [2, 3]
+    for p in points:
+        assert 0.5 <= p["simulate_balanced_accuracy"] <= 1 and 0.9 <= p["simulate_agreement"] <= 1
+        assert p["fhe_latency_median_s"] > 0 and p["pbs_count"] == 8
+    assert (tmp_path / "pneumoniamnist_pareto.html").stat().st_size > 1000
