@@ -29,6 +29,7 @@ def agreement(a: ModeResult, b: ModeResult) -> float:
 def mode_summary(res: ModeResult, split: Split, thresholds=None) -> dict:
     out = {
         "accuracy": metrics.accuracy(split.labels, res.scores, split.info, thresholds),
+        "balanced_accuracy": metrics.balanced_accuracy(split.labels, res.scores, split.info),
         "auc": metrics.auc(split.labels, res.scores, split.info),
         **latency_stats(res.latency_s),
     }
@@ -182,7 +183,7 @@ def report_rows(reports: list[dict]) -> list[dict]:
         for mode, m in rep["modes"].items():
             rows.append({
                 "dataset": rep.get("dataset"), "model": rep.get("model"), "n": rep.get("n"), "mode": mode,
-                "accuracy": m.get("accuracy"), "auc": m.get("auc"),
+                "accuracy": m.get("accuracy"), "balanced_accuracy": m.get("balanced_accuracy"), "auc": m.get("auc"),
                 "latency_median_ms": None if m.get("latency_median_s") is None else 1000 * m["latency_median_s"],
                 "latency_p90_ms": None if m.get("latency_p90_s") is None else 1000 * m["latency_p90_s"],
                 "source": rep.get("source"),

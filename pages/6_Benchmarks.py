@@ -36,3 +36,8 @@ st.plotly_chart(fig2, key="bench_lat")
 st.dataframe(df.drop(columns=["run"]), hide_index=True)
 st.download_button("Download table (CSV)", df.drop(columns=["run"]).to_csv(index=False), "benchmarks.csv", "text/csv",
                    key="bench_csv")
+
+targets = [{"dataset": r["dataset"], "model": r["model"], **t} for r in reports for t in r.get("targets", [])]
+if targets:
+    st.subheader("Targets (from the benchmark runs)")
+    st.dataframe(pd.DataFrame(targets), hide_index=True)

@@ -117,9 +117,12 @@ def test_benchmarks_page(app_env):
     (app_env / "results").mkdir()
     rep = {"dataset": "pneumoniamnist", "model": "tiny", "n": 10, "modes": {
         "float": {"accuracy": 0.9, "auc": 0.95, "latency_median_s": 0.001, "latency_p90_s": 0.002},
-        "fhe": {"accuracy": 0.88, "auc": 0.94, "latency_median_s": 0.5, "latency_p90_s": 0.6}}}
+        "fhe": {"accuracy": 0.88, "auc": 0.94, "latency_median_s": 0.5, "latency_p90_s": 0.6}},
+        "targets": [{"target": "median end-to-end latency <= 150 ms", "measured": "500.0 ms", "met": False}]}
     (app_env / "results" / "x.json").write_text(json.dumps(rep))
     at = ok(page("pages/6_Benchmarks.py"))
     df = at.dataframe[0].value
     assert list(df["mode"]) == ["float", "fhe"] and df["latency_median_ms"].tolist() == [1.0, 500.0]
     assert len(at.get("plotly_chart")) == 2
+    met = at.dataframe[1].value
+    assert met["measured"].tolist() == ["500.0 ms"] and met["met"].tolist() == [False]

@@ -95,8 +95,12 @@ def test_bench_writes_json_and_markdown(env, tmp_path):
     assert rep["defaults"]["cap_s"] == 20
     if not rep["defaults"]["finished"]:
         assert rep["defaults_latency_ratio_is_lower_bound"]
+    targets = {row["target"]: row for row in rep["targets"]}
+    agree = next(row for name, row in targets.items() if name.startswith("simulate/encrypted agreement"))
+    assert agree["met"] == (rep["agreement_simulate_fhe"] >= 0.99)
+    assert any(name.startswith("encrypted accuracy >= 88%") for name in targets)
     md = (out / "pneumoniamnist.md").read_text()
-    assert "| fhe |" in md and "throughput" in md and "Concrete ML defaults" in md
+    assert "| fhe |" in md and "throughput" in md and "Concrete ML defaults" in md and "| target | measured | met |" in md
     assert "| fhe |" in p.stdout
 
 
