@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-fhe", type=int, default=3, help="validation images timed with real encryption per point")
     p.add_argument("--target-ms", type=float, default=150.0, help="latency target for choosing a point")
+    p.add_argument("--min-agreement", type=float, default=0.995,
+                   help="repeated simulations of the validation images must agree on this share (the 99%% target "
+                        "plus a margin for the estimate's own noise)")
     p.add_argument("--out", default=None, help="results folder (default: bench/results)")
 
     p = sub.add_parser("models", help="list saved models")
@@ -305,7 +308,8 @@ def cmd_bench(a) -> int:
     report = bench.run_bench(p, _data_cfg(a), a.limit, a.throughput_images, a.backend, a.scheduler,
                              a.defaults_cap, a.defaults_images, say=_say, progress=update)
     bar.close()
-    jpath, mpath = bench.write(report, Path(a.out) if a.out else None)
+    variant = None if p.compile_config == p.saved.config.compile else bench.variant_name(p.compile_config)
+    jpath, mpath = bench.write(report, Path(a.out) if a.out else None, variant)
     print(bench.markdown(report))
     print(f"wrote {jpath} and {mpath}")
     return 0
@@ -338,13 +342,13 @@ def cmd_search(a) -> int:
     rows = run_grid(configs, 0, a.n_fhe, None, update)
     bar.close()
     target = a.target_ms / 1000
-    best = choose(rows, target)
+    best = choose(rows, target, a.min_agreement)
     out = Path(a.out) if a.out else results_dir()
     out.mkdir(parents=True, exist_ok=True)
-    front = pareto_front(rows)
-    write_json({"dataset": data.dataset, "target_s": target, "points": rows, "pareto": [point_label(r) for r in front],
+    front = pareto_front(rows, min_agreement=a.min_agreement)
+    write_json({"dataset": data.dataset, "target_s": target, "min_agreement": a.min_agreement, "points": rows, "pareto": [point_label(r) for r in front],
                 "chosen": best}, out / f"{data.dataset}_search.json")
-    fig = pareto_figure(rows, f"{data.dataset}: validation accuracy vs encrypted latency", target)
+    fig = pareto_figure(rows, f"{data.dataset}: validation score vs encrypted latency", target, best, a.min_agreement)
     fig.write_html(out / f"{data.dataset}_pareto.html", include_plotlyjs="cdn")
     try:
         fig.write_image(out / f"{data.dataset}_pareto.png", scale=1)

@@ -167,10 +167,17 @@ def targets(r: dict) -> list[tuple[str, str, bool]]:
     return rows
 
 
-def write(report: dict, folder: Path | None = None) -> tuple[Path, Path]:
+def variant_name(cc) -> str:
+    """File-name tag for a benchmark run with compile settings other than the model's own."""
+    return f"r{cc.rounding_threshold_bits}-{cc.rounding_method}-p{cc.p_error:g}"
+
+
+def write(report: dict, folder: Path | None = None, variant: str | None = None) -> tuple[Path, Path]:
+    """``<dataset>.json/.md``, or ``<dataset>_<variant>.json/.md`` for other compile settings."""
     folder = Path(folder or results_dir())
     folder.mkdir(parents=True, exist_ok=True)
-    jpath, mpath = folder / f"{report['dataset']}.json", folder / f"{report['dataset']}.md"
+    stem = f"{report['dataset']}_{variant}" if variant else report["dataset"]
+    jpath, mpath = folder / f"{stem}.json", folder / f"{stem}.md"
     write_json(report, jpath)
     mpath.write_text(markdown(report))
     return jpath, mpath
@@ -182,6 +189,9 @@ def markdown(r: dict) -> str:
     ms = lambda v: "-" if v is None else f"{1000 * v:.1f} ms"  # noqa: E731
     lines = [
         f"### {r['dataset']} — model `{r['model']}` — {r['n']} test images",
+        "",
+        f"Compiled with rounding to {c['compile']['rounding_threshold_bits']} bits ({c['compile']['rounding_method']}), "
+        f"p_error {c['compile']['p_error']:g}.",
         "",
         f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores.",
         "",

@@ -180,9 +180,11 @@ def report_rows(reports: list[dict]) -> list[dict]:
     """One flat row per (report, mode): the Benchmarks table."""
     rows = []
     for rep in reports:
+        compiled = (rep.get("circuit") or {}).get("compile") or {}
         for mode, m in rep["modes"].items():
             rows.append({
                 "dataset": rep.get("dataset"), "model": rep.get("model"), "n": rep.get("n"), "mode": mode,
+                "rounding_bits": compiled.get("rounding_threshold_bits"), "p_error": compiled.get("p_error"),
                 "accuracy": m.get("accuracy"), "balanced_accuracy": m.get("balanced_accuracy"), "auc": m.get("auc"),
                 "latency_median_ms": None if m.get("latency_median_s") is None else 1000 * m["latency_median_s"],
                 "latency_p90_ms": None if m.get("latency_p90_s") is None else 1000 * m["latency_p90_s"],

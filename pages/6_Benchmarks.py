@@ -20,7 +20,8 @@ if not reports:
     st.info("No stored results yet: run `python -m engine bench --dataset pneumoniamnist`.")
     st.stop()
 df = pd.DataFrame(report_rows(reports))
-df["run"] = df["dataset"] + " / " + df["model"] + " (n=" + df["n"].astype(str) + ")"
+rounding = df["rounding_bits"].map(lambda b: "" if pd.isna(b) else f" r{int(b)}")
+df["run"] = df["dataset"] + " / " + df["model"] + rounding + " (n=" + df["n"].astype(str) + ")"
 fig = px.bar(df, x="mode", y="accuracy", color="run", barmode="group", range_y=[0.5, 1.0], height=380)
 fig.add_hline(y=ref["plaintext_accuracy"], line_dash="dot", annotation_text="reference plaintext 88.2%")
 fig.add_hline(y=ref["encrypted_accuracy"], line_dash="dash", annotation_text="reference encrypted 87.5%",
@@ -37,7 +38,8 @@ st.dataframe(df.drop(columns=["run"]), hide_index=True)
 st.download_button("Download table (CSV)", df.drop(columns=["run"]).to_csv(index=False), "benchmarks.csv", "text/csv",
                    key="bench_csv")
 
-targets = [{"dataset": r["dataset"], "model": r["model"], **t} for r in reports for t in r.get("targets", [])]
+targets = [{"dataset": r["dataset"], "model": r["model"], "source": r.get("source"), **t}
+           for r in reports for t in r.get("targets", [])]
 if targets:
     st.subheader("Targets (from the benchmark runs)")
     st.dataframe(pd.DataFrame(targets), hide_index=True)
