@@ -1,0 +1,29 @@
+"""The search's choice rule and Pareto front, on hand-made points (the measured ones come from
+``test_cli.test_search_scores_points_and_chooses_a_stable_one``)."""
+
+from engine.sweep import choose, pareto_front
+
+
+def point(hidden, rounding, score, agreement, latency_ms):
+    return {"hidden": [hidden], "bits": 2, "act_bits": 2, "input_bits": 3, "input_pool": 3, "max_active_inputs": 0,
+            "rounding_bits": rounding, "p_error": 1e-5, "simulate_accuracy": score, "simulate_balanced_accuracy": score,
+            "simulate_agreement": agreement, "fhe_latency_median_s": latency_ms / 1000, "pbs_count": hidden,
+            "config": {"model": {"hidden": [hidden]}, "train": {"class_weighting": True},
+                       "compile": {"rounding_threshold_bits": rounding}}}
+
+
+def test_unstable_points_never_win_and_compile_settings_follow_the_model():
+    fast_noisy = point(16, 5, 0.94, 0.990, 135)
+    slow_stable = point(16, 6, 0.93, 0.999, 290)
+    other_model = point(24, 6, 0.925, 1.0, 380)
+    rows = [fast_noisy, slow_stable, other_model]
+    # Nothing stable within 150 ms: the fastest stable point within one point of the best stable score.
+    assert choose(rows, 0.150, 0.995) is slow_stable
+    # A looser bar admits the fast point.
+    assert choose(rows, 0.150, 0.99) is fast_noisy
+    # Within the target, two compile settings of one model: the more stable one, not the noisier higher score.
+    a, b = point(12, 5, 0.934, 0.996, 120), point(12, 6, 0.930, 0.999, 140)
+    assert choose([a, b, point(8, 5, 0.90, 1.0, 100)], 0.150, 0.995) is b
+    # The Pareto front over stable points skips the unstable fast one.
+    assert pareto_front(rows, min_agreement=0.995) == [slow_stable]
+    assert pareto_front(rows)[0] is fast_noisy
