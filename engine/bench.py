@@ -223,5 +223,5 @@ def markdown(r: dict) -> str:
         "| target | measured | met |",
         "| --- | --- | --- |",
     ]
-    lines += [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in targets(r)]
+    lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in r["targets"]]
     return "\n".join(lines) + "\n"

@@ -176,6 +176,12 @@ def load_reports(folder: Path | None = None) -> list[dict]:
     return out
 
 
+def target_rows(reports: list[dict]) -> list[dict]:
+    """One flat row per (benchmark report, target): the Benchmarks page's targets table."""
+    return [{"dataset": r.get("dataset"), "model": r.get("model"), "source": r.get("source"), **t}
+            for r in reports for t in r.get("targets", [])]
+
+
 def report_rows(reports: list[dict]) -> list[dict]:
     """One flat row per (report, mode): the Benchmarks table."""
     rows = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from medmnist.evaluator import getACC, getAUC
+from sklearn.metrics import balanced_accuracy_score
 
 from .data import DatasetInfo
 
@@ -45,9 +46,7 @@ def balanced_accuracy(y_true: np.ndarray, scores: np.ndarray, info: DatasetInfo)
     """Mean per-class recall of the argmax prediction (single-label tasks; None otherwise)."""
     if info.multi_label:
         return None
-    y = np.asarray(y_true).reshape(-1)
-    pred = scores.argmax(axis=1)
-    return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
+    return float(balanced_accuracy_score(np.asarray(y_true).reshape(-1), scores.argmax(axis=1)))
 
 
 def auc(y_true: np.ndarray, scores: np.ndarray, info: DatasetInfo) -> float | None:

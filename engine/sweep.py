@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +34,7 @@ def measure(cfg: PipelineConfig, n_val: int, n_fhe: int, cache_dir: str | None) 
 
     from . import metrics, registry
     from .data import load_split
+    from .evaluate import agreement
     from .infer import Predictor
     from .train import train
 
@@ -46,10 +48,8 @@ def measure(cfg: PipelineConfig, n_val: int, n_fhe: int, cache_dir: str | None) 
         # Repeated simulations of the validation images: how often the circuit's noise flips a
         # prediction (mean agreement over pairs of runs), the validation proxy for "encrypted
         # agrees with simulation". Training images would flatter it: their margins are wider.
-        runs = [res["simulate"].predictions] + [p.run(val.images, ["simulate"])["simulate"].predictions
-                                                for _ in range(AGREEMENT_RUNS - 1)]
-        agree = float(np.mean([np.all((a == b).reshape(len(a), -1), axis=1).mean()
-                               for a, b in itertools.combinations(runs, 2)]))
+        runs = [res["simulate"]] + [p.run(val.images, ["simulate"])["simulate"] for _ in range(AGREEMENT_RUNS - 1)]
+        agree = float(np.mean([agreement(a, b) for a, b in itertools.combinations(runs, 2)]))
         balanced = metrics.balanced_accuracy(val.labels, res["simulate"].scores, val.info)
         fhe = p.run(val.images[:n_fhe], ["fhe"])["fhe"] if n_fhe else None
         rep = p.compiled.report
@@ -98,11 +98,15 @@ def sweep(base: PipelineConfig, bit_widths: list[int], rounding_bits: list[int],
     return run_grid(configs, n_val, n_fhe, cache_dir, progress, [f"{b}-bit, rounding {r}" for b, r in grid])
 
 
+def is_stable(r: dict, min_agreement: float | None) -> bool:
+    """Whether a point's repeated simulations agree on at least ``min_agreement`` (None: any)."""
+    return min_agreement is None or r.get("simulate_agreement", 1.0) >= min_agreement
+
+
 def pareto_front(rows: list[dict], x: str = "fhe_latency_median_s", min_agreement: float | None = None) -> list[dict]:
     """Points no other point beats on both lower latency and a higher validation score (among
     points whose repeated simulations agree on at least ``min_agreement``, if given)."""
-    pts = [r for r in rows if r.get(x) is not None
-           and (min_agreement is None or r.get("simulate_agreement", 1.0) >= min_agreement)]
+    pts = [r for r in rows if r.get(x) is not None and is_stable(r, min_agreement)]
     pts.sort(key=lambda r: (r[x], -score(r)))
     front, best = [], -np.inf
     for r in pts:
@@ -129,7 +133,7 @@ def choose(rows: list[dict], latency_target_s: float, min_agreement: float = 0.9
     do not change a trained model, so score differences between them are simulation noise;
     among the chosen model's candidates, take the most stable one, then the fastest.
     """
-    stable = [r for r in rows if r.get("simulate_agreement", 1.0) >= min_agreement] or rows
+    stable = [r for r in rows if is_stable(r, min_agreement)] or rows
     timed = [r for r in stable if r.get("fhe_latency_median_s") is not None]
     within = [r for r in timed if r["fhe_latency_median_s"] <= latency_target_s]
     if within:
@@ -142,8 +146,6 @@ def choose(rows: list[dict], latency_target_s: float, min_agreement: float = 0.9
 
 def _model_key(r: dict) -> str:
     """The trained model behind a point: its config without the compile settings."""
-    import json
-
     return json.dumps({k: v for k, v in r["config"].items() if k != "compile"}, sort_keys=True)
 
 
@@ -161,7 +163,7 @@ def pareto_figure(rows: list[dict], title: str, latency_target_s: float | None =
 
     front = pareto_front(rows, min_agreement=min_agreement)
     fig = go.Figure()
-    stable = [min_agreement is None or r.get("simulate_agreement", 1.0) >= min_agreement for r in rows]
+    stable = [is_stable(r, min_agreement) for r in rows]
     fig.add_scatter(x=[1000 * r["fhe_latency_median_s"] for r in rows], y=[score(r) for r in rows],
                     mode="markers", name="configurations (x: repeated simulations agree on too few images)",
                     text=[f"{point_label(r)}<br>agreement {100 * r.get('simulate_agreement', 1.0):.1f}%" for r in rows],

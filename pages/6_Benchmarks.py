@@ -5,7 +5,7 @@ import plotly.express as px
 import streamlit as st
 
 import ui
-from engine.evaluate import load_reports, report_rows, results_dir
+from engine.evaluate import load_reports, report_rows, results_dir, target_rows
 
 st.set_page_config(page_title="Benchmarks", page_icon="📊", layout="wide")
 st.title("📊 Benchmarks")
@@ -38,8 +38,7 @@ st.dataframe(df.drop(columns=["run"]), hide_index=True)
 st.download_button("Download table (CSV)", df.drop(columns=["run"]).to_csv(index=False), "benchmarks.csv", "text/csv",
                    key="bench_csv")
 
-targets = [{"dataset": r["dataset"], "model": r["model"], "source": r.get("source"), **t}
-           for r in reports for t in r.get("targets", [])]
+targets = target_rows(reports)
 if targets:
     st.subheader("Targets (from the benchmark runs)")
     st.dataframe(pd.DataFrame(targets), hide_index=True)
