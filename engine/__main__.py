@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine {train,compile,predict,evaluate,models} ...``."""
+"""Command line: ``python -m engine {train,compile,predict,evaluate,bench,search,serve,loadtest,models} ...``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import CompileConfig, DataConfig, ModelConfig, PipelineConfig, TrainConfig
+from .config import CompileConfig, DataConfig, ModelConfig, PipelineConfig, ServiceConfig, TrainConfig
 
 
 class UserError(Exception):
@@ -36,6 +36,25 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
 
 def _modes_arg(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--modes", default=default, help="'all' or a comma list of float,quantized,simulate,fhe")
+
+
+def _server_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=None,
+                   help="run the fhe mode through this service (URL; several, comma separated, are replicas); "
+                        "default: an in-process service")
+
+
+def _byte_size(text: str) -> int:
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    t = text.strip().lower().replace(" ", "")
+    num = t.rstrip("kmgib")
+    try:
+        value = float(num) * units[t[len(num):]]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: '{text}' (use e.g. 1073741824, 1GiB, 512MiB)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the size must be positive")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, nargs="+", default=[0], help="image indices in the split")
     p.add_argument("--image", nargs="+", default=None, help="image files (PNG, JPEG, BMP, TIFF, .npy) instead of --index")
     _modes_arg(p, "all")
+    _server_arg(p)
     p.add_argument("--json", default=None)
 
     p = sub.add_parser("evaluate", help="accuracy, AUC, agreement and latency per mode on a split")
@@ -88,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
     _modes_arg(p, "float,quantized,simulate")
+    _server_arg(p)
     p.add_argument("--json", default=None, help="write the report to this file")
 
     p.add_argument("--backend", choices=["local", "dask"], default=None,
@@ -129,6 +150,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeated simulations of the validation images must agree on this share (the 99%% target "
                         "plus a margin for the estimate's own noise)")
     p.add_argument("--out", default=None, help="results folder (default: bench/results)")
+
+    p = sub.add_parser("serve", help="run the encrypted-inference HTTP service for every saved model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--models-dir", default=None, help="model registry (default: $ENGINE_MODELS_DIR, else ./models)")
+    p.add_argument("--cache-dir", default=None, help="circuit cache (default: $ENGINE_CACHE_DIR, else ./.cache)")
+    p.add_argument("--key-store-bytes", type=_byte_size, default=ServiceConfig.key_store_bytes,
+                   help="memory bound of the registered key sets, e.g. 1GiB or 1073741824 (default 4GiB)")
+    p.add_argument("--key-ttl", type=float, default=0.0, help="drop key sets idle this many seconds (0: never)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="FHE runs in flight (default 1: one Concrete run already uses every core)")
+    p.add_argument("--max-queue", type=int, default=64, help="runs waiting before the service answers 429")
+    p.add_argument("--backend", choices=["local", "dask"], default="local")
+    p.add_argument("--scheduler", default="", help="dask scheduler address for --backend dask")
+
+    p = sub.add_parser("loadtest", help="N concurrent clients with their own keys against a running service")
+    p.add_argument("--server", required=True, help="service URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--requests", type=int, default=5, help="encrypted predictions per client")
+    p.add_argument("--dataset", default="pneumoniamnist")
+    p.add_argument("--model", default=None)
+    p.add_argument("--json", default=None, help="write the figures to this file")
 
     p = sub.add_parser("models", help="list saved models")
     p.add_argument("--dataset", default=None)
@@ -214,6 +257,10 @@ def _predictor(a):
 
     p = Predictor.open(a.dataset.lower(), a.model, a.models_dir, cache_dir=a.cache_dir, progress_text=_say)
     p.compile_config = _compile_cfg(a, p.saved.config.compile)
+    if getattr(a, "server", None):
+        from .client import HTTPTransport
+
+        p.transport = HTTPTransport(a.server)
     return p
 
 
@@ -371,6 +418,32 @@ def cmd_search(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    from .service import serve
+
+    cfg = ServiceConfig(models_dir=a.models_dir or "", cache_dir=a.cache_dir or "", key_store_bytes=a.key_store_bytes,
+                        key_ttl_s=a.key_ttl, workers=a.workers, max_queue=a.max_queue, backend=a.backend,
+                        scheduler=a.scheduler)
+    serve(cfg, a.host, a.port, say=_say)
+    return 0
+
+
+def cmd_loadtest(a) -> int:
+    from .evaluate import write_json
+    from .loadtest import run_loadtest
+
+    r = run_loadtest(a.server, a.clients, a.requests, a.dataset, a.model, say=_say)
+    ms = lambda v: "-" if v is None else f"{1000 * v:.0f} ms"  # noqa: E731
+    print(f"{r['clients']} clients x {r['requests']} requests: {r['completed']} answered, {r['errors']} errors, "
+          f"p50 {ms(r['latency_p50_s'])}, p95 {ms(r['latency_p95_s'])}, max {ms(r['latency_max_s'])}, "
+          f"{r['throughput_rps']:.2f} req/s, first request {ms(r['first_request_latency_s'])}, "
+          f"key re-uploads {r['key_reuploads']}, server RSS peak {r['server_rss_peak_bytes'] / 2**20:.0f} MiB")
+    if a.json:
+        write_json(r, Path(a.json))
+        print(f"wrote {a.json}")
+    return 0 if r["errors"] == 0 else 1
+
+
 def cmd_models(a) -> int:
     from . import registry
 
@@ -387,13 +460,15 @@ def cmd_models(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .images import ImageError
+    from .client import ServiceUnavailable
     from .registry import ModelNotFound
 
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "compile": cmd_compile, "predict": cmd_predict,
-                "evaluate": cmd_evaluate, "bench": cmd_bench, "search": cmd_search, "models": cmd_models}[args.command](args)
-    except (UserError, DataError, ModelNotFound, ImageError, FileExistsError, ValueError) as exc:
+                "evaluate": cmd_evaluate, "bench": cmd_bench, "search": cmd_search, "models": cmd_models,
+                "serve": cmd_serve, "loadtest": cmd_loadtest}[args.command](args)
+    except (UserError, DataError, ModelNotFound, ImageError, FileExistsError, ValueError, ServiceUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

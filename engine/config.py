@@ -104,6 +104,29 @@ class CompileConfig:
 
 
 @dataclass(frozen=True)
+class ServiceConfig:
+    """What ``python -m engine serve`` runs with (the HTTP service and its in-process twin)."""
+
+    models_dir: str = ""  # empty: default_models_dir()
+    cache_dir: str = ""  # empty: default_cache_dir()
+    key_store_bytes: int = 4 * 2**30
+    key_ttl_s: float = 0.0  # idle time-to-live of a key set (0: none)
+    key_grace_s: float = 5.0  # a new key set is not evicted before its first use within this time
+    workers: int = 1  # FHE runs in flight (one Concrete run already uses every core)
+    max_queue: int = 64  # runs waiting, over all clients; past it: 429
+    backend: str = "local"  # or "dask"
+    scheduler: str = ""  # dask scheduler address for backend "dask"
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("local", "dask"):
+            raise ValueError(f"Unknown backend '{self.backend}': use local or dask")
+        if self.backend == "dask" and not self.scheduler:
+            raise ValueError("--backend dask needs --scheduler tcp://HOST:PORT")
+        if self.key_store_bytes <= 0 or self.workers < 1 or self.max_queue < 1:
+            raise ValueError("key-store bytes, workers and queue size must be positive")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

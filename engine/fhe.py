@@ -72,12 +72,16 @@ class CompiledModel:
     """A cache entry, loaded: the quantized module (clear), a simulator, and deployment files."""
 
     def __init__(self, path: Path, report: CircuitReport):
-        from concrete.ml.common.serialization.loaders import load
-
         self.path = path
         self.report = report
-        with open(path / "quantized_module.json", encoding="utf-8") as f:
-            self.quantized = load(f)
+
+    @cached_property
+    def quantized(self):
+        """The quantized module (loaded on first use: the service never needs it)."""
+        from concrete.ml.common.serialization.loaders import load
+
+        with open(self.path / "quantized_module.json", encoding="utf-8") as f:
+            return load(f)
 
     @property
     def deployment_dir(self) -> Path:
@@ -252,16 +256,23 @@ class FHEClient:
 
     With ``key_dir`` the keys persist in that folder (the client's own); without it they live
     in memory only. Nothing here sends the secret key anywhere.
+
+    Once the evaluation keys are with a server, :meth:`forget_evaluation_keys` keeps only the
+    secret keys (about 40 KB instead of about 60 MB for the shipped circuit); encryption and
+    decryption need nothing else. If a server loses the keys, :meth:`evaluation_keys` derives a
+    fresh set from the same secret keys (a key generation's cost, no new secret).
     """
 
-    def __init__(self, compiled: CompiledModel, key_dir: Path | None = None):
+    def __init__(self, compiled: "CompiledModel | Path", key_dir: Path | None = None):
         from concrete.ml.deployment import FHEModelClient
 
-        self.compiled_key = compiled.report.cache_key
+        deployment_dir = compiled.deployment_dir if isinstance(compiled, CompiledModel) else Path(compiled)
+        self.compiled_key = compiled.report.cache_key if isinstance(compiled, CompiledModel) else deployment_dir.name
         self.key_dir = Path(key_dir) / self.compiled_key if key_dir else None
-        self._client = FHEModelClient(str(compiled.deployment_dir), key_dir=str(self.key_dir) if self.key_dir else None)
+        self._client = FHEModelClient(str(deployment_dir), key_dir=str(self.key_dir) if self.key_dir else None)
         self.keygen_s: float | None = None
         self._eval_keys: bytes | None = None
+        self._secret_only = False
 
     def keygen(self) -> float:
         """Generate (or load from ``key_dir``) the key pair; returns seconds spent."""
@@ -274,13 +285,30 @@ class FHEClient:
 
     @property
     def has_keys(self) -> bool:
-        return self._eval_keys is not None
+        return self.keygen_s is not None
+
+    @property
+    def _keys(self):
+        return self._client.client._keys  # concrete's fhe.Keys (holds the native Keyset)
 
     def evaluation_keys(self) -> bytes:
         """Serialized evaluation (public) keys: what the server may hold."""
         self.keygen()
-        assert self._eval_keys is not None
+        if self._eval_keys is None:  # forgotten after an upload: derive a fresh set
+            self._eval_keys = _evaluation_keys_for(self._keys._keyset, self._client.client.specs.program_info)
         return self._eval_keys
+
+    def forget_evaluation_keys(self) -> int:
+        """Keep only the secret keys in memory; returns the bytes the remaining keyset takes."""
+        from concrete.compiler import Keyset
+
+        self.keygen()
+        if not self._secret_only:
+            self._keys._keyset = Keyset.deserialize(secret_only_keyset(self._keys._keyset.serialize()))
+            self._secret_only = True
+        self._eval_keys = None
+        release_memory()
+        return len(self._keys._keyset.serialize())
 
     def encrypt(self, x: np.ndarray) -> bytes:
         """One image's features (1, F) -> quantized, encrypted, serialized."""
@@ -292,12 +320,60 @@ class FHEClient:
         return self._client.deserialize_decrypt_dequantize(result)
 
 
+def secret_only_keyset(keyset_bytes: bytes) -> bytes:
+    """A serialized concrete ``Keyset`` with its server (evaluation) part removed.
+
+    The keyset is a Cap'n Proto message whose root struct holds two pointers, ``server`` then
+    ``client``. Nulling the first pointer leaves a valid message whose server keyset is empty;
+    re-serializing it after :meth:`Keyset.deserialize` drops the evaluation keys' bytes.
+    """
+    import struct
+
+    from concrete.compiler import Keyset
+
+    n_segments = struct.unpack_from("<I", keyset_bytes, 0)[0] + 1
+    header = 4 * (1 + n_segments)
+    header += header % 8  # the segment table is padded to a whole word
+    root = struct.unpack_from("<Q", keyset_bytes, header)[0]
+    if root & 3 != 0 or (root >> 48) != 2:  # a struct pointer with exactly two pointer fields
+        raise ValueError("unexpected keyset layout: cannot separate the secret keys")
+    offset = (root & 0xFFFFFFFF) >> 2  # signed 30-bit word offset from the end of the pointer
+    first = header + 8 * (1 + offset + (root >> 32 & 0xFFFF))  # skip the struct's data words
+    buf = bytearray(keyset_bytes)
+    buf[first : first + 8] = bytes(8)
+    return Keyset.deserialize(bytes(buf)).serialize()
+
+
+def _evaluation_keys_for(keyset, program_info) -> bytes:
+    """Fresh evaluation keys for the secret keys in ``keyset`` (the client's keys stay the same)."""
+    from concrete import fhe
+    from concrete.compiler import Keyset
+
+    secrets = {i: k for i, k in enumerate(keyset.get_client_keys().get_secret_keys())}
+    full = Keyset(program_info, None, 0, 0, 0, 0, secrets)
+    return fhe.EvaluationKeys(full.get_server_keys()).serialize()
+
+
+def release_memory() -> None:
+    """Return freed memory to the system: concrete's key buffers stay mapped until glibc trims."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
 class FHEServer:
     """The model owner's side: runs the circuit on ciphertexts with evaluation keys only.
 
     A client registers its serialized evaluation keys once (``register``) and then sends only
     ciphertexts with the returned key id, as a deployed service would: deserializing the keys
-    on every request would cost more than the circuit itself.
+    on every request would cost more than the circuit itself. (The HTTP service keeps its keys
+    in a byte-bounded :class:`engine.keystore.KeyStore` instead and calls :meth:`load_keys` and
+    :meth:`execute` directly.)
     """
 
     MAX_CLIENTS = 16
@@ -306,11 +382,37 @@ class FHEServer:
         import threading
         from collections import OrderedDict
 
-        from concrete.ml.deployment import FHEModelServer
+        from concrete import fhe
 
-        self._server = FHEModelServer(str(deployment_dir))
+        # concrete-python's own server (what concrete-ml's FHEModelServer wraps): a server
+        # process then never imports concrete-ml, torch or medmnist (about 230 MB less).
+        self._server = fhe.Server.load(Path(deployment_dir) / "server.zip")
         self._keys: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
+
+    @staticmethod
+    def load_keys(evaluation_keys: bytes):
+        """Deserialize evaluation keys, refusing anything that does not round-trip exactly."""
+        from concrete import fhe
+
+        keys = fhe.EvaluationKeys.deserialize(evaluation_keys)
+        if keys.serialize() != evaluation_keys:
+            raise ValueError("evaluation keys do not round-trip: malformed")
+        return keys
+
+    @staticmethod
+    def check_ciphertext(ciphertext: bytes) -> None:
+        """Raise ``ValueError`` unless ``ciphertext`` is a well-formed serialized value."""
+        from concrete import fhe
+
+        if fhe.Value.deserialize(ciphertext).serialize() != ciphertext:
+            raise ValueError("ciphertext does not round-trip: malformed")
+
+    def execute(self, ciphertext: bytes, keys) -> bytes:
+        """Run the circuit on one serialized ciphertext with deserialized evaluation keys."""
+        from concrete import fhe
+
+        return self._server.run(fhe.Value.deserialize(ciphertext), evaluation_keys=keys).serialize()
 
     def register(self, evaluation_keys: bytes) -> str:
         """Keep a client's deserialized evaluation keys; returns the id to run with."""
@@ -336,5 +438,97 @@ class FHEServer:
             if keys is None:
                 raise KeyError("Unknown evaluation key id: register the client's evaluation keys first.")
         else:
-            keys = evaluation_keys
-        return self._server.run(ciphertext, keys)
+            from concrete import fhe
+
+            keys = fhe.EvaluationKeys.deserialize(evaluation_keys)
+        return self.execute(ciphertext, keys)
+
+
+# --------------------------------------------------------------------------- warm-up material
+
+WARMUP_DIR = "warmup"
+
+
+@dataclass
+class WarmUp:
+    """What a server needs besides ``server.zip``: material made under a throwaway key.
+
+    ``ciphertext`` warms a client's keys at registration (the first run with a new key set is
+    the slow one). The masks mark the 8-byte words that are the same in every well-formed
+    evaluation key set (resp. ciphertext) of this circuit: the Cap'n Proto structure and the
+    parameters; the other words are key or ciphertext material. An upload whose structure words
+    differ is refused before Concrete reads it, so a forged parameter cannot make the runtime
+    read out of bounds.
+    """
+
+    ciphertext: bytes
+    evaluation_keys: bytes
+    key_mask: np.ndarray  # bool per word
+    ciphertext_mask: np.ndarray
+
+    def keys_fit(self, candidate: bytes) -> bool:
+        return _same_structure(self.evaluation_keys, self.key_mask, candidate)
+
+    def ciphertext_fits(self, candidate: bytes) -> bool:
+        return _same_structure(self.ciphertext, self.ciphertext_mask, candidate)
+
+
+def _same_structure(reference: bytes, mask: np.ndarray, candidate: bytes) -> bool:
+    if len(candidate) != len(reference) or len(candidate) % 8:
+        return False
+    ref, cand = np.frombuffer(reference, "<u8"), np.frombuffer(candidate, "<u8")
+    return bool(np.array_equal(ref[mask], cand[mask]))
+
+
+def structure_mask(a: bytes, b: bytes) -> np.ndarray:
+    """Words equal in two independent samples: structure (random words differ but for 2^-64)."""
+    return np.frombuffer(a, "<u8") == np.frombuffer(b, "<u8")
+
+
+WARMUP_FILES = ("ciphertext.bin", "evaluation_keys.bin", "key_mask.npy", "ciphertext_mask.npy")
+
+
+def warmup_material(compiled: CompiledModel) -> WarmUp:
+    """The circuit's :class:`WarmUp`, made once in a separate process and cached in its entry.
+
+    The throwaway secret key never leaves that process, so a server holds no secret key at all.
+    """
+    folder = compiled.path / WARMUP_DIR
+    if not all((folder / f).exists() for f in WARMUP_FILES):
+        import multiprocessing as mp
+
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp = compiled.path / f".{WARMUP_DIR}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            proc = mp.get_context("spawn").Process(target=_make_warmup, args=(str(compiled.deployment_dir), str(tmp),
+                                                                             compiled.report.input_shape))
+            proc.start()
+            proc.join()
+            if proc.exitcode != 0 or not all((tmp / f).exists() for f in WARMUP_FILES):
+                raise RuntimeError(f"warm-up key generation failed (exit code {proc.exitcode})")
+            try:
+                tmp.rename(folder)
+            except OSError:  # another process made it first
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return WarmUp((folder / "ciphertext.bin").read_bytes(), (folder / "evaluation_keys.bin").read_bytes(),
+                  np.load(folder / "key_mask.npy"), np.load(folder / "ciphertext_mask.npy"))
+
+
+def _make_warmup(deployment_dir: str, out: str, input_shape: list[int]) -> None:
+    from concrete.ml.deployment import FHEModelClient
+
+    client = FHEModelClient(deployment_dir)
+    client.generate_private_and_evaluation_keys()
+    keys = client.get_serialized_evaluation_keys()
+    # A second, independent key set for the same secret, and a second ciphertext: what differs
+    # between the two samples is key or ciphertext material, what is equal is structure.
+    other_keys = _evaluation_keys_for(client.client.keys._keyset, client.client.specs.program_info)
+    ct = client.quantize_encrypt_serialize(np.zeros(input_shape, np.float32))
+    other_ct = client.quantize_encrypt_serialize(np.full(input_shape, 0.5, np.float32))
+    np.save(Path(out) / "key_mask.npy", structure_mask(keys, other_keys))
+    np.save(Path(out) / "ciphertext_mask.npy", structure_mask(ct, other_ct))
+    (Path(out) / "ciphertext.bin").write_bytes(ct)
+    (Path(out) / "evaluation_keys.bin").write_bytes(keys)

@@ -3,8 +3,9 @@
 - ``float``: the PyTorch model (Brevitas fake-quantization, float arithmetic);
 - ``quantized``: the compiled quantized module in the clear (``fhe="disable"``);
 - ``simulate``: the TFHE circuit in simulation (same integers, simulated PBS noise);
-- ``fhe``: real encryption: client quantizes + encrypts, server runs on ciphertext with
-  evaluation keys only, client decrypts + dequantizes.
+- ``fhe``: real encryption: client quantizes + encrypts, the service runs the circuit on the
+  ciphertext with evaluation keys only, client decrypts + dequantizes. The service is reached
+  through a transport (:mod:`engine.client`): in this process by default, or over HTTP.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from . import metrics, registry
-from .config import CompileConfig
+from .client import EncryptedClient, find_circuit
+from .config import CompileConfig, ServiceConfig
 from .data import to_features
 from .fhe import CompiledModel, FHEClient, FHEServer, compile_model
 
@@ -48,16 +50,19 @@ class ModeResult:
     scores: np.ndarray  # probabilities (N, C)
     predictions: np.ndarray  # (N,) class index, or (N, L) for multi-label
     latency_s: np.ndarray  # (N,) per image, end to end on this side
-    stages: dict[str, np.ndarray] = field(default_factory=dict)  # fhe: encrypt/server/decrypt
+    stages: dict[str, np.ndarray] = field(default_factory=dict)  # fhe: encrypt/queue/server/network/decrypt
     sizes: dict[str, int] = field(default_factory=dict)  # fhe: ciphertext/result/eval-key bytes
+    wire: dict = field(default_factory=dict)  # fhe: what crossed to the service (last image, totals)
 
 
 @dataclass
 class Predictor:
-    """A saved model with its compiled circuit, a client (keys) and a server, built lazily.
+    """A saved model with its compiled circuit, a client (keys) and a service, built lazily.
 
-    The dashboard shares ``compiled`` and ``server`` across sessions and gives each session
-    its own ``client``; the CLI and tests use one of each.
+    Encrypted runs go through ``transport`` (:mod:`engine.client`): by default an in-process
+    service hosting this one circuit; the dashboard and ``--server URL`` pass an HTTP
+    transport. The dashboard shares ``compiled`` across sessions and gives each session its own
+    ``client`` (keys); the CLI and tests use one of each.
     """
 
     saved: registry.SavedModel
@@ -68,6 +73,9 @@ class Predictor:
     client: FHEClient | None = None
     server: FHEServer | None = None
     progress_text: Callable[[str], None] | None = None
+    transport: object | None = None  # engine.client transport; None: an in-process service
+    remote: EncryptedClient | None = None
+    keep_evaluation_keys: bool = True  # False: only the secret keys stay after the upload
 
     @classmethod
     def open(cls, dataset: str, name: str | None = None, models_dir: Path | None = None, **kw) -> "Predictor":
@@ -98,6 +106,26 @@ class Predictor:
             self.server = FHEServer(self.ensure_compiled().deployment_dir)
         return self.server
 
+    def ensure_remote(self) -> EncryptedClient:
+        """This client's connection to the service hosting the circuit (keys uploaded once)."""
+        if self.remote is None:
+            compiled = self.ensure_compiled()
+            if self.transport is None:
+                from .client import InProcessTransport
+                from .hosting import Service
+
+                service = Service(ServiceConfig(cache_dir=str(self.cache_dir or "")))
+                service.host(self.saved, compiled=compiled)
+                service.ready = True
+                self.transport = InProcessTransport(service)
+                cid = compiled.report.cache_key
+            else:
+                cid = find_circuit(self.transport, self.saved.dataset, self.saved.hash,
+                                   compiled.report.compile)["id"]
+            self.remote = EncryptedClient(self.transport, cid, self.ensure_client(),
+                                          keep_evaluation_keys=self.keep_evaluation_keys)
+        return self.remote
+
     def features(self, images: np.ndarray) -> np.ndarray:
         """The model's input for uint8 images: the client-side preprocessing."""
         return to_features(images, self.saved.config.model.input_pool)
@@ -115,13 +143,12 @@ class Predictor:
             self.ensure_compiled()
         if "fhe" in modes:
             self.ensure_client().keygen()
-            # Register this client's evaluation keys with the server once per batch.
-            self._key_id = self.ensure_server().register(self.client.evaluation_keys())
+            self.ensure_remote().register()  # the evaluation keys go to the service once
         total, done = len(x) * len(modes), 0
         out = {}
         for mode in modes:
             step = getattr(self, f"_one_{mode}")
-            logits, lat, stages, sizes = [], [], {}, {}
+            logits, lat, stages, sizes, wire = [], [], {}, {}, {}
             for i in range(len(x)):
                 t0 = time.perf_counter()
                 y, st, sz = step(x[i : i + 1])
@@ -130,11 +157,14 @@ class Predictor:
                 for k, v in st.items():
                     stages.setdefault(k, []).append(v)
                 sizes.update(sz)
+                if mode == "fhe":
+                    wire = _wire(self._exchange, wire)
                 done += 1
                 if progress:
                     progress(done, total, f"{mode}: image {i + 1}/{len(x)}")
             logits = np.concatenate(logits) if logits else np.zeros((0, self.saved.n_outputs))
             out[mode] = self.result(mode, logits, np.asarray(lat), {k: np.asarray(v) for k, v in stages.items()}, sizes)
+            out[mode].wire = wire
         return out
 
     def result(self, mode: str, logits: np.ndarray, latency_s: np.ndarray, stages=None, sizes=None) -> ModeResult:
@@ -172,14 +202,18 @@ class Predictor:
         return c.dequantize(c.simulator.run(c.quantize(x))), {}, {}
 
     def _one_fhe(self, x):
-        client, server = self.client, self.server
-        t0 = time.perf_counter()
-        ct = client.encrypt(x)
-        t1 = time.perf_counter()
-        res = server.run(ct, self._key_id)
-        t2 = time.perf_counter()
-        y = client.decrypt(res)
-        t3 = time.perf_counter()
-        stages = {"encrypt_s": t1 - t0, "server_s": t2 - t1, "decrypt_s": t3 - t2}
-        sizes = {"ciphertext_bytes": len(ct), "result_bytes": len(res), "eval_key_bytes": len(client.evaluation_keys())}
-        return y, stages, sizes
+        y, ex = self.remote.predict(x)
+        self._exchange = ex
+        sizes = {"ciphertext_bytes": len(ex.ciphertext), "result_bytes": len(ex.result),
+                 "eval_key_bytes": self.remote.evaluation_key_bytes}
+        return y, ex.stages, sizes
+
+
+def _wire(ex, totals: dict) -> dict:
+    """What crossed to the service: totals so far, and the last exchange's excerpts."""
+    return {"endpoint": ex.endpoint,
+            "sent_bytes": totals.get("sent_bytes", 0) + len(ex.ciphertext),
+            "received_bytes": totals.get("received_bytes", 0) + len(ex.result),
+            "key_uploads": totals.get("key_uploads", 0) + ex.key_uploads,
+            "ciphertext_hex": ex.ciphertext[:24].hex(" "), "result_hex": ex.result[:24].hex(" "),
+            "ciphertext": ex.ciphertext, "result": ex.result}

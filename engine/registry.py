@@ -1,6 +1,8 @@
 """Saved models: ``<models_dir>/<dataset>/<name>/`` with weights, config, metrics, history.
 
-A model's content hash (weights + config) keys its compiled circuits in the cache.
+A model's content hash (weights + config) keys its compiled circuits in the cache. Listing and
+reading models imports neither torch nor medmnist (the service process stays small); loading
+weights or calibration images does.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .config import PipelineConfig, default_models_dir
-from .data import to_features
-from .model import QATFCNN, build_model
-from .train import TrainResult
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model import QATFCNN
+    from .train import TrainResult
 
 WEIGHTS = "weights.pt"
 CALIBRATION = "calibration.npz"
@@ -48,7 +53,11 @@ class SavedModel:
     in_features: int
     n_outputs: int
 
-    def load_torch(self) -> QATFCNN:
+    def load_torch(self) -> "QATFCNN":
+        import torch
+
+        from .model import build_model
+
         model = build_model(self.in_features, self.n_outputs, self.config.model)
         state = torch.load(self.path / WEIGHTS, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
@@ -57,6 +66,8 @@ class SavedModel:
 
     def calibration_features(self, n: int) -> np.ndarray:
         """Features of up to ``n`` stored training images: the compiler's input set."""
+        from .data import to_features
+
         with np.load(self.path / CALIBRATION) as f:
             images = f["images"]
         return to_features(images[:n], self.config.model.input_pool)
@@ -75,7 +86,9 @@ class SavedModel:
         }
 
 
-def _weights_bytes(model: torch.nn.Module) -> bytes:
+def _weights_bytes(model: "torch.nn.Module") -> bytes:
+    import torch
+
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return buf.getvalue()
@@ -96,7 +109,7 @@ def default_name(cfg: PipelineConfig) -> str:
     return f"fcnn-{arch}-w{m.weight_bits}a{m.act_bits}i{m.input_bits}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def save(result: TrainResult, name: str | None = None, models_dir: Path | None = None, overwrite: bool = False) -> SavedModel:
+def save(result: "TrainResult", name: str | None = None, models_dir: Path | None = None, overwrite: bool = False) -> SavedModel:
     cfg = result.config
     name = name or default_name(cfg)
     if not NAME_RE.match(name):

@@ -34,8 +34,10 @@ def test_four_modes_agree(predictor, test_split):
     # Same integers in clear and simulation (exact rounding, p_error 1e-5)
     assert np.array_equal(res["quantized"].predictions, res["simulate"].predictions)
     fhe = res["fhe"]
-    assert set(fhe.stages) == {"encrypt_s", "server_s", "decrypt_s"}
-    assert all(len(v) == 6 and (v > 0).all() for v in fhe.stages.values())
+    assert set(fhe.stages) == {"encrypt_s", "queue_s", "server_s", "network_s", "decrypt_s"}
+    assert all(len(v) == 6 for v in fhe.stages.values())
+    assert all((fhe.stages[s] > 0).all() for s in ("encrypt_s", "server_s", "decrypt_s"))
+    assert fhe.wire["sent_bytes"] == 6 * fhe.sizes["ciphertext_bytes"] and fhe.wire["endpoint"] == "in-process"
     assert fhe.sizes["ciphertext_bytes"] > 784 and fhe.sizes["eval_key_bytes"] > 1000
     assert np.allclose(fhe.scores.sum(axis=1), 1)
 

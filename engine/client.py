@@ -1,0 +1,306 @@
+"""One client API, two transports: the encrypted-inference service in-process or over HTTP.
+
+:class:`EncryptedClient` is the data owner's side of one circuit: its keys (an
+:class:`engine.fhe.FHEClient`), encryption, the call to the service, decryption. It uploads the
+evaluation keys once, then keeps only the secret keys; when a service answers that it does not
+know the key (404: evicted, restarted, another replica), it derives fresh evaluation keys from
+the same secret keys, uploads them and retries, without the caller noticing.
+
+Transports: :class:`InProcessTransport` (a :class:`engine.hosting.Service` in this process) and
+:class:`HTTPTransport` (one or several replicas' URLs, taken in turn, skipping one that does
+not answer). Pages, the CLI and the load test use the same calls with either.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .fhe import FHEClient
+
+
+class ServiceUnavailable(Exception):
+    """The service cannot be reached or keeps refusing; the message says what to do."""
+
+
+class KeyGone(Exception):
+    """The service does not know this key id (never registered, evicted or restarted)."""
+
+
+class Retry(Exception):
+    def __init__(self, message: str, after: float):
+        super().__init__(message)
+        self.after = after
+
+
+@dataclass
+class Reply:
+    body: bytes
+    queue_s: float = 0.0
+    server_s: float = 0.0
+
+
+class InProcessTransport:
+    """The service core in this process: no network, same calls."""
+
+    def __init__(self, service):
+        self.service = service
+
+    def endpoints(self) -> list[str]:
+        return ["in-process"]
+
+    def describe(self) -> str:
+        return "in this process"
+
+    def circuits(self, endpoint: str | None = None) -> list[dict]:
+        return self.service.describe()
+
+    def client_zip(self, cid: str, endpoint: str | None = None) -> bytes:
+        return self.service.client_zip(cid).read_bytes()
+
+    def upload_keys(self, endpoint: str, cid: str, keys: bytes) -> str:
+        from .hosting import Busy, NotFound
+
+        try:
+            return self.service.register(cid, keys)
+        except Busy as exc:
+            raise Retry(str(exc), exc.retry_after) from None
+        except NotFound as exc:
+            raise ServiceUnavailable(str(exc)) from None
+
+    def predict(self, endpoint: str, cid: str, key_id: str, ciphertext: bytes) -> Reply:
+        from .hosting import Busy, NotFound
+
+        try:
+            body, queued, ran = self.service.predict(cid, key_id, ciphertext)
+        except NotFound:
+            raise KeyGone(key_id) from None
+        except Busy as exc:
+            raise Retry(str(exc), exc.retry_after) from None
+        return Reply(body, queued, ran)
+
+    def forget(self, endpoint: str, cid: str, key_id: str) -> None:
+        self.service.forget(cid, key_id)
+
+    def close(self) -> None:
+        pass
+
+
+class HTTPTransport:
+    """The service over HTTP (httpx, one connection pool per transport). Several base URLs are
+    replicas: requests take them in turn, and one that does not answer is skipped."""
+
+    def __init__(self, urls: str | list[str], timeout: float = 300.0):
+        import httpx
+
+        items = urls.split(",") if isinstance(urls, str) else list(urls)
+        self.urls = [u.strip().rstrip("/") for u in items if u.strip()]
+        if not self.urls:
+            raise ValueError("no service URL given")
+        for u in self.urls:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"service URL must start with http:// or https://, got '{u}'")
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0))
+        self._turn = itertools.cycle(range(len(self.urls)))
+
+    def endpoints(self) -> list[str]:
+        return list(self.urls)
+
+    def describe(self) -> str:
+        return ", ".join(self.urls)
+
+    def next_endpoint(self) -> str:
+        return self.urls[next(self._turn)]
+
+    def _request(self, method: str, url: str, **kw):
+        import httpx
+
+        try:
+            return self._http.request(method, url, **kw)
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailable(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
+
+    @staticmethod
+    def _check(r, what: str):
+        if r.status_code == 429:
+            raise Retry(_message(r), float(r.headers.get("retry-after", "1")))
+        if r.status_code >= 400:
+            raise ServiceUnavailable(f"{what}: HTTP {r.status_code}: {_message(r)}")
+        return r
+
+    def circuits(self, endpoint: str | None = None) -> list[dict]:
+        return self._check(self._request("GET", f"{endpoint or self.urls[0]}/circuits"), "list circuits").json()
+
+    def client_zip(self, cid: str, endpoint: str | None = None) -> bytes:
+        return self._check(self._request("GET", f"{endpoint or self.urls[0]}/circuits/{cid}/client.zip"),
+                           "download client.zip").content
+
+    def upload_keys(self, endpoint: str, cid: str, keys: bytes) -> str:
+        r = self._request("POST", f"{endpoint}/circuits/{cid}/keys", content=keys,
+                          headers={"content-type": "application/octet-stream"})
+        return self._check(r, "upload evaluation keys").json()["key_id"]
+
+    def predict(self, endpoint: str, cid: str, key_id: str, ciphertext: bytes) -> Reply:
+        r = self._request("POST", f"{endpoint}/circuits/{cid}/predict", content=ciphertext,
+                          headers={"content-type": "application/octet-stream", "x-key-id": key_id})
+        if r.status_code == 404:
+            raise KeyGone(key_id)
+        self._check(r, "encrypted prediction")
+        return Reply(r.content, float(r.headers.get("x-queue-seconds", 0)), float(r.headers.get("x-server-seconds", 0)))
+
+    def forget(self, endpoint: str, cid: str, key_id: str) -> None:
+        self._request("DELETE", f"{endpoint}/circuits/{cid}/keys/{key_id}")
+
+    def metrics(self, endpoint: str | None = None) -> dict[str, float]:
+        """The service's Prometheus samples without labels (gauges and totals)."""
+        text = self._check(self._request("GET", f"{endpoint or self.urls[0]}/metrics"), "metrics").text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#") and "{" not in line:
+                name, _, value = line.partition(" ")
+                try:
+                    out[name] = float(value)
+                except ValueError:
+                    pass
+        return out
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _message(r) -> str:
+    try:
+        return str(r.json().get("error", r.text))[:300]
+    except Exception:  # noqa: BLE001
+        return r.text[:300]
+
+
+def find_circuit(transport, dataset: str, model_hash: str, compile_settings: dict | None = None) -> dict:
+    """The service's circuit for a saved model (by content hash), with its own compile settings
+    unless ``compile_settings`` says which."""
+    listed = transport.circuits()
+    for c in listed:
+        if c["dataset"] == dataset and c["model_hash"] == model_hash and \
+                (compile_settings is None or c["compile"] == compile_settings):
+            return c
+    served = ", ".join(f"{c['dataset']}/{c['model']}" for c in listed) or "none"
+    raise ServiceUnavailable(f"the service at {transport.describe()} does not serve this model with these compile "
+                             f"settings (it serves: {served}); use the model's own settings or restart the service")
+
+
+@dataclass
+class Exchange:
+    """What crossed the wire for one prediction."""
+
+    ciphertext: bytes
+    result: bytes
+    endpoint: str
+    key_uploads: int = 0
+    stages: dict = field(default_factory=dict)
+
+
+class EncryptedClient:
+    """A client of one circuit through a transport: keys, upload once, encrypt, predict, decrypt."""
+
+    def __init__(self, transport, circuit_id: str, fhe_client: FHEClient, keep_evaluation_keys: bool = False,
+                 max_wait_s: float = 600.0):
+        self.transport = transport
+        self.circuit_id = circuit_id
+        self.fhe = fhe_client
+        self.keep_evaluation_keys = keep_evaluation_keys
+        self.max_wait_s = max_wait_s
+        self.key_ids: dict[str, str] = {}  # endpoint -> key id there
+        self.uploads = 0
+        self.uploaded_bytes = 0
+        self.upload_s = 0.0
+        self.evaluation_key_bytes = 0
+
+    @classmethod
+    def download(cls, transport, circuit_id: str, folder: Path, **kw) -> "EncryptedClient":
+        """A client whose ``client.zip`` comes from the service (all a client needs for its keys)."""
+        folder = Path(folder) / circuit_id
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "client.zip").exists():
+            tmp = folder / f".client.zip.{time.time_ns()}"
+            tmp.write_bytes(transport.client_zip(circuit_id))
+            tmp.rename(folder / "client.zip")
+        return cls(transport, circuit_id, FHEClient(folder), **kw)
+
+    def _endpoint(self) -> str:
+        eps = self.transport.endpoints()
+        return self.transport.next_endpoint() if len(eps) > 1 else eps[0]
+
+    def register(self, endpoint: str | None = None) -> str:
+        """Upload the evaluation keys to ``endpoint`` (once); returns the key id there."""
+        endpoint = endpoint or self._endpoint()
+        if endpoint in self.key_ids:
+            return self.key_ids[endpoint]
+        self.fhe.keygen()
+        keys = self.fhe.evaluation_keys()
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + self.max_wait_s
+        while True:
+            try:
+                key_id = self.transport.upload_keys(endpoint, self.circuit_id, keys)
+                break
+            except Retry as r:
+                if time.monotonic() + r.after > deadline:
+                    raise ServiceUnavailable(f"the service stayed busy for {self.max_wait_s:.0f} s: {r}") from None
+                time.sleep(r.after)
+        self.upload_s += time.perf_counter() - t0
+        self.uploads += 1
+        self.uploaded_bytes += len(keys)
+        self.evaluation_key_bytes = len(keys)
+        self.key_ids[endpoint] = key_id
+        if not self.keep_evaluation_keys:
+            self.fhe.forget_evaluation_keys()
+        return key_id
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, Exchange]:
+        """One image's features (1, F) -> (logits (1, C), the exchange with its stage timings)."""
+        deadline = time.monotonic() + self.max_wait_s
+        t0 = time.perf_counter()
+        ct = self.fhe.encrypt(x)
+        encrypt_s = time.perf_counter() - t0
+        uploads0, failures = self.uploads, 0
+        endpoints = self.transport.endpoints()
+        while True:
+            endpoint = self._endpoint()
+            try:
+                key_id = self.register(endpoint)
+                t1 = time.perf_counter()
+                reply = self.transport.predict(endpoint, self.circuit_id, key_id, ct)
+                wall = time.perf_counter() - t1
+                break
+            except KeyGone:
+                self.key_ids.pop(endpoint, None)  # re-upload on the next turn
+            except Retry as r:
+                if time.monotonic() + r.after > deadline:
+                    raise ServiceUnavailable(f"the service stayed busy for {self.max_wait_s:.0f} s: {r}") from None
+                time.sleep(r.after)
+            except ServiceUnavailable:
+                failures += 1
+                if failures >= 2 * len(endpoints):
+                    raise
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable(f"no answer within {self.max_wait_s:.0f} s")
+        t2 = time.perf_counter()
+        logits = np.asarray(self.fhe.decrypt(reply.body), dtype=np.float64).reshape(1, -1)
+        decrypt_s = time.perf_counter() - t2
+        stages = {"encrypt_s": encrypt_s, "queue_s": reply.queue_s, "server_s": reply.server_s,
+                  "network_s": max(0.0, wall - reply.queue_s - reply.server_s), "decrypt_s": decrypt_s}
+        return logits, Exchange(ct, reply.body, endpoint, self.uploads - uploads0, stages)
+
+    def close(self, forget: bool = True) -> None:
+        """Tell each service to drop this client's keys (best effort)."""
+        if forget:
+            for endpoint, key_id in list(self.key_ids.items()):
+                try:
+                    self.transport.forget(endpoint, self.circuit_id, key_id)
+                except Exception:  # noqa: BLE001 - the service may be gone already
+                    pass
+        self.key_ids.clear()

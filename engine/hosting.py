@@ -1,0 +1,371 @@
+"""The encrypted-inference service without its web layer: circuits, key store, work pool.
+
+:class:`Service` hosts the compiled circuit of every saved model. It holds server artifacts
+only (``server.zip``), the evaluation keys clients upload, and ciphertexts; it never loads a
+client's secret key. ``engine.service`` puts HTTP in front of it; ``engine.client`` reaches it
+in-process or over HTTP through the same client API.
+
+- Keys are checked (exact size for the circuit, a byte-exact round trip), made ready for
+  computation when they are registered (one run on a warm-up ciphertext: the first run with a
+  new key set is the slow one), and kept in a :class:`KeyStore` bounded by bytes.
+- Every FHE run, warm-up included, goes through one fair :class:`WorkPool`.
+- ``backend="dask"``: the pool's runs execute on a Dask cluster; each worker loads a circuit
+  once and receives a key set once (at registration), so one front scales over machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+from . import registry
+from .config import ServiceConfig, default_cache_dir, default_models_dir
+from .fhe import CompiledModel, FHEServer, WarmUp, compile_model, is_cached, release_memory, warmup_material
+from .keystore import KeyStore, StoreFull
+from .workpool import QueueFull, WorkPool
+
+
+class ServiceError(Exception):
+    status = 400
+
+
+class BadRequest(ServiceError):
+    status = 400
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class TooLarge(ServiceError):
+    status = 413
+
+
+class Busy(ServiceError):
+    status = 429
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class HostedCircuit:
+    id: str
+    dataset: str
+    model: str
+    model_hash: str
+    compiled: CompiledModel
+    server: FHEServer
+    warm: "WarmUp"
+    key_bytes: int  # serialized evaluation keys: always this size for this circuit
+    ciphertext_bytes: int  # one serialized input
+    footprint: int  # memory of one registered, prepared key set (measured at start-up)
+    server_zip_digest: str = ""
+    input_pool: int = 1
+
+    @property
+    def max_key_body(self) -> int:
+        return self.key_bytes + 4096
+
+    @property
+    def max_ciphertext_body(self) -> int:
+        return self.ciphertext_bytes + 4096
+
+    def describe(self) -> dict:
+        r = self.compiled.report
+        return {"id": self.id, "dataset": self.dataset, "model": self.model, "model_hash": self.model_hash,
+                "compile": r.compile, "input_shape": r.input_shape, "max_bit_width": r.max_bit_width,
+                "pbs_count": r.pbs_count, "evaluation_key_bytes": self.key_bytes,
+                "ciphertext_bytes": self.ciphertext_bytes, "key_set_memory_bytes": self.footprint,
+                "input_pool": self.input_pool}
+
+
+def _compile_apart(saved: registry.SavedModel, cache_dir: Path) -> None:
+    """Compile into the cache in a child process: compiling imports torch and concrete-ml, which
+    the service process itself never needs (about 230 MB)."""
+    import multiprocessing as mp
+
+    proc = mp.get_context("spawn").Process(target=_compile_child, args=(str(saved.path), str(cache_dir)))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"compiling {saved.dataset}/{saved.name} failed (exit code {proc.exitcode})")
+
+
+def _compile_child(model_path: str, cache_dir: str) -> None:
+    saved = registry._read(Path(model_path))
+    compile_model(saved, saved.config.compile, Path(cache_dir))
+
+
+def _key_set_footprint(compiled: CompiledModel, server: FHEServer, warm_ct: bytes, warm_keys: bytes) -> int:
+    """Memory one registered, prepared key set takes: the resident-memory growth of deserializing
+    the throwaway keys and running once with them. Measured the first time and stored with the
+    warm-up material, so every service on the machine accounts a circuit's keys alike. The run
+    is also the first of the circuit's code in this process (the warm-up /health waits for)."""
+    import json
+
+    stored = compiled.path / "warmup" / "footprint.json"
+    release_memory()
+    before = rss_bytes()
+    keys = FHEServer.load_keys(warm_keys)
+    server.execute(warm_ct, keys)
+    measured = max(rss_bytes() - before, len(warm_keys))
+    del keys
+    release_memory()
+    try:
+        return int(json.loads(stored.read_text())["key_set_bytes"])
+    except (OSError, ValueError, KeyError):
+        tmp = stored.with_suffix(f".{secrets.token_hex(4)}")
+        tmp.write_text(json.dumps({"key_set_bytes": measured}))
+        tmp.replace(stored)
+        return measured
+
+
+def rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+class LocalRunner:
+    """FHE runs in this process (threads: Concrete releases the GIL while it computes)."""
+
+    def load(self, c: HostedCircuit, key_id: str, body: bytes):
+        return FHEServer.load_keys(body)
+
+    def warm(self, c: HostedCircuit, key_id: str, keys) -> None:
+        c.server.execute(c.warm.ciphertext, keys)
+
+    def run(self, c: HostedCircuit, key_id: str, keys, ciphertext: bytes) -> bytes:
+        return c.server.execute(ciphertext, keys)
+
+    def drop(self, key_id: str) -> None:
+        release_memory()
+
+    def close(self) -> None:
+        pass
+
+
+class DaskRunner:
+    """FHE runs on a Dask cluster: circuits sent to each worker once, key sets once per worker."""
+
+    def __init__(self, scheduler: str):
+        from dask.distributed import Client
+
+        self.client = Client(scheduler)
+        self.threads = max(1, sum(self.client.nthreads().values()))
+
+    def add_circuit(self, c: HostedCircuit) -> None:
+        zip_bytes = (c.compiled.deployment_dir / "server.zip").read_bytes()
+        self.client.run(_worker_load_circuit, c.server_zip_digest, zip_bytes)
+
+    def load(self, c: HostedCircuit, key_id: str, body: bytes):
+        FHEServer.load_keys(body)  # validate here, so no worker ever sees malformed keys
+        return body
+
+    def warm(self, c: HostedCircuit, key_id: str, body: bytes) -> None:
+        self.client.run(_worker_register, c.server_zip_digest, key_id, body, c.warm.ciphertext)
+
+    def run(self, c: HostedCircuit, key_id: str, _keys, ciphertext: bytes) -> bytes:
+        return self.client.submit(_worker_run, c.server_zip_digest, key_id, ciphertext, pure=False).result()
+
+    def drop(self, key_id: str) -> None:
+        try:
+            self.client.run(_worker_drop, key_id)
+        except Exception:  # noqa: BLE001 - a worker that left has nothing to drop
+            pass
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# Per Dask worker process: loaded circuits and registered key sets.
+_W_SERVERS: dict[str, FHEServer] = {}
+_W_KEYS: dict[str, object] = {}
+
+
+def _worker_load_circuit(digest: str, zip_bytes: bytes) -> None:
+    if digest not in _W_SERVERS:
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="fhe-worker-"))
+        (folder / "server.zip").write_bytes(zip_bytes)
+        _W_SERVERS[digest] = FHEServer(folder)
+
+
+def _worker_register(digest: str, key_id: str, body: bytes, warm_ciphertext: bytes) -> None:
+    keys = FHEServer.load_keys(body)
+    _W_SERVERS[digest].execute(warm_ciphertext, keys)
+    _W_KEYS[key_id] = keys
+
+
+def _worker_run(digest: str, key_id: str, ciphertext: bytes) -> bytes:
+    keys = _W_KEYS.get(key_id)
+    if keys is None:
+        raise KeyError(key_id)
+    return _W_SERVERS[digest].execute(ciphertext, keys)
+
+
+def _worker_drop(key_id: str) -> None:
+    if _W_KEYS.pop(key_id, None) is not None:
+        release_memory()
+
+
+class Service:
+    """Hosts circuits; registers evaluation keys; runs predictions fairly. Thread-safe."""
+
+    def __init__(self, config: ServiceConfig | None = None):
+        self.config = config or ServiceConfig()
+        c = self.config
+        self.models_dir = Path(c.models_dir) if c.models_dir else default_models_dir()
+        self.cache_dir = Path(c.cache_dir) if c.cache_dir else default_cache_dir()
+        self.runner = DaskRunner(c.scheduler) if c.backend == "dask" else LocalRunner()
+        workers = self.runner.threads if c.backend == "dask" else c.workers
+        self.pool = WorkPool(workers, c.max_queue)
+        self.store = KeyStore(c.key_store_bytes, ttl_s=c.key_ttl_s or None, grace_s=c.key_grace_s,
+                              on_evict=lambda key_id, _e: self.runner.drop(key_id))
+        self.circuits: dict[str, HostedCircuit] = {}
+        self._hosting = threading.Lock()
+        self.ready = False
+        self.started = time.time()
+
+    # -- circuits
+    def load(self, progress: Callable[[str], None] | None = None) -> "Service":
+        """Host the circuit of every saved model (compiled from the cache), warmed up."""
+        say = progress or (lambda _m: None)
+        for saved in registry.list_models(None, self.models_dir):
+            self.host(saved, say)
+        self.ready = True
+        return self
+
+    def host(self, saved: registry.SavedModel, say: Callable[[str], None] = lambda _m: None,
+             compiled: CompiledModel | None = None) -> HostedCircuit:
+        with self._hosting:
+            if compiled is None:
+                if not is_cached(saved, saved.config.compile, self.cache_dir):
+                    say(f"compiling {saved.dataset}/{saved.name} (in a separate process)")
+                    _compile_apart(saved, self.cache_dir)
+                compiled = compile_model(saved, saved.config.compile, self.cache_dir, say)
+            cid = compiled.report.cache_key
+            if cid in self.circuits:
+                return self.circuits[cid]
+            say(f"warming {saved.dataset}/{saved.name} ({cid})")
+            warm = warmup_material(compiled)
+            server = FHEServer(compiled.deployment_dir)
+            zip_digest = hashlib.sha256((compiled.deployment_dir / "server.zip").read_bytes()).hexdigest()
+            footprint = _key_set_footprint(compiled, server, warm.ciphertext, warm.evaluation_keys)
+            c = HostedCircuit(cid, saved.dataset, saved.name, saved.hash, compiled, server, warm,
+                              len(warm.evaluation_keys), len(warm.ciphertext), footprint, zip_digest,
+                              saved.config.model.input_pool)
+            if isinstance(self.runner, DaskRunner):
+                self.runner.add_circuit(c)
+            self.circuits[cid] = c
+            return c
+
+    def refresh(self) -> None:
+        """Host models saved since start-up (called when a client names an unknown circuit)."""
+        known = {(c.dataset, c.model_hash) for c in self.circuits.values()}
+        for saved in registry.list_models(None, self.models_dir):
+            if (saved.dataset, saved.hash) not in known:
+                try:
+                    self.host(saved)
+                except Exception:  # noqa: BLE001 - a model that does not compile is not served
+                    continue
+
+    def circuit(self, cid: str) -> HostedCircuit:
+        c = self.circuits.get(cid)
+        if c is None:
+            self.refresh()
+            c = self.circuits.get(cid)
+        if c is None:
+            raise NotFound(f"unknown circuit '{cid[:64]}'")
+        return c
+
+    def describe(self) -> list[dict]:
+        return [c.describe() for c in self.circuits.values()]
+
+    def client_zip(self, cid: str) -> Path:
+        return self.circuit(cid).compiled.deployment_dir / "client.zip"
+
+    # -- keys and runs
+    def register(self, cid: str, body: bytes) -> str:
+        """Check, prepare and store a client's evaluation keys; returns a new, unguessable key id."""
+        c = self.circuit(cid)
+        if len(body) > c.max_key_body:
+            raise TooLarge(f"evaluation keys for this circuit are {c.key_bytes:,} bytes; got {len(body):,}")
+        if len(body) != c.key_bytes:
+            raise BadRequest(f"evaluation keys for this circuit are {c.key_bytes:,} bytes; got {len(body):,}")
+        if not c.warm.keys_fit(body):
+            raise BadRequest("malformed evaluation keys: their structure or parameters are not this circuit's")
+        try:
+            self.store.reserve(c.footprint)
+        except StoreFull as exc:
+            raise Busy(str(exc), retry_after=1.0) from None
+        key_id = secrets.token_urlsafe(24)
+        try:
+            try:
+                keys = self.runner.load(c, key_id, body)
+            except Exception as exc:  # noqa: BLE001 - any deserialization failure is the body's fault
+                raise BadRequest(f"malformed evaluation keys ({type(exc).__name__})") from None
+            try:
+                self.pool.run(key_id, self.runner.warm, c, key_id, keys)
+            except QueueFull as exc:
+                raise Busy(str(exc), exc.retry_after) from None
+            except (ValueError, RuntimeError) as exc:  # Concrete refused to run with these keys
+                raise BadRequest(f"evaluation keys do not fit this circuit ({type(exc).__name__})") from None
+        except BaseException:
+            self.store.release(c.footprint)
+            raise
+        self.store.put(key_id, keys, c.footprint, owner=cid)
+        return key_id
+
+    def predict(self, cid: str, key_id: str, body: bytes) -> tuple[bytes, float, float]:
+        """One encrypted run: (serialized result, seconds queued, seconds computing)."""
+        c = self.circuit(cid)
+        if len(body) > c.max_ciphertext_body:
+            raise TooLarge(f"a ciphertext for this circuit is {c.ciphertext_bytes:,} bytes; got {len(body):,}")
+        if len(body) != c.ciphertext_bytes:
+            raise BadRequest(f"a ciphertext for this circuit is {c.ciphertext_bytes:,} bytes; got {len(body):,}")
+        if not c.warm.ciphertext_fits(body):
+            raise BadRequest("malformed ciphertext: its structure or parameters are not this circuit's")
+        try:
+            FHEServer.check_ciphertext(body)
+        except Exception as exc:  # noqa: BLE001
+            raise BadRequest(f"malformed ciphertext ({type(exc).__name__})") from None
+        entry = self.store.acquire(key_id or "")
+        if entry is None or entry.owner != cid:
+            if entry is not None:
+                self.store.unpin(entry)
+            raise NotFound("unknown or evicted key id: upload the evaluation keys again")
+        try:
+            return self.pool.run(key_id, self.runner.run, c, key_id, entry.value, body)
+        except QueueFull as exc:
+            raise Busy(str(exc), exc.retry_after) from None
+        except KeyError:  # a Dask worker that does not have the key (restarted or new)
+            self.store.remove(key_id)
+            raise NotFound("unknown or evicted key id: upload the evaluation keys again") from None
+        except (ValueError, RuntimeError) as exc:  # Concrete refused this ciphertext
+            raise BadRequest(f"the ciphertext does not fit this circuit ({type(exc).__name__})") from None
+        finally:
+            self.store.unpin(entry)
+
+    def forget(self, cid: str, key_id: str) -> bool:
+        """Drop a client's keys (a session that ends); True if they were here."""
+        self.circuit(cid)
+        return self.store.remove(key_id)
+
+    def stats(self) -> dict:
+        return {"queue_depth": self.pool.depth, "running": self.pool.running, "key_store_bytes": self.store.used_bytes,
+                "key_store_capacity_bytes": self.store.capacity, "key_store_entries": len(self.store),
+                "key_store_evictions": self.store.evictions, "rss_bytes": rss_bytes(), "workers": self.pool.workers,
+                "backend": self.config.backend}
+
+    def close(self) -> None:
+        self.pool.close()
+        self.runner.close()

@@ -1,0 +1,149 @@
+"""A key store bounded by bytes: least recently used entries go first, entries in use never.
+
+The service keeps each client's evaluation keys here, deserialized and prepared for computation
+(about 310 MB each for the shipped PneumoniaMNIST circuit, against 56 MB serialized). Sizes are
+what the caller says an entry costs in memory. An entry is *pinned* while a request uses it and
+is never evicted then; a freshly registered entry is also spared for ``grace_s`` seconds or
+until its first use, so a burst of new clients cannot evict a key between its upload and its
+first prediction. When no room can be made, :class:`StoreFull` tells the caller to retry later.
+An optional idle time-to-live drops entries nobody used for ``ttl_s`` seconds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+class StoreFull(Exception):
+    """No room can be made right now: every entry is in use (retry shortly)."""
+
+
+@dataclass
+class Entry:
+    value: Any
+    nbytes: int
+    owner: str  # the circuit the keys belong to
+    created: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    pins: int = 0
+    used: bool = False
+
+
+class KeyStore:
+    def __init__(self, capacity_bytes: int, ttl_s: float | None = None, grace_s: float = 5.0,
+                 on_evict: Callable[[str, Entry], None] | None = None, clock: Callable[[], float] = time.monotonic):
+        if capacity_bytes <= 0:
+            raise ValueError("the key store needs a positive capacity in bytes")
+        self.capacity = int(capacity_bytes)
+        self.ttl_s = ttl_s
+        self.grace_s = grace_s
+        self.on_evict = on_evict
+        self._clock = clock
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._reserved = 0
+        self._lock = threading.Lock()
+        self.evictions = 0
+
+    # -- figures
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def __contains__(self, key_id: str) -> bool:
+        with self._lock:
+            return key_id in self._entries
+
+    # -- admission
+    def reserve(self, nbytes: int) -> None:
+        """Make room for ``nbytes`` (evicting idle entries, LRU first) and hold it for a ``put``."""
+        if nbytes > self.capacity:
+            raise ValueError(f"one key set needs {nbytes:,} bytes but the key store holds {self.capacity:,}")
+        evicted = []
+        with self._lock:
+            evicted += self._expire_locked()
+            now = self._clock()
+            used = sum(e.nbytes for e in self._entries.values()) + self._reserved
+            for key_id in list(self._entries):
+                if used + nbytes <= self.capacity:
+                    break
+                e = self._entries[key_id]
+                if e.pins or (not e.used and now - e.created < self.grace_s):
+                    continue
+                del self._entries[key_id]
+                used -= e.nbytes
+                evicted.append((key_id, e))
+            if used + nbytes > self.capacity:
+                self._notify(evicted)
+                raise StoreFull(f"key store full ({len(self._entries)} key sets in use)")
+            self._reserved += nbytes
+        self._notify(evicted)
+
+    def release(self, nbytes: int) -> None:
+        """Give back a reservation that will not become an entry."""
+        with self._lock:
+            self._reserved = max(0, self._reserved - nbytes)
+
+    def put(self, key_id: str, value: Any, nbytes: int, owner: str) -> None:
+        """Store an entry whose room was reserved with :meth:`reserve`."""
+        with self._lock:
+            self._reserved = max(0, self._reserved - nbytes)
+            self._entries[key_id] = Entry(value, nbytes, owner, created=self._clock(), last_used=self._clock())
+
+    # -- use
+    def acquire(self, key_id: str) -> Entry | None:
+        """The entry, pinned (call :meth:`unpin` when done), or None if unknown or evicted."""
+        expired = []
+        with self._lock:
+            expired = self._expire_locked()
+            e = self._entries.get(key_id)
+            if e is not None:
+                e.pins += 1
+                e.used = True
+                e.last_used = self._clock()
+                self._entries.move_to_end(key_id)
+        self._notify(expired)
+        return e
+
+    def unpin(self, entry: Entry) -> None:
+        with self._lock:
+            entry.pins = max(0, entry.pins - 1)
+            entry.last_used = self._clock()
+
+    def remove(self, key_id: str) -> bool:
+        with self._lock:
+            e = self._entries.pop(key_id, None)
+        if e is not None:
+            self._notify([(key_id, e)], count=False)
+        return e is not None
+
+    def expire(self) -> int:
+        """Drop entries idle for longer than the time-to-live; returns how many."""
+        with self._lock:
+            gone = self._expire_locked()
+        self._notify(gone)
+        return len(gone)
+
+    def _expire_locked(self) -> list[tuple[str, Entry]]:
+        if not self.ttl_s:
+            return []
+        now = self._clock()
+        gone = [(k, e) for k, e in self._entries.items() if not e.pins and now - e.last_used > self.ttl_s]
+        for k, _ in gone:
+            del self._entries[k]
+        return gone
+
+    def _notify(self, evicted: list[tuple[str, Entry]], count: bool = True) -> None:
+        if count:
+            self.evictions += len(evicted)
+        if self.on_evict:
+            for key_id, e in evicted:
+                self.on_evict(key_id, e)

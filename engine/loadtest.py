@@ -1,0 +1,138 @@
+"""Load test of a running service: N independent clients (own keys, own connection) sending M
+encrypted predictions each, at the same time. Loopback or the project's own hosts only.
+
+Each client downloads ``client.zip``, generates its keys (before the clock starts: a client's
+key generation is its own machine's business), uploads its evaluation keys, then sends its
+predictions one after another. A request that the service answers 404 (key evicted) or 429
+(busy) is retried by the client as a user's would be; only requests that finally fail count as
+errors. ``server_rss_peak_bytes`` is the highest ``engine_process_rss_bytes`` read from
+``/metrics`` while the clients run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .client import EncryptedClient, HTTPTransport, ServiceUnavailable
+from .data import load_samples, to_features
+
+
+def _circuit_for(transport: HTTPTransport, dataset: str | None, model: str | None) -> dict:
+    listed = transport.circuits()
+    for c in listed:
+        if (dataset is None or c["dataset"] == dataset) and (model is None or c["model"] == model):
+            return c
+    raise ServiceUnavailable(f"no circuit for dataset={dataset} model={model} at {transport.describe()}")
+
+
+def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "pneumoniamnist",
+                 model: str | None = None, say: Callable[[str], None] = lambda _m: None,
+                 max_seconds: float = 1800.0) -> dict:
+    if clients < 1 or requests < 1:
+        raise ValueError("--clients and --requests must be at least 1")
+    probe = HTTPTransport(url)
+    circuit = _circuit_for(probe, dataset, model)
+    samples = load_samples(circuit["dataset"])
+    x = to_features(samples.images, circuit["input_pool"])  # the client's own preprocessing
+    folder = Path(tempfile.mkdtemp(prefix="loadtest-"))
+
+    say(f"{clients} client(s): downloading client.zip and generating keys")
+    made = []
+    keygen_s = []
+    for k in range(clients):
+        c = EncryptedClient.download(HTTPTransport(url), circuit["id"], folder, keep_evaluation_keys=True,
+                                     max_wait_s=max_seconds)
+        keygen_s.append(c.fhe.keygen())
+        made.append(c)
+
+    latencies: list[float] = []
+    spans: list[tuple[float, float]] = []  # (start, end) of each client's prediction phase
+    first: list[float] = []
+    uploads: list[float] = []
+    errors: Counter = Counter()
+    lock = threading.Lock()
+    peak = {"rss": 0.0}
+    done = threading.Event()
+
+    def watch() -> None:
+        m = HTTPTransport(url)
+        while not done.is_set():
+            try:
+                peak["rss"] = max(peak["rss"], m.metrics().get("engine_process_rss_bytes", 0.0))
+            except Exception:  # noqa: BLE001 - the figure is best effort
+                pass
+            done.wait(0.5)
+        m.close()
+
+    def client_loop(k: int, c: EncryptedClient) -> None:
+        try:
+            t0 = time.perf_counter()
+            c.register()
+            with lock:
+                uploads.append(time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - counted
+            with lock:
+                errors[f"upload: {type(exc).__name__}"] += requests
+            return
+        begin = time.perf_counter()
+        for r in range(requests):
+            img = x[(k * requests + r) % len(x)][None]
+            t0 = time.perf_counter()
+            try:
+                c.predict(img)
+            except Exception as exc:  # noqa: BLE001 - counted
+                with lock:
+                    errors[f"{type(exc).__name__}: {str(exc)[:80]}"] += 1
+                continue
+            dt = time.perf_counter() - t0
+            with lock:
+                latencies.append(dt)
+                if r == 0:
+                    first.append(dt)
+        with lock:
+            spans.append((begin, time.perf_counter()))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    say(f"{clients} client(s) x {requests} request(s): running")
+    threads = [threading.Thread(target=client_loop, args=(k, c)) for k, c in enumerate(made)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=max(1.0, max_seconds - (time.perf_counter() - start)))
+    wall = time.perf_counter() - start
+    done.set()
+    watcher.join(timeout=5)
+    metrics = probe.metrics()
+    for c in made:
+        c.close()
+        c.transport.close()
+    lat = np.asarray(latencies)
+    predict_wall = (max(e for _, e in spans) - min(b for b, _ in spans)) if spans else 0.0
+    reuploads = sum(max(0, c.uploads - 1) for c in made)  # keys evicted and sent again
+    return {
+        "url": url, "circuit": circuit["id"], "dataset": circuit["dataset"], "model": circuit["model"],
+        "clients": clients, "requests": requests, "completed": int(len(lat)),
+        "errors": int(sum(errors.values())), "errors_by_kind": dict(errors),
+        "latency_p50_s": float(np.percentile(lat, 50)) if len(lat) else None,
+        "latency_p95_s": float(np.percentile(lat, 95)) if len(lat) else None,
+        "latency_max_s": float(lat.max()) if len(lat) else None,
+        "throughput_rps": float(len(lat) / predict_wall) if predict_wall else None,
+        "first_request_latency_s": float(np.median(first)) if first else None,
+        "later_request_latency_s": float(np.median(lat[np.isin(lat, first, invert=True)])) if len(lat) > len(first) else None,
+        "key_upload_s_median": float(np.median(uploads)) if uploads else None,
+        "key_reuploads": int(reuploads),
+        "keygen_s_median": float(np.median(keygen_s)),
+        "wall_s": wall,
+        "server_rss_peak_bytes": int(max(peak["rss"], metrics.get("engine_process_rss_bytes", 0.0))),
+        "server_key_store_capacity_bytes": int(metrics.get("engine_key_store_capacity_bytes", 0)),
+        "server_key_store_evictions": int(metrics.get("engine_key_store_evictions", 0)),
+    }

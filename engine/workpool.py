@@ -1,0 +1,102 @@
+"""A bounded pool of FHE runs, fair between clients.
+
+Each client (a key id) has its own first-in first-out queue; the workers serve the clients in
+turn, one job each, so one client sending a burst cannot starve the others. The total number
+of waiting jobs is bounded: past it :meth:`WorkPool.submit` raises :class:`QueueFull` and the
+service answers 429. The number of workers bounds the runs in flight, so the CPU is never
+oversubscribed (one Concrete run already spreads its bootstraps over every core: measured on
+2 cores, 8 runs took 2.29 s with one worker and 2.29 s with two).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import Future
+from typing import Any, Callable
+
+
+class QueueFull(Exception):
+    """Too many jobs are waiting: retry after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: float):
+        super().__init__(f"the work queue is full; retry in {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
+class WorkPool:
+    def __init__(self, workers: int = 1, max_queue: int = 64, name: str = "fhe"):
+        if workers < 1 or max_queue < 1:
+            raise ValueError("workers and max_queue must be at least 1")
+        self.workers = workers
+        self.max_queue = max_queue
+        self._queues: OrderedDict[str, deque] = OrderedDict()  # rotation order of waiting clients
+        self._waiting = 0
+        self._running = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._mean_run_s = 0.3  # running estimate, for Retry-After
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting (not yet running)."""
+        return self._waiting
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def submit(self, owner: str, fn: Callable[..., Any], *args) -> Future:
+        fut: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the work pool is closed")
+            if self._waiting >= self.max_queue:
+                raise QueueFull(max(1.0, self._waiting * self._mean_run_s / self.workers))
+            self._queues.setdefault(owner, deque()).append((fut, fn, args, time.perf_counter()))
+            self._waiting += 1
+            self._cond.notify()
+        return fut
+
+    def _next(self):
+        owner, q = next(iter(self._queues.items()))
+        job = q.popleft()
+        del self._queues[owner]
+        if q:  # back of the rotation: the other clients go first
+            self._queues[owner] = q
+        self._waiting -= 1
+        return job
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queues and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._queues:
+                    return
+                fut, fn, args, queued_at = self._next()
+                self._running += 1
+            if fut.set_running_or_notify_cancel():
+                start = time.perf_counter()
+                try:
+                    fut.set_result((fn(*args), start - queued_at, time.perf_counter() - start))
+                except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+                    fut.set_exception(exc)
+                self._mean_run_s = 0.8 * self._mean_run_s + 0.2 * (time.perf_counter() - start)
+            with self._cond:
+                self._running -= 1
+
+    def run(self, owner: str, fn: Callable[..., Any], *args) -> tuple[Any, float, float]:
+        """Submit and wait: (result, seconds queued, seconds running)."""
+        return self.submit(owner, fn, *args).result()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout=30)

@@ -1,0 +1,303 @@
+"""The HTTP service on loopback ports with the real tiny circuit: predictions, every error path,
+fuzzing of the POST routes, key isolation, eviction and re-upload, replicas, the Dask backend."""
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.client import EncryptedClient, HTTPTransport, InProcessTransport
+from engine.config import ServiceConfig
+from engine.hosting import Service
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningService:
+    """``engine.service`` under uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, config: ServiceConfig):
+        import uvicorn
+
+        from engine.service import create_app
+
+        self.service = Service(config)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = create_app(self.service)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("service did not become healthy")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.service.close()
+
+
+def config(models_dir, cache_dir, **kw) -> ServiceConfig:
+    return ServiceConfig(**{"models_dir": str(models_dir), "cache_dir": str(cache_dir), **kw})
+
+
+@pytest.fixture(scope="module")
+def svc(tiny_saved, models_dir, cache_dir):
+    s = RunningService(config(models_dir, cache_dir, key_grace_s=0.0, max_queue=8))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def circuit(svc, tiny_saved):
+    listed = httpx.get(f"{svc.url}/circuits").json()
+    return next(c for c in listed if c["model_hash"] == tiny_saved.hash)
+
+
+@pytest.fixture(scope="module")
+def feats(predictor, test_split):
+    return predictor.features(test_split.images[:6])
+
+
+def new_client(svc, circuit, tmp_path, **kw) -> EncryptedClient:
+    return EncryptedClient.download(HTTPTransport(svc.url), circuit["id"], tmp_path, **kw)
+
+
+def test_health_circuits_and_client_zip(svc, circuit, predictor):
+    h = httpx.get(f"{svc.url}/health").json()
+    assert h["status"] == "ok" and h["circuits"] >= 1
+    assert circuit["pbs_count"] == predictor.compiled.report.pbs_count
+    assert circuit["input_shape"] == [1, 784] and circuit["compile"]["rounding_threshold_bits"] == 4
+    r = httpx.get(f"{svc.url}/circuits/{circuit['id']}/client.zip")
+    assert r.status_code == 200 and r.content[:2] == b"PK"
+    assert r.content == (predictor.compiled.deployment_dir / "client.zip").read_bytes()
+
+
+def test_http_predictions_equal_simulation(svc, circuit, predictor, feats, tmp_path):
+    client = new_client(svc, circuit, tmp_path)
+    got = np.concatenate([client.predict(feats[i : i + 1])[0] for i in range(len(feats))]).argmax(1)
+    expected = np.concatenate([predictor.compiled.dequantize(predictor.compiled.simulator.run(
+        predictor.compiled.quantize(feats[i : i + 1]))) for i in range(len(feats))]).argmax(1)
+    assert np.array_equal(got, expected)
+    assert client.uploads == 1  # the keys went once
+    assert client.fhe._eval_keys is None  # only the secret keys stay on the client
+    assert client.fhe.forget_evaluation_keys() < 200_000
+
+
+def test_error_paths_answer_and_service_keeps_serving(svc, circuit, feats, tmp_path):
+    base, cid = svc.url, circuit["id"]
+    client = new_client(svc, circuit, tmp_path)
+    good_ct = client.fhe.encrypt(feats[:1])
+    key_id = client.register()
+    octet = {"content-type": "application/octet-stream"}
+
+    def post(path, body, **headers):
+        r = httpx.post(f"{base}{path}", content=body, headers={**octet, **headers}, timeout=60)
+        assert r.headers["content-type"].startswith("application/json") or r.status_code == 200
+        return r
+
+    r = post("/circuits/nope/predict", good_ct, **{"x-key-id": key_id})
+    assert r.status_code == 404 and "unknown circuit" in r.json()["error"]
+    assert post("/circuits/nope/keys", b"x").status_code == 404
+    r = post(f"/circuits/{cid}/predict", good_ct, **{"x-key-id": "not-a-key"})
+    assert r.status_code == 404 and "upload the evaluation keys again" in r.json()["error"]
+    assert post(f"/circuits/{cid}/predict", good_ct).status_code == 404  # no key header
+    r = post(f"/circuits/{cid}/predict", b"\x00" * len(good_ct), **{"x-key-id": key_id})
+    assert r.status_code == 400 and "malformed ciphertext" in r.json()["error"]
+    assert post(f"/circuits/{cid}/predict", good_ct[:-7], **{"x-key-id": key_id}).status_code == 400
+    assert post(f"/circuits/{cid}/keys", b"garbage").status_code == 400
+    r = post(f"/circuits/{cid}/predict", good_ct + bytes(8192), **{"x-key-id": key_id})
+    assert r.status_code == 413
+    r = post(f"/circuits/{cid}/keys", b"\x00" * (circuit["evaluation_key_bytes"] * 2))
+    assert r.status_code == 413
+    assert httpx.get(f"{base}/no/such/route").status_code == 404
+    # ...and the next good request is answered
+    r = post(f"/circuits/{cid}/predict", good_ct, **{"x-key-id": key_id})
+    assert r.status_code == 200 and float(r.headers["x-server-seconds"]) > 0
+    assert np.asarray(client.fhe.decrypt(r.content)).shape == (1, 2)
+
+
+def test_evicted_key_is_uploaded_again_without_the_caller_noticing(svc, circuit, feats, tmp_path):
+    a = new_client(svc, circuit, tmp_path / "a")
+    first, _ = a.predict(feats[:1])
+    assert httpx.delete(f"{svc.url}/circuits/{circuit['id']}/keys/{a.key_ids[svc.url]}").json()["removed"]
+    again, ex = a.predict(feats[:1])  # 404 inside, then fresh evaluation keys from the same secret
+    assert ex.key_uploads == 1 and a.uploads == 2
+    assert np.allclose(first, again)
+
+
+def test_key_store_evicts_least_recently_used(tiny_saved, models_dir, cache_dir, feats, tmp_path):
+    probe = Service(config(models_dir, cache_dir))
+    c = probe.host(tiny_saved)
+    probe.close()
+    # Room for two key sets: a third registration evicts the least recently used one.
+    s = RunningService(config(models_dir, cache_dir, key_store_bytes=int(2.5 * c.footprint), key_grace_s=0.0))
+    try:
+        circuit = {"id": c.id}
+        clients = [new_client(s, circuit, tmp_path / str(k)) for k in range(3)]
+        for cl in clients:
+            cl.predict(feats[:1])
+        assert s.service.store.evictions == 1 and len(s.service.store) == 2
+        assert clients[0].key_ids[s.url] not in s.service.store  # the oldest went
+        clients[0].predict(feats[:1])  # and comes back transparently
+        assert clients[0].uploads == 2 and s.service.store.evictions == 2
+        metrics = HTTPTransport(s.url).metrics()
+        assert metrics["engine_key_store_entries"] == 2 and metrics["engine_key_store_evictions"] == 2
+        assert metrics["engine_key_store_bytes"] == 2 * s.service.circuits[c.id].footprint and metrics["engine_process_rss_bytes"] > 0
+    finally:
+        s.stop()
+
+
+def test_full_queue_answers_429_with_retry_after(tiny_saved, models_dir, cache_dir, feats, tmp_path):
+    s = RunningService(config(models_dir, cache_dir, max_queue=1, workers=1, key_grace_s=0.0))
+    gate = threading.Event()
+    try:
+        cid = s.service.host(tiny_saved).id
+        client = new_client(s, {"id": cid}, tmp_path)
+        key_id = client.register()
+        ct = client.fhe.encrypt(feats[:1])
+        blocker = s.service.pool.submit("someone-else", gate.wait)  # the one worker is busy...
+        time.sleep(0.2)
+        s.service.pool.submit("someone-else", lambda: None)  # ...and the one queue slot taken
+        r = httpx.post(f"{s.url}/circuits/{cid}/predict", content=ct, headers={"x-key-id": key_id})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and "queue is full" in r.json()["error"]
+        gate.set()
+        blocker.result(timeout=30)
+        r = httpx.post(f"{s.url}/circuits/{cid}/predict", content=ct, headers={"x-key-id": key_id})
+        assert r.status_code == 200
+        text = httpx.get(f"{s.url}/metrics").text
+        assert 'engine_requests_total{route="/circuits/{cid}/predict",status="429"} 1.0' in text
+        assert "engine_predict_requests_total 2.0" in text and "engine_queue_depth" in text
+    finally:
+        gate.set()
+        s.stop()
+
+
+def test_fair_queue_serves_clients_in_turn():
+    from engine.workpool import WorkPool
+
+    pool = WorkPool(workers=1, max_queue=100)
+    gate, order = threading.Event(), []
+    pool.submit("gate", gate.wait)
+    time.sleep(0.1)
+    futures = [pool.submit("a", order.append, f"a{i}") for i in range(4)]
+    futures += [pool.submit("b", order.append, f"b{i}") for i in range(2)]
+    gate.set()
+    [f.result(timeout=10) for f in futures]
+    pool.close()
+    assert order == ["a0", "b0", "a1", "b1", "a2", "a3"]  # b does not wait behind a's burst
+
+
+def test_two_interleaved_clients_decrypt_only_their_own(svc, circuit, feats, tmp_path):
+    a, b = new_client(svc, circuit, tmp_path / "a"), new_client(svc, circuit, tmp_path / "b")
+    outs = []
+    for i in range(3):  # interleaved: a, b, a, b, ...
+        la, ea = a.predict(feats[i : i + 1])
+        lb, eb = b.predict(feats[i : i + 1])
+        outs.append((la, ea, lb, eb))
+    for la, ea, lb, eb in outs:
+        assert np.allclose(la, lb)  # same image, same answer, each with its own key
+        wrong = np.asarray(b.fhe.decrypt(ea.result))
+        assert not np.allclose(wrong, la)  # a's result under b's key is noise
+        assert np.abs(wrong - la).max() > 1.0
+    assert a.key_ids[svc.url] != b.key_ids[svc.url]
+
+
+@settings(max_examples=320, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_post_routes_never_5xx(svc, circuit, fuzz_material, data):
+    keys, ct, key_id = fuzz_material
+    target = data.draw(st.sampled_from(["keys", "predict"]))
+    valid = keys if target == "keys" else ct
+    kind = data.draw(st.sampled_from(["random", "mutated", "truncated", "extended"]))
+    if kind == "random":
+        body = data.draw(st.binary(max_size=4096))
+    elif kind == "mutated":
+        buf = bytearray(valid)
+        for _ in range(data.draw(st.integers(1, 8))):
+            buf[data.draw(st.integers(0, len(buf) - 1))] = data.draw(st.integers(0, 255))
+        body = bytes(buf)
+    elif kind == "truncated":
+        body = valid[: data.draw(st.integers(0, len(valid) - 1))]
+    else:
+        body = valid + data.draw(st.binary(min_size=1, max_size=64))
+    headers = {"content-type": "application/octet-stream"}
+    if target == "predict":
+        headers["x-key-id"] = data.draw(st.sampled_from([key_id, "", "x" * 40]))
+    r = httpx.post(f"{svc.url}/circuits/{circuit['id']}/{target}", content=body, headers=headers, timeout=120)
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        assert "error" in r.json()
+
+
+@pytest.fixture(scope="module")
+def fuzz_material(svc, circuit, feats, tmp_path_factory):
+    client = new_client(svc, circuit, tmp_path_factory.mktemp("fuzz"), keep_evaluation_keys=True)
+    key_id = client.register()
+    yield client.fhe.evaluation_keys(), client.fhe.encrypt(feats[:1]), key_id
+    # After the fuzzing: the process is alive and a good request is answered.
+    assert httpx.get(f"{svc.url}/health").status_code == 200
+    logits, _ = client.predict(feats[:1])
+    assert logits.shape == (1, 2)
+
+
+def test_two_replicas_behind_one_client(tiny_saved, models_dir, cache_dir, feats, predictor, tmp_path):
+    r1 = RunningService(config(models_dir, cache_dir))
+    r2 = RunningService(config(models_dir, cache_dir))
+    try:
+        cid = r1.service.host(tiny_saved).id
+        client = EncryptedClient.download(HTTPTransport([r1.url, r2.url]), cid, tmp_path)
+        results = [client.predict(feats[i : i + 1]) for i in range(4)]
+        assert [ex.endpoint for _, ex in results] == [r1.url, r2.url, r1.url, r2.url]
+        assert set(client.key_ids) == {r1.url, r2.url} and client.uploads == 2
+        r1.stop()  # one replica goes away: the client keeps getting answers from the other
+        logits, ex = client.predict(feats[:1])
+        assert ex.endpoint == r2.url and np.allclose(logits, results[0][0])
+    finally:
+        r2.stop()
+        if r1.thread.is_alive():
+            r1.stop()
+
+
+def test_dask_backend_equals_local_pool(tiny_saved, models_dir, cache_dir, feats, predictor, monkeypatch):
+    from dask.distributed import LocalCluster
+
+    from conftest import REPO
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    local = Service(config(models_dir, cache_dir))
+    cid = local.host(tiny_saved).id
+    local.ready = True
+    client_fhe = predictor.ensure_client()
+    a = EncryptedClient(InProcessTransport(local), cid, client_fhe, keep_evaluation_keys=True)
+    expected = [a.predict(feats[i : i + 1])[0] for i in range(3)]
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        remote = Service(config(models_dir, cache_dir, backend="dask", scheduler=cluster.scheduler_address))
+        try:
+            remote.host(tiny_saved)
+            assert remote.pool.workers == 2
+            b = EncryptedClient(InProcessTransport(remote), cid, client_fhe, keep_evaluation_keys=True)
+            with ThreadPoolExecutor(3) as ex:
+                got = list(ex.map(lambda i: b.predict(feats[i : i + 1])[0], range(3)))
+        finally:
+            remote.close()
+    local.close()
+    for e, g in zip(expected, got):
+        assert np.allclose(e, g)
