@@ -1,13 +1,20 @@
 """Streamlit glue shared by the pages: cached engine objects, per-session keys, pickers.
 
 Everything here is presentation or caching; the work itself is done by ``engine``.
-Compiled circuits and servers are shared across browser sessions (``st.cache_resource``);
-each browser session gets its own ``FHEClient`` (its keys live in that session's state only).
+Compiled circuits are shared across browser sessions (``st.cache_resource``). Encrypted runs go
+over HTTP to the service (``ENGINE_SERVER_URL``, else one this process starts on a loopback
+port). Each browser session gets its own client keys, taken from a pool generated ahead of
+demand; after the upload the session holds only its secret keys, and tells the service to drop
+its evaluation keys when the session ends.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import threading
+import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +24,9 @@ from engine import registry
 from engine.config import CompileConfig, DataConfig, default_data_dir
 # available_datasets, present_datasets and MODES are re-exported for the pages.
 from engine.data import DataError, available_datasets, dataset_info, present_datasets  # noqa: F401
-from engine.fhe import FHEClient, FHEServer, compile_model
+from engine.client import EncryptedClient, HTTPTransport, KeyPool, LocalServiceProcess, find_circuit
+from engine.config import default_cache_dir, default_models_dir
+from engine.fhe import compile_model, release_memory
 from engine.infer import MODES, Predictor  # noqa: F401
 from engine.metrics import label_text
 
@@ -58,13 +67,105 @@ def select_model(container=None) -> registry.SavedModel | None:
 
 def model_page(page_title: str, icon: str, title: str):
     """Page header + sidebar pickers: (saved model, compile config, dataset info); stops the
-    page when no model exists yet."""
+    page when no model exists yet. Encrypted runs use the circuit the service serves: the
+    model's own compile settings. Key generation for this session starts in the background."""
     st.set_page_config(page_title=page_title, page_icon=icon, layout="wide")
-    st.title(f"{icon} {title}")
+    st.title(title)
     saved = select_model()
     if saved is None:
         st.stop()
-    return saved, compile_settings(saved), dataset_info(saved.dataset)
+    cc = saved.config.compile
+    st.sidebar.caption(f"Served circuit: rounding {cc.rounding_threshold_bits} bits ({cc.rounding_method}), "
+                       f"p_error {cc.p_error:g}. Service: {service_url()}")
+    prepare_keys(saved)
+    return saved, cc, dataset_info(saved.dataset)
+
+
+def read_only() -> bool:
+    """``ENGINE_READ_ONLY=1``: a public demo offers inference only (no training, sweeps or writes)."""
+    return os.environ.get("ENGINE_READ_ONLY", "").strip().lower() in ("1", "true", "yes")
+
+
+# --------------------------------------------------------------------------- the service
+
+
+@st.cache_resource(show_spinner="Starting the encrypted-inference service…")
+def _service() -> tuple[str, str, LocalServiceProcess | None]:
+    url = os.environ.get("ENGINE_SERVER_URL", "").strip()
+    if url:
+        return url.rstrip("/"), "ENGINE_SERVER_URL", None
+    log = default_cache_dir() / "service.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc = LocalServiceProcess(default_models_dir(), default_cache_dir(), log=log)
+    return proc.url, "started by this app (a separate local process)", proc
+
+
+def service_url() -> str:
+    return _service()[0]
+
+
+def service_origin() -> str:
+    return _service()[1]
+
+
+@st.cache_resource(show_spinner=False)
+def _transport(url: str) -> HTTPTransport:
+    return HTTPTransport(url)
+
+
+@st.cache_resource(show_spinner=False)
+def _key_pool(url: str, circuit_id: str) -> KeyPool:
+    spares = int(os.environ.get("ENGINE_KEY_SPARES", "2"))
+    return KeyPool(lambda: _transport(url), circuit_id, default_cache_dir() / "client", spares=spares)
+
+
+@st.cache_resource(show_spinner=False)
+def _keygen_executor():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="session-keys")
+
+
+def served_circuit(saved: registry.SavedModel) -> dict:
+    return find_circuit(_transport(service_url()), saved.dataset, saved.hash,
+                        json.loads(json.dumps(saved.config.compile.__dict__)))
+
+
+class SessionKeys:
+    """This browser session's client of one circuit; drops its keys on the service when the
+    session ends (Streamlit clears the session state, this object is collected)."""
+
+    def __init__(self, future):
+        self.future = future
+        weakref.finalize(self, SessionKeys._release, future)
+
+    @staticmethod
+    def _release(future) -> None:
+        if future.done() and future.exception() is None:
+            future.result().close()
+        release_memory()
+
+
+def prepare_keys(saved: registry.SavedModel) -> None:
+    """Start getting this session's keys (from the pool, else generated) without waiting."""
+    keys: dict = st.session_state.setdefault("session_keys", {})
+    if saved.hash in keys:
+        return
+    url = service_url()
+
+    def get() -> EncryptedClient:
+        return _key_pool(url, served_circuit(saved)["id"]).take()
+
+    keys[saved.hash] = SessionKeys(_keygen_executor().submit(get))
+
+
+def session_remote(saved: registry.SavedModel, wait: bool = True) -> EncryptedClient | None:
+    """This session's client (keys uploaded, secret keys only); None if not ready and not ``wait``."""
+    prepare_keys(saved)
+    fut = st.session_state["session_keys"][saved.hash].future
+    if not wait and not fut.done():
+        return None
+    return fut.result(timeout=600)
 
 
 def compile_settings(saved: registry.SavedModel, container=None) -> CompileConfig:
@@ -81,29 +182,86 @@ def compile_settings(saved: registry.SavedModel, container=None) -> CompileConfi
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def _shared_circuit(dataset: str, name: str, model_hash: str, cc_json: str):
-    """Compiled circuit + server for a model and compile config, shared by all sessions."""
+    """Compiled circuit for a model and compile config (the clear modes), shared by all sessions."""
     saved = registry.load(dataset, name)
     cc = CompileConfig(**json.loads(cc_json))
-    compiled = compile_model(saved, cc)
-    return compiled, FHEServer(compiled.deployment_dir)
+    return compile_model(saved, cc)
 
 
-def predictor(saved: registry.SavedModel, cc: CompileConfig) -> Predictor:
-    """A Predictor on the shared circuit and server, with this session's own client keys."""
-    cc_json = json.dumps(cc.__dict__, sort_keys=True)
-    compiled, server = _shared_circuit(saved.dataset, saved.name, saved.hash, cc_json)
-    clients: dict = st.session_state.setdefault("fhe_clients", {})
-    key = compiled.report.cache_key
-    if key not in clients:
-        clients[key] = FHEClient(compiled)  # keys in memory, this session only
-    return Predictor(saved=saved, compile_config=cc, compiled=compiled, client=clients[key], server=server)
+def compiled_circuit(saved: registry.SavedModel, cc: CompileConfig):
+    return _shared_circuit(saved.dataset, saved.name, saved.hash, json.dumps(cc.__dict__, sort_keys=True))
 
 
-def session_client(saved: registry.SavedModel, cc: CompileConfig) -> FHEClient | None:
-    """This session's client for the model's circuit, if it has one (never compiles)."""
-    from engine.fhe import cache_key
+def predictor(saved: registry.SavedModel, cc: CompileConfig | None = None) -> Predictor:
+    """A Predictor on the shared circuit whose encrypted mode goes over HTTP to the service,
+    with this session's own keys."""
+    cc = cc or saved.config.compile
+    remote = session_remote(saved)
+    return Predictor(saved=saved, compile_config=cc, compiled=compiled_circuit(saved, cc), client=remote.fhe,
+                     transport=remote.transport, remote=remote, keep_evaluation_keys=False)
 
-    return st.session_state.get("fhe_clients", {}).get(cache_key(saved.hash, cc))
+
+def decrypt_with_fresh_key(saved: registry.SavedModel, result: bytes):
+    """Decrypt an encrypted result with a newly generated, unrelated key: the logits it yields."""
+    import numpy as np
+
+    from engine.fhe import FHEClient
+
+    stranger = FHEClient(compiled_circuit(saved, saved.config.compile))
+    stranger.keygen()
+    try:
+        return np.asarray(stranger.decrypt(result), dtype=float).reshape(-1)
+    finally:
+        del stranger
+        release_memory()
+
+
+class JobQueue:
+    """Long jobs (training, sweeps) run one at a time in this process; the others wait in line."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._line: list[str] = []
+
+    def position(self, ticket: str) -> int:
+        with self._cond:
+            return self._line.index(ticket) if ticket in self._line else -1
+
+    @contextmanager
+    def turn(self, what: str, on_wait=None):
+        import uuid
+
+        ticket = f"{what}-{uuid.uuid4().hex[:8]}"
+        with self._cond:
+            self._line.append(ticket)
+            while self._line[0] != ticket:
+                if on_wait:
+                    on_wait(self._line.index(ticket), len(self._line))
+                self._cond.wait(timeout=1.0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._line.remove(ticket)
+                self._cond.notify_all()
+
+
+@st.cache_resource(show_spinner=False)
+def job_queue() -> JobQueue:
+    return JobQueue()
+
+
+@contextmanager
+def long_job(what: str):
+    """Wait for this process's turn for a long job, showing the user their place in line."""
+    box = st.empty()
+
+    def waiting(pos: int, total: int) -> None:
+        box.info(f"Waiting for {pos} job(s) ahead of this {what} to finish ({total} in line).", icon=":material/hourglass_top:")
+
+    with job_queue().turn(what, waiting):
+        box.empty()
+        yield
 
 
 def progress_bar(text: str):
@@ -127,7 +285,7 @@ def results_table(results: dict, info, labels_true=None) -> pd.DataFrame:
                 for c, lbl in info.labels.items():
                     row[f"P({lbl})"] = round(float(r.scores[i, c]), 4)
             row["latency (ms)"] = round(1000 * float(r.latency_s[i]), 2)
-            for stage in ("encrypt_s", "server_s", "decrypt_s"):
+            for stage in ("encrypt_s", "network_s", "queue_s", "server_s", "decrypt_s"):
                 if stage in r.stages:
                     row[f"{stage[:-2]} (ms)"] = round(1000 * float(r.stages[stage][i]), 2)
             rows.append(row)

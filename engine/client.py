@@ -304,3 +304,121 @@ class EncryptedClient:
                 except Exception:  # noqa: BLE001 - the service may be gone already
                     pass
         self.key_ids.clear()
+
+
+class LocalServiceProcess:
+    """``python -m engine serve`` as a child process on a free loopback port (the dashboard's
+    service when no ``ENGINE_SERVER_URL`` is given); stopped by :meth:`stop` or at exit."""
+
+    def __init__(self, models_dir: Path | None = None, cache_dir: Path | None = None, key_store_bytes: int | None = None,
+                 log: Path | None = None, timeout_s: float = 600.0):
+        import atexit
+        import os
+        import socket
+        import subprocess
+        import sys
+
+        import httpx
+
+        from .config import REPO_ROOT
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "engine", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        if models_dir:
+            cmd += ["--models-dir", str(models_dir)]
+        if cache_dir:
+            cmd += ["--cache-dir", str(cache_dir)]
+        if key_store_bytes:
+            cmd += ["--key-store-bytes", str(key_store_bytes)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        out = open(log, "ab") if log else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        atexit.register(self.stop)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServiceUnavailable(f"the local service exited with code {self.proc.returncode}"
+                                         + (f" (log: {log})" if log else ""))
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise ServiceUnavailable(f"the local service did not become ready within {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except Exception:  # noqa: BLE001
+                self.proc.kill()
+
+
+class KeyPool:
+    """Spare clients of one circuit, keys generated and uploaded ahead of demand.
+
+    A visitor's first encrypted answer should not wait for key generation (about 3 s) and the
+    first run with new keys (about 1.5 s): the pool keeps ``spares`` clients whose keys are
+    generated, uploaded and warmed by the service, each holding only its secret keys (about
+    40 KB). :meth:`take` hands one out (each set goes to exactly one user, never back) and a
+    background thread makes the next one.
+    """
+
+    def __init__(self, transport_factory, circuit_id: str, folder: Path, spares: int = 2):
+        import threading
+
+        self._factory = transport_factory
+        self.circuit_id = circuit_id
+        self.folder = Path(folder)
+        self.spares = spares
+        self._ready: list[EncryptedClient] = []
+        self._cond = threading.Condition()
+        self._wanted = 0
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._fill, name="key-pool", daemon=True)
+        self._thread.start()
+
+    def _make(self) -> EncryptedClient:
+        client = EncryptedClient.download(self._factory(), self.circuit_id, self.folder)
+        client.register()  # generates keys, uploads them, keeps only the secret keys
+        return client
+
+    def _fill(self) -> None:
+        while True:
+            with self._cond:
+                while len(self._ready) >= self.spares + self._wanted:
+                    self._cond.wait()
+            try:
+                client = self._make()
+                self.error = None
+            except Exception as exc:  # noqa: BLE001 - reported to whoever takes
+                self.error = f"{type(exc).__name__}: {exc}"
+                time.sleep(2.0)
+                continue
+            with self._cond:
+                self._ready.append(client)
+                self._cond.notify_all()
+
+    def take(self, timeout_s: float = 300.0) -> EncryptedClient:
+        """A client with fresh keys of its own, waiting for one if none is spare."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._wanted += 1
+            self._cond.notify_all()
+            try:
+                while not self._ready:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ServiceUnavailable(f"no keys ready in {timeout_s:.0f} s" + (f": {self.error}" if self.error else ""))
+                    self._cond.wait(min(left, 1.0))
+                client = self._ready.pop(0)
+            finally:
+                self._wanted -= 1
+            self._cond.notify_all()
+        return client

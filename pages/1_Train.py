@@ -13,6 +13,10 @@ from engine.train import train
 st.set_page_config(page_title="Train", page_icon="🏋️", layout="wide")
 st.title("🏋️ Train a quantization-aware model")
 
+if ui.read_only():
+    st.info("This is a read-only demo (ENGINE_READ_ONLY=1): training is disabled. Try the encrypted inference pages.",
+            icon=":material/lock:")
+    st.stop()
 present = ui.present_datasets(ui.data_dir())
 choices = present + [d for d in ui.available_datasets() if d not in present]
 with st.form("train_form"):
@@ -66,8 +70,9 @@ if submitted:
                               yaxis2=dict(title="accuracy", overlaying="y", side="right", range=[0, 1]))
             return fig
 
-        result = train(cfg, progress=on_epoch)
-        saved = registry.save(result, name.strip() or None)
+        with ui.long_job("training"):
+            result = train(cfg, progress=on_epoch)
+            saved = registry.save(result, name.strip() or None)
         st.session_state["model"] = (saved.dataset, saved.name)
         st.success(f"Saved **{saved.dataset}/{saved.name}** (best epoch {result.best_epoch}): validation accuracy "
                    f"{100 * result.metrics['val']['accuracy']:.1f}%, test {100 * result.metrics['test']['accuracy']:.1f}%. "

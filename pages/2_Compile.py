@@ -4,8 +4,8 @@ import streamlit as st
 
 import ui
 
-st.set_page_config(page_title="Compile", page_icon="⚙️", layout="wide")
-st.title("⚙️ Compile to an FHE circuit")
+st.set_page_config(page_title="Compile", page_icon=":material/memory:", layout="wide")
+st.title("Compile to an FHE circuit")
 st.markdown(
     "Compilation turns the quantized network into a TFHE circuit. Each hidden neuron becomes one "
     "programmable bootstrap (a table lookup on encrypted data), the dominant cost. Accumulators are "
@@ -18,11 +18,14 @@ if saved is None:
     st.stop()
 cc = ui.compile_settings(saved, st)
 
-if st.button("Compile", type="primary", key="compile_btn"):
+locked = ui.read_only() and cc != saved.config.compile
+if locked:
+    st.info("Read-only demo: only the served compile settings can be shown here.")
+if st.button("Compile", type="primary", key="compile_btn", disabled=locked):
     try:
         with st.spinner("Compiling (instant when cached)…"):
-            p = ui.predictor(saved, cc)
-        st.session_state["compiled_report"] = p.compiled.report.to_dict()
+            compiled = ui.compiled_circuit(saved, cc)
+        st.session_state["compiled_report"] = compiled.report.to_dict()
     except Exception as exc:  # noqa: BLE001
         ui.fail(exc)
 
@@ -37,9 +40,12 @@ if rep and rep["model_hash"] == saved.hash and rep["compile"]["rounding_threshol
     st.caption(f"Cache key {rep['cache_key']} · concrete-ml {rep['versions']['concrete-ml']}")
     if st.button("Generate this session's keys", key="keygen_btn"):
         try:
-            client = ui.predictor(saved, cc).ensure_client()
+            from engine.fhe import FHEClient
+
+            client = FHEClient(ui.compiled_circuit(saved, cc))  # a throwaway pair, to measure
             client.keygen()
             st.session_state["keygen"] = (client.keygen_s, len(client.evaluation_keys()))
+            del client
         except Exception as exc:  # noqa: BLE001
             ui.fail(exc)
     if "keygen" in st.session_state:
@@ -47,4 +53,5 @@ if rep and rep["model_hash"] == saved.hash and rep["compile"]["rounding_threshol
         k = st.columns(2)
         k[0].metric("Key generation", f"{ks:.2f} s")
         k[1].metric("Evaluation key size", f"{size / 2**20:.1f} MiB")
-        st.caption("The secret key stays in this browser session's client; the server receives only the evaluation keys.")
+        st.caption("Secret keys stay with the client; the server receives only the evaluation keys. "
+                   "Encrypted predictions use this session's own keys, uploaded once to the service.")

@@ -5,7 +5,7 @@ import streamlit as st
 import ui
 from engine.images import EXTENSIONS, ImageError, load_image
 
-saved, cc, info = ui.model_page("Upload", "📤", "Classify your own image, encrypted")
+saved, cc, info = ui.model_page("Upload", ":material/upload:", "Classify your own image, encrypted")
 size, channels = saved.config.data.size, info.n_channels
 st.markdown(
     f"Model **{saved.name}** expects {size}×{size} {'grayscale' if channels == 1 else 'RGB'} "
@@ -30,7 +30,7 @@ if up is not None:
     c2.image(loaded.array, caption=f"model input ({size}×{size})", width=240, clamp=True)
     for note in loaded.notes:
         st.caption(f"ℹ️ {note}")
-    if st.button("🔒 Encrypted prediction", type="primary", key="upload_run"):
+    if st.button("Encrypted prediction", icon=":material/lock:", type="primary", key="upload_run"):
         try:
             with st.spinner("Encrypting, computing on ciphertext, decrypting…"):
                 p = ui.predictor(saved, cc)

@@ -16,6 +16,9 @@ st.markdown(
     "compiles it, and measures validation accuracy (float, quantized clear, FHE simulation) and "
     "encrypted latency on a few images. Points are cached on disk: a revisit is instant."
 )
+if ui.read_only():
+    st.info("Read-only demo (ENGINE_READ_ONLY=1): new sweeps are disabled.", icon=":material/lock:")
+    st.stop()
 present = ui.present_datasets(ui.data_dir())
 if not present:
     st.warning(f"No MedMNIST file found in {ui.data_dir()}: set MEDMNIST_DIR.")
@@ -37,9 +40,10 @@ if go_btn:
         hidden = ModelConfig.parse_hidden(hidden_text)
         base = PipelineConfig(data=ui.data_config(dataset), model=ModelConfig(hidden=hidden),
                               train=TrainConfig(epochs=int(epochs), limit_train=int(limit)), compile=CompileConfig())
-        bar, update = ui.progress_bar("Sweeping")
-        rows = sweep(base, list(range(bits[0], bits[1] + 1)), sorted(rounding) or [5], int(n_val), int(n_fhe), progress=update)
-        st.session_state["sweep_rows"] = rows
+        with ui.long_job("sweep"):
+            bar, update = ui.progress_bar("Sweeping")
+            rows = sweep(base, list(range(bits[0], bits[1] + 1)), sorted(rounding) or [5], int(n_val), int(n_fhe), progress=update)
+            st.session_state["sweep_rows"] = rows
     except (DataError, ValueError) as exc:
         ui.fail(exc)
 

@@ -40,7 +40,24 @@ def test_home_encrypted_prediction(app_env):
     assert any("Encrypted prediction:" in s.value for s in at.success)
     table = at.dataframe[0].value
     assert list(table["mode"]) == ["Encrypted (FHE)"] and table["server (ms)"].iloc[0] > 0
+    assert "network (ms)" in table and "queue (ms)" in table
     assert [m.value for m in at.metric if m.label == "This session's keys"] == ["generated"]
+    wire = next(m.value for m in at.markdown if "What crossed the wire" in m.value)
+    assert "http://127.0.0.1:" in wire and "bytes of ciphertext" in wire
+    assert at.code[0].value.startswith("ciphertext  ")
+    at.button(key="home_wrong_key").click().run()
+    ok(at)
+    assert any("freshly generated wrong key" in m.value for m in at.markdown)
+    right, wrong = [json.loads(j.value) for j in at.json][-2:]
+    assert right["logits"] != wrong["logits"]
+
+
+def test_read_only_demo_offers_inference_only(app_env, monkeypatch):
+    monkeypatch.setenv("ENGINE_READ_ONLY", "1")
+    at = ok(page("pages/1_Train.py"))
+    assert any("training is disabled" in i.value for i in at.info) and not at.button
+    at = ok(page("pages/5_Bit-width_explorer.py"))
+    assert any("new sweeps are disabled" in i.value for i in at.info)
 
 
 def test_train_page_trains_and_saves(app_env, monkeypatch):

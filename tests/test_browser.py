@@ -35,12 +35,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_saved, models_dir, cache_dir, data_dir, tmp_path_factory):
+def wait_healthy(url: str, log, what: str) -> None:
+    for _ in range(600):
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
+                return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{what} did not start: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="module", params=["service started by the app", "ENGINE_SERVER_URL"])
+def server(request, tiny_saved, models_dir, cache_dir, data_dir, tmp_path_factory):
+    """The dashboard, once with the service it starts itself and once pointed at a service
+    started separately (``python -m engine serve``) through ENGINE_SERVER_URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("streamlit") / "server.log"
+    folder = tmp_path_factory.mktemp("streamlit")
+    log = folder / "server.log"
     env = {**os.environ, "ENGINE_MODELS_DIR": str(models_dir), "ENGINE_CACHE_DIR": str(cache_dir),
            "MEDMNIST_DIR": str(data_dir)}
+    env.pop("ENGINE_SERVER_URL", None)
+    service = None
+    if request.param == "ENGINE_SERVER_URL":
+        service_port = free_port()
+        service_log = open(folder / "service.log", "w")
+        service = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--port", str(service_port),
+                                    "--models-dir", str(models_dir), "--cache-dir", str(cache_dir)],
+                                   cwd=REPO, env=env, stdout=service_log, stderr=subprocess.STDOUT)
+        env["ENGINE_SERVER_URL"] = f"http://127.0.0.1:{service_port}"
+        wait_healthy(env["ENGINE_SERVER_URL"], folder / "service.log", "the service")
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
@@ -56,10 +79,13 @@ def server(tiny_saved, models_dir, cache_dir, data_dir, tmp_path_factory):
                 time.sleep(0.5)
         else:
             pytest.fail(f"streamlit did not start: {log.read_text()[-2000:]}")
-        yield url
+        yield url, request.param, env.get("ENGINE_SERVER_URL")
     finally:
         proc.terminate()
-        proc.wait(timeout=20)
+        proc.wait(timeout=30)
+        if service is not None:
+            service.terminate()
+            service.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +98,12 @@ def browser():
         b.close()
 
 
+def _tag(mode: str) -> str:
+    return "external" if mode == "ENGINE_SERVER_URL" else "app-started"
+
+
 def test_encrypted_prediction_in_browser(server, browser):
+    server, mode, external = server
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
     page.goto(server)
     page.get_by_text("Encrypted medical image classification").wait_for(timeout=60_000)
@@ -82,13 +113,19 @@ def test_encrypted_prediction_in_browser(server, browser):
     text = result.inner_text()
     assert any(lbl in text for lbl in ("normal", "pneumonia")) and "ms end to end" in text
     page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=30_000)
-    assert page.get_by_text("key generation").count() >= 1
+    wire = page.get_by_text("What crossed the wire")
+    wire.wait_for(timeout=30_000)
+    if external:
+        assert external in page.content() and "ENGINE_SERVER_URL" in page.content()  # the predictions went to the separately started service
+    else:
+        assert "started by this app" in page.content()
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "home_encrypted_prediction.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / f"home_encrypted_prediction_{_tag(mode)}.png"), full_page=True)
     page.close()
 
 
 def test_upload_in_browser(server, browser, tmp_path):
+    server, mode, _ = server
     img = (np.random.default_rng(0).integers(0, 255, (120, 90))).astype(np.uint8)
     path = tmp_path / "xray.png"
     Image.fromarray(img).save(path)
@@ -101,5 +138,5 @@ def test_upload_in_browser(server, browser, tmp_path):
     page.get_by_text("Encrypted prediction:").wait_for(timeout=180_000)
     page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=30_000)
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "upload_encrypted_prediction.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / f"upload_encrypted_prediction_{_tag(mode)}.png"), full_page=True)
     page.close()
