@@ -136,3 +136,17 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
         "server_key_store_capacity_bytes": int(metrics.get("engine_key_store_capacity_bytes", 0)),
         "server_key_store_evictions": int(metrics.get("engine_key_store_evictions", 0)),
     }
+
+
+def markdown(runs: list[dict]) -> str:
+    """A table of load-test runs (the JSON of each ``loadtest --json``)."""
+    ms = lambda v: "-" if v is None else f"{1000 * v:.0f} ms"  # noqa: E731
+    lines = ["| clients x requests | key store | errors | p50 | p95 | max | throughput | first request | "
+             "later requests | key re-uploads | server RSS peak |", "|" + " --- |" * 11]
+    for r in runs:
+        lines.append(
+            f"| {r['clients']} x {r['requests']} | {r['server_key_store_capacity_bytes'] / 2**30:.2f} GiB | {r['errors']} | "
+            f"{ms(r['latency_p50_s'])} | {ms(r['latency_p95_s'])} | {ms(r['latency_max_s'])} | "
+            f"{r['throughput_rps']:.2f} req/s | {ms(r['first_request_latency_s'])} | {ms(r['later_request_latency_s'])} | "
+            f"{r['key_reuploads']} | {r['server_rss_peak_bytes'] / 2**20:.0f} MiB |")
+    return "\n".join(lines) + "\n"
