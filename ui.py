@@ -115,7 +115,7 @@ def _transport(url: str) -> HTTPTransport:
 
 @st.cache_resource(show_spinner=False)
 def _key_pool(url: str, circuit_id: str) -> KeyPool:
-    spares = int(os.environ.get("ENGINE_KEY_SPARES", "2"))
+    spares = int(os.environ.get("ENGINE_KEY_SPARES", "4"))
     return KeyPool(lambda: _transport(url), circuit_id, default_cache_dir() / "client", spares=spares)
 
 

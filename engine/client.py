@@ -370,7 +370,7 @@ class KeyPool:
     background thread makes the next one.
     """
 
-    def __init__(self, transport_factory, circuit_id: str, folder: Path, spares: int = 2):
+    def __init__(self, transport_factory, circuit_id: str, folder: Path, spares: int = 4, makers: int = 2):
         import threading
 
         self._factory = transport_factory
@@ -380,9 +380,12 @@ class KeyPool:
         self._ready: list[EncryptedClient] = []
         self._cond = threading.Condition()
         self._wanted = 0
+        self._making = 0
         self.error: str | None = None
-        self._thread = threading.Thread(target=self._fill, name="key-pool", daemon=True)
-        self._thread.start()
+        # Two makers: key generation runs on one core each, uploads and warm-ups overlap.
+        self._threads = [threading.Thread(target=self._fill, name=f"key-pool-{i}", daemon=True) for i in range(makers)]
+        for t in self._threads:
+            t.start()
 
     def _make(self) -> EncryptedClient:
         client = EncryptedClient.download(self._factory(), self.circuit_id, self.folder)
@@ -392,18 +395,22 @@ class KeyPool:
     def _fill(self) -> None:
         while True:
             with self._cond:
-                while len(self._ready) >= self.spares + self._wanted:
+                while len(self._ready) + self._making >= self.spares + self._wanted:
                     self._cond.wait()
+                self._making += 1
             try:
                 client = self._make()
                 self.error = None
             except Exception as exc:  # noqa: BLE001 - reported to whoever takes
                 self.error = f"{type(exc).__name__}: {exc}"
-                time.sleep(2.0)
-                continue
+                client = None
             with self._cond:
-                self._ready.append(client)
+                self._making -= 1
+                if client is not None:
+                    self._ready.append(client)
                 self._cond.notify_all()
+            if client is None:
+                time.sleep(2.0)
 
     def take(self, timeout_s: float = 300.0) -> EncryptedClient:
         """A client with fresh keys of its own, waiting for one if none is spare."""

@@ -111,7 +111,8 @@ class ServiceConfig:
     cache_dir: str = ""  # empty: default_cache_dir()
     key_store_bytes: int = 4 * 2**30
     key_ttl_s: float = 0.0  # idle time-to-live of a key set (0: none)
-    key_grace_s: float = 5.0  # a new key set is not evicted before its first use within this time
+    key_grace_s: float = 30.0  # a new key set is not evicted before its first use within this time
+    key_wait_s: float = 30.0  # an upload waits this long for room in the key store, then 429
     workers: int = 1  # FHE runs in flight (one Concrete run already uses every core)
     max_queue: int = 64  # runs waiting, over all clients; past it: 429
     backend: str = "local"  # or "dask"

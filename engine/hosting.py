@@ -294,21 +294,31 @@ class Service:
         return self.circuit(cid).compiled.deployment_dir / "client.zip"
 
     # -- keys and runs
-    def register(self, cid: str, body: bytes) -> str:
-        """Check, prepare and store a client's evaluation keys; returns a new, unguessable key id."""
+    def admit(self, cid: str) -> HostedCircuit:
+        """Reserve room for one key set of ``cid`` before its upload is read (429 if none can be
+        made): a crowd of uploads then never holds more than the store's bound in memory.
+        Pass ``reserved=True`` to :meth:`register`, or :meth:`release` the room."""
         c = self.circuit(cid)
-        if len(body) > c.max_key_body:
-            raise TooLarge(f"evaluation keys for this circuit are {c.key_bytes:,} bytes; got {len(body):,}")
-        if len(body) != c.key_bytes:
-            raise BadRequest(f"evaluation keys for this circuit are {c.key_bytes:,} bytes; got {len(body):,}")
-        if not c.warm.keys_fit(body):
-            raise BadRequest("malformed evaluation keys: their structure or parameters are not this circuit's")
         try:
-            self.store.reserve(c.footprint)
+            self.store.reserve(c.footprint, wait_s=self.config.key_wait_s)
         except StoreFull as exc:
             raise Busy(str(exc), retry_after=1.0) from None
+        return c
+
+    def release(self, c: HostedCircuit) -> None:
+        self.store.release(c.footprint)
+
+    def register(self, cid: str, body: bytes, reserved: bool = False) -> str:
+        """Check, prepare and store a client's evaluation keys; returns a new, unguessable key id."""
+        c = self.admit(cid) if not reserved else self.circuit(cid)
         key_id = secrets.token_urlsafe(24)
         try:
+            if len(body) > c.max_key_body:
+                raise TooLarge(f"evaluation keys for this circuit are {c.key_bytes:,} bytes; got {len(body):,}")
+            if len(body) != c.key_bytes:
+                raise BadRequest(f"evaluation keys for this circuit are {c.key_bytes:,} bytes; got {len(body):,}")
+            if not c.warm.keys_fit(body):
+                raise BadRequest("malformed evaluation keys: their structure or parameters are not this circuit's")
             try:
                 keys = self.runner.load(c, key_id, body)
             except Exception as exc:  # noqa: BLE001 - any deserialization failure is the body's fault

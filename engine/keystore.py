@@ -5,7 +5,9 @@ The service keeps each client's evaluation keys here, deserialized and prepared 
 what the caller says an entry costs in memory. An entry is *pinned* while a request uses it and
 is never evicted then; a freshly registered entry is also spared for ``grace_s`` seconds or
 until its first use, so a burst of new clients cannot evict a key between its upload and its
-first prediction. When no room can be made, :class:`StoreFull` tells the caller to retry later.
+first prediction. A registration that finds no room waits (up to a bound) for an entry to
+become idle: uploads queue instead of being refused and sent again; past the bound
+:class:`StoreFull` tells the caller to retry later.
 An optional idle time-to-live drops entries nobody used for ``ttl_s`` seconds.
 """
 
@@ -34,7 +36,7 @@ class Entry:
 
 
 class KeyStore:
-    def __init__(self, capacity_bytes: int, ttl_s: float | None = None, grace_s: float = 5.0,
+    def __init__(self, capacity_bytes: int, ttl_s: float | None = None, grace_s: float = 30.0,
                  on_evict: Callable[[str, Entry], None] | None = None, clock: Callable[[], float] = time.monotonic):
         if capacity_bytes <= 0:
             raise ValueError("the key store needs a positive capacity in bytes")
@@ -45,7 +47,7 @@ class KeyStore:
         self._clock = clock
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._reserved = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # also signals "room may have been freed"
         self.evictions = 0
 
     # -- figures
@@ -63,40 +65,56 @@ class KeyStore:
             return key_id in self._entries
 
     # -- admission
-    def reserve(self, nbytes: int) -> None:
-        """Make room for ``nbytes`` (evicting idle entries, LRU first) and hold it for a ``put``."""
+    def reserve(self, nbytes: int, wait_s: float = 0.0) -> None:
+        """Make room for ``nbytes`` and hold it for a ``put``: evict idle entries, least recently
+        used first, but only if that makes enough room (never for nothing). Waits up to
+        ``wait_s`` for entries in use to become idle, then raises :class:`StoreFull`."""
         if nbytes > self.capacity:
             raise ValueError(f"one key set needs {nbytes:,} bytes but the key store holds {self.capacity:,}")
-        evicted = []
+        evicted: list[tuple[str, Entry]] = []
+        deadline = self._clock() + wait_s
         with self._lock:
-            evicted += self._expire_locked()
-            now = self._clock()
-            used = sum(e.nbytes for e in self._entries.values()) + self._reserved
-            for key_id in list(self._entries):
-                if used + nbytes <= self.capacity:
+            while True:
+                evicted += self._expire_locked()
+                victims = self._victims_locked(nbytes)
+                if victims is not None:
+                    for key_id in victims:
+                        evicted.append((key_id, self._entries.pop(key_id)))
+                    self._reserved += nbytes
                     break
-                e = self._entries[key_id]
-                if e.pins or (not e.used and now - e.created < self.grace_s):
-                    continue
-                del self._entries[key_id]
-                used -= e.nbytes
-                evicted.append((key_id, e))
-            if used + nbytes > self.capacity:
-                self._notify(evicted)
-                raise StoreFull(f"key store full ({len(self._entries)} key sets in use)")
-            self._reserved += nbytes
+                left = deadline - self._clock()
+                if left <= 0:
+                    self._notify(evicted)
+                    raise StoreFull(f"key store full ({len(self._entries)} key sets in use)")
+                self._lock.wait(min(left, 0.5))
         self._notify(evicted)
+
+    def _victims_locked(self, nbytes: int) -> list[str] | None:
+        """Least recently used idle entries whose removal makes room for ``nbytes`` (None: impossible now)."""
+        now = self._clock()
+        used = sum(e.nbytes for e in self._entries.values()) + self._reserved
+        victims = []
+        for key_id, e in self._entries.items():
+            if used + nbytes <= self.capacity:
+                break
+            if e.pins or (not e.used and now - e.created < self.grace_s):
+                continue
+            victims.append(key_id)
+            used -= e.nbytes
+        return victims if used + nbytes <= self.capacity else None
 
     def release(self, nbytes: int) -> None:
         """Give back a reservation that will not become an entry."""
         with self._lock:
             self._reserved = max(0, self._reserved - nbytes)
+            self._lock.notify_all()
 
     def put(self, key_id: str, value: Any, nbytes: int, owner: str) -> None:
         """Store an entry whose room was reserved with :meth:`reserve`."""
         with self._lock:
             self._reserved = max(0, self._reserved - nbytes)
             self._entries[key_id] = Entry(value, nbytes, owner, created=self._clock(), last_used=self._clock())
+            self._lock.notify_all()
 
     # -- use
     def acquire(self, key_id: str) -> Entry | None:
@@ -117,10 +135,12 @@ class KeyStore:
         with self._lock:
             entry.pins = max(0, entry.pins - 1)
             entry.last_used = self._clock()
+            self._lock.notify_all()
 
     def remove(self, key_id: str) -> bool:
         with self._lock:
             e = self._entries.pop(key_id, None)
+            self._lock.notify_all()
         if e is not None:
             self._notify([(key_id, e)], count=False)
         return e is not None

@@ -2,8 +2,10 @@
 encrypted predictions each, at the same time. Loopback or the project's own hosts only.
 
 Each client downloads ``client.zip``, generates its keys (before the clock starts: a client's
-key generation is its own machine's business), uploads its evaluation keys, then sends its
-predictions one after another. A request that the service answers 404 (key evicted) or 429
+key generation is its own machine's business), uploads its evaluation keys; once every client
+has uploaded, all send their predictions, each one after another. Throughput counts the
+predictions over that phase (uploads are timed apart, ``key_upload_s_median``; re-uploads after
+an eviction happen inside the phase and are counted). A request that the service answers 404 (key evicted) or 429
 (busy) is retried by the client as a user's would be; only requests that finally fail count as
 errors. ``server_rss_peak_bytes`` is the highest ``engine_process_rss_bytes`` read from
 ``/metrics`` while the clients run.
@@ -71,6 +73,8 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
             done.wait(0.5)
         m.close()
 
+    start_line = threading.Barrier(clients)
+
     def client_loop(k: int, c: EncryptedClient) -> None:
         try:
             t0 = time.perf_counter()
@@ -80,7 +84,12 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
         except Exception as exc:  # noqa: BLE001 - counted
             with lock:
                 errors[f"upload: {type(exc).__name__}"] += requests
+            start_line.abort()
             return
+        try:  # everyone's keys are up (or evicted again): the predictions start together
+            start_line.wait(timeout=max_seconds)
+        except threading.BrokenBarrierError:
+            pass
         begin = time.perf_counter()
         for r in range(requests):
             img = x[(k * requests + r) % len(x)][None]

@@ -55,13 +55,12 @@ async def _body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"body of {int(declared):,} bytes exceeds the limit of {limit:,}")
-    chunks, size = [], 0
+    body = bytearray()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+        if len(body) + len(chunk) > limit:
             raise TooLarge(f"body exceeds the limit of {limit:,} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body += chunk
+    return bytes(body)
 
 
 def create_app(service: Service, load: bool = True, say: Callable[[str], None] = lambda _m: None) -> FastAPI:
@@ -136,9 +135,13 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
 
     @app.post("/circuits/{cid}/keys")
     async def keys(cid: str, request: Request):
-        c = await run_in_threadpool(service.circuit, cid)
-        body = await _body(request, c.max_key_body)
-        key_id = await run_in_threadpool(service.register, cid, body)
+        c = await run_in_threadpool(service.admit, cid)  # room first: 429 before reading 56 MB
+        try:
+            body = await _body(request, c.max_key_body)
+        except BaseException:
+            service.release(c)
+            raise
+        key_id = await run_in_threadpool(service.register, cid, body, True)
         return {"key_id": key_id}
 
     @app.delete("/circuits/{cid}/keys/{key_id}")
@@ -167,8 +170,14 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
 def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000,
           say: Callable[[str], None] = lambda _m: None) -> None:
     """Run the service until interrupted."""
+    import ctypes
+
     import uvicorn
 
+    try:  # glibc: two malloc arenas, not 8 per core; threads then share (and give back) freed memory
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
     service = Service(config)
     app = create_app(service, say=say)
     say(f"listening on http://{host}:{port} (backend {config.backend}, {service.pool.workers} worker(s), "

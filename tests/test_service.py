@@ -301,3 +301,16 @@ def test_dask_backend_equals_local_pool(tiny_saved, models_dir, cache_dir, feats
     local.close()
     for e, g in zip(expected, got):
         assert np.allclose(e, g)
+
+
+def test_key_pool_hands_each_user_fresh_ready_keys(svc, circuit, feats, tmp_path):
+    from engine.client import KeyPool
+
+    transport = HTTPTransport(svc.url)
+    pool = KeyPool(lambda: transport, circuit["id"], tmp_path, spares=1, makers=1)
+    a, b = pool.take(), pool.take()
+    assert a is not b and a.key_ids[svc.url] != b.key_ids[svc.url]
+    assert a.fhe._eval_keys is None and b.fhe._eval_keys is None  # secret keys only, already uploaded
+    la, ex = a.predict(feats[:1])
+    assert ex.key_uploads == 0  # the first prediction needs no upload
+    assert not np.allclose(np.asarray(b.fhe.decrypt(ex.result)), la)

@@ -1,0 +1,117 @@
+"""Fresh browser sessions against the dashboard: time to the first encrypted answer, and the
+Streamlit process's memory. Loopback only; bounded in sessions and time.
+
+    python bench/dashboard_sessions.py --sessions 8 --json bench/results/dashboard_sessions.json
+
+It starts `streamlit run app.py` (which starts its own service) on a free loopback port, opens
+the Home page once to let the app prepare (service start-up, spare keys), then measures:
+1. one fresh session alone: page load -> "Encrypt and classify" -> "Encrypted prediction";
+2. N fresh sessions at once, the same way;
+and reads the Streamlit process's resident memory (not its service child) before and after.
+Chromium: Debian's (`CHROMIUM` overrides), driven by Playwright.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def one_session(browser, url: str, timeout_ms: int = 120_000) -> dict:
+    ctx = await browser.new_context(viewport={"width": 1300, "height": 1000})
+    page = await ctx.new_page()
+    t0 = time.perf_counter()
+    await page.goto(url)
+    button = page.get_by_role("button", name="Encrypt and classify")
+    await button.wait_for(timeout=timeout_ms)
+    t_ready = time.perf_counter() - t0
+    await button.click()
+    await page.get_by_text("Encrypted prediction:").wait_for(timeout=timeout_ms)
+    t_answer = time.perf_counter() - t0
+    return {"context": ctx, "page_ready_s": t_ready, "first_answer_s": t_answer}
+
+
+async def measure(url: str, sessions: int, proc: psutil.Process) -> dict:
+    from playwright.async_api import async_playwright
+
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=chromium, args=FLAGS)
+        warm = await one_session(browser, url, 600_000)  # the app prepares: service, spare keys
+        await warm["context"].close()
+        await asyncio.sleep(25)  # let the key pool refill: nobody else busy
+        rss_before = proc.memory_info().rss
+        alone = await one_session(browser, url)
+        await asyncio.sleep(25)
+        crowd = await asyncio.gather(*[one_session(browser, url, 300_000) for _ in range(sessions)])
+        rss_after = proc.memory_info().rss
+        for s in [alone, *crowd]:
+            await s["context"].close()
+        await browser.close()
+    per_session = (rss_after - rss_before) / (sessions + 1)
+    return {
+        "first_visit_s": warm["first_answer_s"],
+        "fresh_session_alone_first_answer_s": alone["first_answer_s"],
+        "sessions": sessions,
+        "crowd_first_answer_s": [round(s["first_answer_s"], 3) for s in crowd],
+        "crowd_first_answer_max_s": max(s["first_answer_s"] for s in crowd),
+        "streamlit_rss_before_bytes": rss_before,
+        "streamlit_rss_after_bytes": rss_after,
+        "streamlit_rss_per_session_bytes": per_session,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sessions", type=int, default=8)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    port = free_port()
+    log = open(REPO / ".cache" / "dashboard_sessions.log", "w") if (REPO / ".cache").exists() else subprocess.DEVNULL
+    env = {k: v for k, v in os.environ.items() if k != "ENGINE_SERVER_URL"}
+    app = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+                            "--server.address", "127.0.0.1", "--server.headless", "true"],
+                           cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        result = asyncio.run(measure(url, a.sessions, psutil.Process(app.pid)))
+    finally:
+        app.terminate()
+        app.wait(timeout=60)
+    result["command"] = f"python bench/dashboard_sessions.py --sessions {a.sessions}"
+    text = json.dumps(result, indent=2)
+    print(text)
+    if a.json:
+        Path(a.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
