@@ -13,17 +13,15 @@ st.markdown(
     "quantization-aware neural network compiled to a TFHE circuit *directly on the ciphertext*; "
     "only the client can decrypt the prediction. The server never sees the image or the result."
 )
-st.graphviz_chart(
-    """
-digraph { rankdir=LR; node [shape=box, style="rounded,filled", fontname="sans-serif"];
-  img [label="Image\\n(hospital)", fillcolor="#e8f4ff"];
-  enc [label="Client\\nquantize + encrypt\\n(secret key stays here)", fillcolor="#e8f4ff"];
-  srv [label="Server\\nFHE circuit on ciphertext\\n(evaluation keys only)", fillcolor="#fff3e0"];
-  dec [label="Client\\ndecrypt + dequantize", fillcolor="#e8f4ff"];
-  out [label="Prediction", fillcolor="#e8ffe8"];
-  img -> enc -> srv [label="ciphertext"]; srv -> dec [label="encrypted result"]; dec -> out; }
-"""
-)
+# The flow as plain elements: a graphviz chart took about 4 s to render in a headless browser
+# here, on every rerun, and held back everything below it.
+steps = [("Image", "stays at the hospital"), ("Client: quantize + encrypt", "the secret key stays here"),
+         ("Server: FHE circuit", "computes on the ciphertext with evaluation keys only"),
+         ("Client: decrypt", "only the secret key opens the result"), ("Prediction", "seen by the hospital only")]
+for col, (head, note) in zip(st.columns(len(steps)), steps):
+    with col.container(border=True):
+        st.markdown(f"**{head}**")
+        st.caption(note)
 
 saved = ui.select_model()
 if saved is None:
@@ -56,7 +54,8 @@ if right.button("Encrypt and classify", icon=":material/lock:", type="primary", 
         with st.spinner("Encrypting, sending the ciphertext to the server, decrypting the answer…"):
             p = ui.predictor(saved, cc)
             st.session_state["home_result"] = (saved.hash, int(idx), p.run(img[None], ["fhe"]))
-        st.rerun()  # refresh the status row above (keys are now generated)
+        if remote is None:
+            st.rerun()  # the status row above still says "generating…"
     except Exception as exc:  # noqa: BLE001 - shown to the user, never a traceback
         ui.fail(exc)
 last = st.session_state.get("home_result")

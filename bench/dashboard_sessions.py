@@ -5,7 +5,8 @@ Streamlit process's memory. Loopback only; bounded in sessions and time.
 
 It starts `streamlit run app.py` (which starts its own service) on a free loopback port, opens
 the Home page once to let the app prepare (service start-up, spare keys), then measures:
-1. one fresh session alone: page load -> "Encrypt and classify" -> "Encrypted prediction";
+1. one fresh session alone: navigation start -> "Encrypt and classify" visible (page ready) ->
+   clicked at once -> "Encrypted prediction" visible;
 2. N fresh sessions at once, the same way;
 and reads the Streamlit process's resident memory (not its service child) before and after.
 Chromium: Debian's (`CHROMIUM` overrides), driven by Playwright.
@@ -42,7 +43,7 @@ async def one_session(browser, url: str, timeout_ms: int = 120_000) -> dict:
     ctx = await browser.new_context(viewport={"width": 1300, "height": 1000})
     page = await ctx.new_page()
     t0 = time.perf_counter()
-    await page.goto(url)
+    await page.goto(url, wait_until="commit", timeout=timeout_ms)
     button = page.get_by_role("button", name="Encrypt and classify")
     await button.wait_for(timeout=timeout_ms)
     t_ready = time.perf_counter() - t0
@@ -73,9 +74,12 @@ async def measure(url: str, sessions: int, proc: psutil.Process) -> dict:
     return {
         "first_visit_s": warm["first_answer_s"],
         "fresh_session_alone_first_answer_s": alone["first_answer_s"],
+        "fresh_session_alone_page_ready_s": alone["page_ready_s"],
+        "fresh_session_alone_answer_after_ready_s": alone["first_answer_s"] - alone["page_ready_s"],
         "sessions": sessions,
         "crowd_first_answer_s": [round(s["first_answer_s"], 3) for s in crowd],
         "crowd_first_answer_max_s": max(s["first_answer_s"] for s in crowd),
+        "crowd_page_ready_s": [round(s["page_ready_s"], 3) for s in crowd],
         "streamlit_rss_before_bytes": rss_before,
         "streamlit_rss_after_bytes": rss_after,
         "streamlit_rss_per_session_bytes": per_session,

@@ -370,7 +370,8 @@ class KeyPool:
     background thread makes the next one.
     """
 
-    def __init__(self, transport_factory, circuit_id: str, folder: Path, spares: int = 4, makers: int = 2):
+    def __init__(self, transport_factory, circuit_id: str, folder: Path, spares: int = 4, makers: int = 2,
+                 quiet_s: float = 5.0):
         import threading
 
         self._factory = transport_factory
@@ -381,6 +382,8 @@ class KeyPool:
         self._cond = threading.Condition()
         self._wanted = 0
         self._making = 0
+        self.quiet_s = quiet_s  # refill only this long after the last hand-out, unless someone waits
+        self._last_take = 0.0
         self.error: str | None = None
         # Two makers: key generation runs on one core each, uploads and warm-ups overlap.
         self._threads = [threading.Thread(target=self._fill, name=f"key-pool-{i}", daemon=True) for i in range(makers)]
@@ -395,8 +398,14 @@ class KeyPool:
     def _fill(self) -> None:
         while True:
             with self._cond:
-                while len(self._ready) + self._making >= self.spares + self._wanted:
-                    self._cond.wait()
+                while True:
+                    enough = len(self._ready) + self._making >= self.spares + self._wanted
+                    # A visitor who just got keys is about to ask for a prediction: key generation
+                    # and the service's warm-up would compete with it for the cores.
+                    busy = not self._wanted and time.monotonic() - self._last_take < self.quiet_s
+                    if not enough and not busy:
+                        break
+                    self._cond.wait(timeout=0.5 if busy else None)
                 self._making += 1
             try:
                 client = self._make()
@@ -425,6 +434,7 @@ class KeyPool:
                         raise ServiceUnavailable(f"no keys ready in {timeout_s:.0f} s" + (f": {self.error}" if self.error else ""))
                     self._cond.wait(min(left, 1.0))
                 client = self._ready.pop(0)
+                self._last_take = time.monotonic()
             finally:
                 self._wanted -= 1
             self._cond.notify_all()

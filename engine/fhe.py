@@ -454,30 +454,37 @@ class WarmUp:
     """What a server needs besides ``server.zip``: material made under a throwaway key.
 
     ``ciphertext`` warms a client's keys at registration (the first run with a new key set is
-    the slow one). The masks mark the 8-byte words that are the same in every well-formed
-    evaluation key set (resp. ciphertext) of this circuit: the Cap'n Proto structure and the
-    parameters; the other words are key or ciphertext material. An upload whose structure words
-    differ is refused before Concrete reads it, so a forged parameter cannot make the runtime
-    read out of bounds.
+    the slow one). The structure checks compare an upload's 8-byte words at the positions that
+    are the same in every well-formed evaluation key set (resp. ciphertext) of this circuit: the
+    Cap'n Proto structure and the parameters; the other words are key or ciphertext material.
+    An upload whose structure words differ is refused before Concrete reads it, so a forged
+    parameter cannot make the runtime read out of bounds. Only those few words are kept in
+    memory; the throwaway evaluation keys stay on disk (``keys_path``).
     """
 
     ciphertext: bytes
-    evaluation_keys: bytes
-    key_mask: np.ndarray  # bool per word
-    ciphertext_mask: np.ndarray
+    keys_path: Path
+    key_bytes: int
+    key_index: np.ndarray  # positions (in words) of the structure words
+    key_values: np.ndarray
+    ciphertext_index: np.ndarray
+    ciphertext_values: np.ndarray
+
+    @property
+    def evaluation_keys(self) -> bytes:
+        return self.keys_path.read_bytes()
 
     def keys_fit(self, candidate: bytes) -> bool:
-        return _same_structure(self.evaluation_keys, self.key_mask, candidate)
+        return _same_structure(self.key_bytes, self.key_index, self.key_values, candidate)
 
     def ciphertext_fits(self, candidate: bytes) -> bool:
-        return _same_structure(self.ciphertext, self.ciphertext_mask, candidate)
+        return _same_structure(len(self.ciphertext), self.ciphertext_index, self.ciphertext_values, candidate)
 
 
-def _same_structure(reference: bytes, mask: np.ndarray, candidate: bytes) -> bool:
-    if len(candidate) != len(reference) or len(candidate) % 8:
+def _same_structure(size: int, index: np.ndarray, values: np.ndarray, candidate: bytes) -> bool:
+    if len(candidate) != size or size % 8:
         return False
-    ref, cand = np.frombuffer(reference, "<u8"), np.frombuffer(candidate, "<u8")
-    return bool(np.array_equal(ref[mask], cand[mask]))
+    return bool(np.array_equal(np.frombuffer(candidate, "<u8")[index], values))
 
 
 def structure_mask(a: bytes, b: bytes) -> np.ndarray:
@@ -513,8 +520,12 @@ def warmup_material(compiled: CompiledModel) -> WarmUp:
                 pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return WarmUp((folder / "ciphertext.bin").read_bytes(), (folder / "evaluation_keys.bin").read_bytes(),
-                  np.load(folder / "key_mask.npy"), np.load(folder / "ciphertext_mask.npy"))
+    ct, keys_path = (folder / "ciphertext.bin").read_bytes(), folder / "evaluation_keys.bin"
+    keys = keys_path.read_bytes()
+    key_index = np.flatnonzero(np.load(folder / "key_mask.npy"))
+    ct_index = np.flatnonzero(np.load(folder / "ciphertext_mask.npy"))
+    return WarmUp(ct, keys_path, len(keys), key_index, np.frombuffer(keys, "<u8")[key_index].copy(),
+                  ct_index, np.frombuffer(ct, "<u8")[ct_index].copy())
 
 
 def _make_warmup(deployment_dir: str, out: str, input_shape: list[int]) -> None:

@@ -261,7 +261,7 @@ class Service:
             zip_digest = hashlib.sha256((compiled.deployment_dir / "server.zip").read_bytes()).hexdigest()
             footprint = _key_set_footprint(compiled, server, warm.ciphertext, warm.evaluation_keys)
             c = HostedCircuit(cid, saved.dataset, saved.name, saved.hash, compiled, server, warm,
-                              len(warm.evaluation_keys), len(warm.ciphertext), footprint, zip_digest,
+                              warm.key_bytes, len(warm.ciphertext), footprint, zip_digest,
                               saved.config.model.input_pool)
             if isinstance(self.runner, DaskRunner):
                 self.runner.add_circuit(c)
@@ -333,6 +333,8 @@ class Service:
             self.store.release(c.footprint)
             raise
         self.store.put(key_id, keys, c.footprint, owner=cid)
+        del body
+        release_memory()  # the upload's buffers and the preparation's scratch go back to the system
         return key_id
 
     def predict(self, cid: str, key_id: str, body: bytes) -> tuple[bytes, float, float]:

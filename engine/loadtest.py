@@ -3,7 +3,8 @@ encrypted predictions each, at the same time. Loopback or the project's own host
 
 Each client downloads ``client.zip``, generates its keys (before the clock starts: a client's
 key generation is its own machine's business), uploads its evaluation keys; once every client
-has uploaded, all send their predictions, each one after another. Throughput counts the
+has uploaded (or after ``barrier_s``, when the key store cannot hold every client at once), all
+send their predictions, each one after another. Throughput counts the
 predictions over that phase (uploads are timed apart, ``key_upload_s_median``; re-uploads after
 an eviction happen inside the phase and are counted). A request that the service answers 404 (key evicted) or 429
 (busy) is retried by the client as a user's would be; only requests that finally fail count as
@@ -36,7 +37,7 @@ def _circuit_for(transport: HTTPTransport, dataset: str | None, model: str | Non
 
 def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "pneumoniamnist",
                  model: str | None = None, say: Callable[[str], None] = lambda _m: None,
-                 max_seconds: float = 1800.0) -> dict:
+                 max_seconds: float = 1800.0, barrier_s: float = 30.0) -> dict:
     if clients < 1 or requests < 1:
         raise ValueError("--clients and --requests must be at least 1")
     probe = HTTPTransport(url)
@@ -86,8 +87,8 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
                 errors[f"upload: {type(exc).__name__}"] += requests
             start_line.abort()
             return
-        try:  # everyone's keys are up (or evicted again): the predictions start together
-            start_line.wait(timeout=max_seconds)
+        try:  # everyone's keys are up: the predictions start together. A key store too small
+            start_line.wait(timeout=barrier_s)  # for every client breaks the line after barrier_s
         except threading.BrokenBarrierError:
             pass
         begin = time.perf_counter()

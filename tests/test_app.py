@@ -10,8 +10,23 @@ from conftest import REPO
 TIMEOUT = 300
 
 
+@pytest.fixture(scope="module")
+def service_url(tiny_saved, models_dir, cache_dir, tmp_path_factory):
+    """One service for every AppTest here (AppTest runs do not share Streamlit's resource cache,
+    so an app-started service per test would pile up); the app starting its own service is
+    covered by the browser test."""
+    from engine.client import LocalServiceProcess
+
+    proc = LocalServiceProcess(models_dir, cache_dir, key_store_bytes=3 * 2**30,
+                               log=tmp_path_factory.mktemp("service") / "service.log")
+    yield proc.url
+    proc.stop()
+
+
 @pytest.fixture
-def app_env(monkeypatch, tiny_saved, models_dir, cache_dir, data_dir, tmp_path):
+def app_env(monkeypatch, tiny_saved, models_dir, cache_dir, data_dir, tmp_path, service_url):
+    monkeypatch.setenv("ENGINE_SERVER_URL", service_url)
+    monkeypatch.setenv("ENGINE_KEY_SPARES", "1")
     monkeypatch.setenv("ENGINE_MODELS_DIR", str(models_dir))
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(cache_dir))
     monkeypatch.setenv("MEDMNIST_DIR", str(data_dir))
@@ -43,13 +58,19 @@ def test_home_encrypted_prediction(app_env):
     assert "network (ms)" in table and "queue (ms)" in table
     assert [m.value for m in at.metric if m.label == "This session's keys"] == ["generated"]
     wire = next(m.value for m in at.markdown if "What crossed the wire" in m.value)
-    assert "http://127.0.0.1:" in wire and "bytes of ciphertext" in wire
+    assert f"(to {app_env_url(at)})" in wire and "bytes of ciphertext" in wire
     assert at.code[0].value.startswith("ciphertext  ")
     at.button(key="home_wrong_key").click().run()
     ok(at)
     assert any("freshly generated wrong key" in m.value for m in at.markdown)
     right, wrong = [json.loads(j.value) for j in at.json][-2:]
     assert right["logits"] != wrong["logits"]
+
+
+def app_env_url(at) -> str:
+    import os
+
+    return os.environ["ENGINE_SERVER_URL"]
 
 
 def test_read_only_demo_offers_inference_only(app_env, monkeypatch):

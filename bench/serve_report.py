@@ -1,0 +1,103 @@
+"""Combine the service's load-test runs into bench/results/serve_pneumoniamnist.json and .md.
+
+Reproduce (2 cores; each command prints its own figures):
+
+    python -m engine evaluate --dataset pneumoniamnist --modes fhe --limit 30 --json RUNS/inprocess.json
+    python -m engine serve --port 8801 &                       # key store: default 4 GiB
+    python -m engine loadtest --server http://127.0.0.1:8801 --clients 1 --requests 10 --json RUNS/c1.json
+    python -m engine loadtest --server http://127.0.0.1:8801 --clients 4 --requests 10 --json RUNS/c4.json
+    python -m engine loadtest --server http://127.0.0.1:8801 --clients 8 --requests 10 --json RUNS/c8.json
+    python -m engine serve --port 8802 --key-store-bytes 1GiB &
+    python -m engine loadtest --server http://127.0.0.1:8802 --clients 32 --requests 2 --json RUNS/c32.json
+    python bench/dashboard_sessions.py --sessions 8 --json RUNS/dashboard.json
+    python bench/serve_report.py RUNS
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from engine.evaluate import machine_info  # noqa: E402
+from engine.loadtest import markdown  # noqa: E402
+
+GIB = 2**30
+
+
+def targets(inproc: dict, runs: dict[int, dict], dash: dict | None) -> list[dict]:
+    rows = []
+    one = runs.get(1)
+    e2e = inproc["modes"]["fhe"]["latency_median_s"]
+    if one:
+        overhead = (one["latency_p50_s"] - e2e) / e2e
+        rows.append(("1 client: HTTP overhead <= 10% of in-process end to end",
+                     f"{100 * overhead:+.1f}% ({1000 * one['latency_p50_s']:.0f} ms over HTTP vs {1000 * e2e:.0f} ms in-process)",
+                     overhead <= 0.10))
+        ratio = one["first_request_latency_s"] / one["later_request_latency_s"]
+        rows.append(("1 client: first request of a new key within 1.2x of later ones",
+                     f"{ratio:.2f}x ({1000 * one['first_request_latency_s']:.0f} vs {1000 * one['later_request_latency_s']:.0f} ms)",
+                     ratio <= 1.2))
+    if 8 in runs and one:
+        r = runs[8]
+        share = r["throughput_rps"] / one["throughput_rps"]
+        rows.append(("8 clients: 0 errors", str(r["errors"]), r["errors"] == 0))
+        rows.append(("8 clients: throughput >= 90% of 1 client's", f"{100 * share:.0f}% ({r['throughput_rps']:.2f} vs "
+                     f"{one['throughput_rps']:.2f} req/s)", share >= 0.9))
+    if 32 in runs:
+        r = runs[32]
+        rows.append(("32 clients, key store 1 GiB: 0 errors", f"{r['errors']} ({r['key_reuploads']} transparent key "
+                     "re-uploads)", r["errors"] == 0))
+        rows.append(("32 clients, key store 1 GiB: server RSS <= 1.5 GiB", f"{r['server_rss_peak_bytes'] / GIB:.2f} GiB",
+                     r["server_rss_peak_bytes"] <= 1.5 * GIB))
+    if dash:
+        a = dash["fresh_session_alone_first_answer_s"]
+        rows.append(("dashboard: fresh session's first encrypted answer within 2 s of page load", f"{a:.2f} s", a <= 2.0))
+        per = dash["streamlit_rss_per_session_bytes"]
+        rows.append(("dashboard: at most 60 MB of the Streamlit process per session", f"{per / 1e6:.1f} MB", per <= 60e6))
+        worst = dash["crowd_first_answer_max_s"]
+        rows.append((f"dashboard: {dash['sessions']} fresh sessions at once all answered, none over 15 s",
+                     f"{len(dash['crowd_first_answer_s'])} answered, slowest {worst:.1f} s", worst <= 15.0))
+    return [{"target": t, "measured": m, "met": bool(ok)} for t, m, ok in rows]
+
+
+def main(folder: str) -> int:
+    runs_dir = Path(folder)
+    inproc = json.loads((runs_dir / "inprocess.json").read_text())
+    runs = {}
+    for n in (1, 4, 8, 32):
+        p = runs_dir / f"c{n}.json"
+        if p.exists():
+            runs[n] = json.loads(p.read_text())
+    dash_path = runs_dir / "dashboard.json"
+    dash = json.loads(dash_path.read_text()) if dash_path.exists() else None
+    report = {"dataset": "pneumoniamnist", "model": runs[1]["model"] if 1 in runs else None,
+              "in_process": {"fhe_latency_median_s": inproc["modes"]["fhe"]["latency_median_s"],
+                             "server_median_s": inproc["modes"]["fhe"].get("server_median_s"), "n": inproc["n"]},
+              "loadtest": [runs[n] for n in sorted(runs)], "dashboard": dash, "targets": targets(inproc, runs, dash),
+              "machine": machine_info()}
+    out = REPO / "bench" / "results"
+    (out / "serve_pneumoniamnist.json").write_text(json.dumps(report, indent=2))
+    ms = lambda v: f"{1000 * v:.0f} ms"  # noqa: E731
+    lines = [f"### Encrypted-inference service — pneumoniamnist — model `{report['model']}`", "",
+             f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores. In-process end to end "
+             f"(same client API, no HTTP): {ms(report['in_process']['fhe_latency_median_s'])} median over "
+             f"{report['in_process']['n']} test images.", "", markdown(report["loadtest"])]
+    if dash:
+        lines += ["", f"Dashboard (`{dash['command']}`): one fresh session alone, page load to encrypted answer "
+                  f"{dash['fresh_session_alone_first_answer_s']:.2f} s; {dash['sessions']} fresh sessions at once: "
+                  + ", ".join(f"{s:.1f}" for s in dash["crowd_first_answer_s"]) + " s; Streamlit process RSS "
+                  f"{dash['streamlit_rss_before_bytes'] / 2**20:.0f} MiB before, {dash['streamlit_rss_after_bytes'] / 2**20:.0f} "
+                  f"MiB after ({dash['streamlit_rss_per_session_bytes'] / 1e6:.1f} MB per session).", ""]
+    lines += ["| target | measured | met |", "| --- | --- | --- |"]
+    lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in report["targets"]]
+    (out / "serve_pneumoniamnist.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "bench/runs"))
