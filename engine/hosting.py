@@ -217,6 +217,16 @@ def _worker_drop(key_id: str) -> None:
         release_memory()
 
 
+def _check_body(body: bytes, size: int, limit: int, fits: Callable[[bytes], bool], what: str) -> None:
+    """413 past ``limit``; 400 unless exactly ``size`` bytes with the circuit's structure."""
+    if len(body) > limit:
+        raise TooLarge(f"{what} for this circuit: {size:,} bytes; got {len(body):,}")
+    if len(body) != size:
+        raise BadRequest(f"{what} for this circuit: {size:,} bytes; got {len(body):,}")
+    if not fits(body):
+        raise BadRequest(f"malformed {what}: their structure or parameters are not this circuit's")
+
+
 class Service:
     """Hosts circuits; registers evaluation keys; runs predictions fairly. Thread-safe."""
 
@@ -313,12 +323,7 @@ class Service:
         c = self.admit(cid) if not reserved else self.circuit(cid)
         key_id = secrets.token_urlsafe(24)
         try:
-            if len(body) > c.max_key_body:
-                raise TooLarge(f"evaluation keys for this circuit are {c.key_bytes:,} bytes; got {len(body):,}")
-            if len(body) != c.key_bytes:
-                raise BadRequest(f"evaluation keys for this circuit are {c.key_bytes:,} bytes; got {len(body):,}")
-            if not c.warm.keys_fit(body):
-                raise BadRequest("malformed evaluation keys: their structure or parameters are not this circuit's")
+            _check_body(body, c.key_bytes, c.max_key_body, c.warm.keys_fit, "evaluation keys")
             try:
                 keys = self.runner.load(c, key_id, body)
             except Exception as exc:  # noqa: BLE001 - any deserialization failure is the body's fault
@@ -340,12 +345,7 @@ class Service:
     def predict(self, cid: str, key_id: str, body: bytes) -> tuple[bytes, float, float]:
         """One encrypted run: (serialized result, seconds queued, seconds computing)."""
         c = self.circuit(cid)
-        if len(body) > c.max_ciphertext_body:
-            raise TooLarge(f"a ciphertext for this circuit is {c.ciphertext_bytes:,} bytes; got {len(body):,}")
-        if len(body) != c.ciphertext_bytes:
-            raise BadRequest(f"a ciphertext for this circuit is {c.ciphertext_bytes:,} bytes; got {len(body):,}")
-        if not c.warm.ciphertext_fits(body):
-            raise BadRequest("malformed ciphertext: its structure or parameters are not this circuit's")
+        _check_body(body, c.ciphertext_bytes, c.max_ciphertext_body, c.warm.ciphertext_fits, "ciphertext")
         try:
             FHEServer.check_ciphertext(body)
         except Exception as exc:  # noqa: BLE001
