@@ -378,24 +378,44 @@ class FHEServer:
 
     MAX_CLIENTS = 16
 
-    def __init__(self, deployment_dir: Path):
+    def __init__(self, deployment_dir: Path, library: Path | None = None):
         import threading
         from collections import OrderedDict
 
-        from concrete import fhe
+        from concrete.compiler import Library, ServerProgram
 
-        # concrete-python's own server (what concrete-ml's FHEModelServer wraps): a server
-        # process then never imports concrete-ml, torch or medmnist (about 230 MB less).
-        self._server = fhe.Server.load(Path(deployment_dir) / "server.zip")
+        # ``library``: the circuit compiled to a shared library (``library.zip`` of the warm-up
+        # material). Loaded with concrete-compiler's own runtime, the layer under
+        # concrete-python's ``fhe.Server`` (what concrete-ml's FHEModelServer wraps):
+        # ``concrete.fhe`` imports torch, 457 MiB in an empty process against 108 MiB for
+        # ``concrete.compiler`` alone, so a serving process never imports concrete-python,
+        # concrete-ml, torch or medmnist. Without it, concrete-ml's ``server.zip`` (saved as MLIR)
+        # is compiled here by concrete-python.
+        self._dir = Path(tempfile.mkdtemp(prefix="engine-server-"))
+        if library is None:
+            from concrete import fhe
+
+            built = fhe.Server.load(Path(deployment_dir) / "server.zip")
+            shutil.copytree(built._library.get_output_dir_path(), self._dir, dirs_exist_ok=True)  # noqa: SLF001
+        else:
+            shutil.unpack_archive(str(library), str(self._dir), "zip")
+        self._library = Library(str(self._dir))
+        circuits = self._library.get_program_info().get_circuits()
+        if len(circuits) != 1:
+            raise ValueError(f"{deployment_dir}: expected one circuit, found {len(circuits)}")
+        self._circuit = ServerProgram(self._library, False).get_server_circuit(circuits[0].get_name())
         self._keys: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     @staticmethod
     def load_keys(evaluation_keys: bytes):
         """Deserialize evaluation keys, refusing anything that does not round-trip exactly."""
-        from concrete import fhe
+        from concrete.compiler import ServerKeyset
 
-        keys = fhe.EvaluationKeys.deserialize(evaluation_keys)
+        keys = ServerKeyset.deserialize(evaluation_keys)
         if keys.serialize() != evaluation_keys:
             raise ValueError("evaluation keys do not round-trip: malformed")
         return keys
@@ -403,27 +423,26 @@ class FHEServer:
     @staticmethod
     def check_ciphertext(ciphertext: bytes) -> None:
         """Raise ``ValueError`` unless ``ciphertext`` is a well-formed serialized value."""
-        from concrete import fhe
+        from concrete.compiler import TransportValue
 
-        if fhe.Value.deserialize(ciphertext).serialize() != ciphertext:
+        if TransportValue.deserialize(ciphertext).serialize() != ciphertext:
             raise ValueError("ciphertext does not round-trip: malformed")
 
     def execute(self, ciphertext: bytes, keys) -> bytes:
         """Run the circuit on one serialized ciphertext with deserialized evaluation keys."""
-        from concrete import fhe
+        from concrete.compiler import TransportValue
 
-        return self._server.run(fhe.Value.deserialize(ciphertext), evaluation_keys=keys).serialize()
+        (result,) = self._circuit.call([TransportValue.deserialize(ciphertext)], keys)
+        return result.serialize()
 
     def register(self, evaluation_keys: bytes) -> str:
         """Keep a client's deserialized evaluation keys; returns the id to run with."""
-        from concrete import fhe
-
         key_id = hashlib.sha256(evaluation_keys).hexdigest()[:32]
         with self._lock:
             if key_id in self._keys:
                 self._keys.move_to_end(key_id)
                 return key_id
-        keys = fhe.EvaluationKeys.deserialize(evaluation_keys)
+        keys = self.load_keys(evaluation_keys)
         with self._lock:
             self._keys[key_id] = keys
             while len(self._keys) > self.MAX_CLIENTS:
@@ -438,9 +457,7 @@ class FHEServer:
             if keys is None:
                 raise KeyError("Unknown evaluation key id: register the client's evaluation keys first.")
         else:
-            from concrete import fhe
-
-            keys = fhe.EvaluationKeys.deserialize(evaluation_keys)
+            keys = self.load_keys(evaluation_keys)
         return self.execute(ciphertext, keys)
 
 
@@ -474,6 +491,11 @@ class WarmUp:
     def evaluation_keys(self) -> bytes:
         return self.keys_path.read_bytes()
 
+    @property
+    def library(self) -> Path:
+        """The circuit compiled to a shared library, for :class:`FHEServer`."""
+        return self.keys_path.parent / "library.zip"
+
     def keys_fit(self, candidate: bytes) -> bool:
         return _same_structure(self.key_bytes, self.key_index, self.key_values, candidate)
 
@@ -492,7 +514,7 @@ def structure_mask(a: bytes, b: bytes) -> np.ndarray:
     return np.frombuffer(a, "<u8") == np.frombuffer(b, "<u8")
 
 
-WARMUP_FILES = ("ciphertext.bin", "evaluation_keys.bin", "key_mask.npy", "ciphertext_mask.npy")
+WARMUP_FILES = ("ciphertext.bin", "evaluation_keys.bin", "key_mask.npy", "ciphertext_mask.npy", "library.zip")
 
 
 def warmup_material(compiled: CompiledModel) -> WarmUp:
@@ -543,3 +565,9 @@ def _make_warmup(deployment_dir: str, out: str, input_shape: list[int]) -> None:
     np.save(Path(out) / "ciphertext_mask.npy", structure_mask(ct, other_ct))
     (Path(out) / "ciphertext.bin").write_bytes(ct)
     (Path(out) / "evaluation_keys.bin").write_bytes(keys)
+    # The circuit as concrete-python compiles it from concrete-ml's MLIR: a server loads this
+    # shared library with concrete-compiler alone (see FHEServer).
+    from concrete import fhe
+
+    built = fhe.Server.load(Path(deployment_dir) / "server.zip")
+    shutil.make_archive(str(Path(out) / "library"), "zip", built._library.get_output_dir_path())  # noqa: SLF001

@@ -162,8 +162,7 @@ class DaskRunner:
         self.threads = max(1, sum(self.client.nthreads().values()))
 
     def add_circuit(self, c: HostedCircuit) -> None:
-        zip_bytes = (c.compiled.deployment_dir / "server.zip").read_bytes()
-        self.client.run(_worker_load_circuit, c.server_zip_digest, zip_bytes)
+        self.client.run(_worker_load_circuit, c.server_zip_digest, c.warm.library.read_bytes())
 
     def load(self, c: HostedCircuit, key_id: str, body: bytes):
         FHEServer.load_keys(body)  # validate here, so no worker ever sees malformed keys
@@ -190,13 +189,13 @@ _W_SERVERS: dict[str, FHEServer] = {}
 _W_KEYS: dict[str, object] = {}
 
 
-def _worker_load_circuit(digest: str, zip_bytes: bytes) -> None:
+def _worker_load_circuit(digest: str, library_zip: bytes) -> None:
     if digest not in _W_SERVERS:
         import tempfile
 
         folder = Path(tempfile.mkdtemp(prefix="fhe-worker-"))
-        (folder / "server.zip").write_bytes(zip_bytes)
-        _W_SERVERS[digest] = FHEServer(folder)
+        (folder / "library.zip").write_bytes(library_zip)
+        _W_SERVERS[digest] = FHEServer(folder, library=folder / "library.zip")
 
 
 def _worker_register(digest: str, key_id: str, body: bytes, warm_ciphertext: bytes) -> None:
@@ -267,7 +266,7 @@ class Service:
                 return self.circuits[cid]
             say(f"warming {saved.dataset}/{saved.name} ({cid})")
             warm = warmup_material(compiled)
-            server = FHEServer(compiled.deployment_dir)
+            server = FHEServer(compiled.deployment_dir, library=warm.library)
             zip_digest = hashlib.sha256((compiled.deployment_dir / "server.zip").read_bytes()).hexdigest()
             footprint = _key_set_footprint(compiled, server, warm.ciphertext, warm.evaluation_keys)
             c = HostedCircuit(cid, saved.dataset, saved.name, saved.hash, compiled, server, warm,
