@@ -371,10 +371,20 @@ class KeyPool:
     """
 
     def __init__(self, transport_factory, circuit_id: str, folder: Path, spares: int = 4, makers: int = 2,
-                 quiet_s: float = 5.0):
+                 quiet_s: float = 20.0, apart: bool | None = None):
         import threading
 
         self._factory = transport_factory
+        # Over HTTP, keys are made in key-maker processes (engine.keymaker): key generation then
+        # never holds this process's GIL, and the evaluation keys go to the service from there.
+        probe = transport_factory()
+        self._urls = list(getattr(probe, "urls", []) or [])
+        self.apart = bool(self._urls) if apart is None else apart
+        self._makers = []
+        if self.apart:
+            from .keymaker import KeyMakerProcess
+
+            self._makers = [KeyMakerProcess() for _ in range(makers)]
         self.circuit_id = circuit_id
         self.folder = Path(folder)
         self.spares = spares
@@ -386,16 +396,29 @@ class KeyPool:
         self._last_take = 0.0
         self.error: str | None = None
         # Two makers: key generation runs on one core each, uploads and warm-ups overlap.
-        self._threads = [threading.Thread(target=self._fill, name=f"key-pool-{i}", daemon=True) for i in range(makers)]
+        self._threads = [threading.Thread(target=self._fill, args=(i,), name=f"key-pool-{i}", daemon=True)
+                         for i in range(makers)]
         for t in self._threads:
             t.start()
 
-    def _make(self) -> EncryptedClient:
+    def _make(self, i: int) -> EncryptedClient:
+        if not self.apart:
+            client = EncryptedClient.download(self._factory(), self.circuit_id, self.folder)
+            client.register()  # generates keys, uploads them, keeps only the secret keys
+            return client
+        made = self._makers[i].make(self._urls, self.circuit_id, self.folder)
         client = EncryptedClient.download(self._factory(), self.circuit_id, self.folder)
-        client.register()  # generates keys, uploads them, keeps only the secret keys
+        client.fhe.adopt_secret_keys(made["secret_keyset"], made["keygen_s"])
+        client.key_ids = dict(made["key_ids"])
+        client.uploads, client.upload_s = 1, made["upload_s"]
+        client.uploaded_bytes = client.evaluation_key_bytes = made["evaluation_key_bytes"]
         return client
 
-    def _fill(self) -> None:
+    def close(self) -> None:
+        for m in self._makers:
+            m.stop()
+
+    def _fill(self, i: int) -> None:
         while True:
             with self._cond:
                 while True:
@@ -408,7 +431,7 @@ class KeyPool:
                     self._cond.wait(timeout=0.5 if busy else None)
                 self._making += 1
             try:
-                client = self._make()
+                client = self._make(i)
                 self.error = None
             except Exception as exc:  # noqa: BLE001 - reported to whoever takes
                 self.error = f"{type(exc).__name__}: {exc}"

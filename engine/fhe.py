@@ -310,6 +310,20 @@ class FHEClient:
         release_memory()
         return len(self._keys._keyset.serialize())
 
+    def secret_keyset(self) -> bytes:
+        """The serialized keyset without evaluation keys (what :meth:`adopt_secret_keys` takes)."""
+        self.forget_evaluation_keys()
+        return self._keys._keyset.serialize()
+
+    def adopt_secret_keys(self, keyset: bytes, keygen_s: float = 0.0) -> None:
+        """Use secret keys generated elsewhere (by the same circuit's client, in another process)."""
+        from concrete.compiler import Keyset
+
+        self._keys._keyset = Keyset.deserialize(keyset)
+        self._secret_only = True
+        self._eval_keys = None
+        self.keygen_s = keygen_s
+
     def encrypt(self, x: np.ndarray) -> bytes:
         """One image's features (1, F) -> quantized, encrypted, serialized."""
         self.keygen()

@@ -328,7 +328,7 @@ class Service:
             except Exception as exc:  # noqa: BLE001 - any deserialization failure is the body's fault
                 raise BadRequest(f"malformed evaluation keys ({type(exc).__name__})") from None
             try:
-                self.pool.run(key_id, self.runner.warm, c, key_id, keys)
+                self.pool.run(key_id, self.runner.warm, c, key_id, keys, background=True)
             except QueueFull as exc:
                 raise Busy(str(exc), exc.retry_after) from None
             except (ValueError, RuntimeError) as exc:  # Concrete refused to run with these keys

@@ -6,6 +6,10 @@ of waiting jobs is bounded: past it :meth:`WorkPool.submit` raises :class:`Queue
 service answers 429. The number of workers bounds the runs in flight, so the CPU is never
 oversubscribed (one Concrete run already spreads its bootstraps over every core: measured on
 2 cores, 8 runs took 2.29 s with one worker and 2.29 s with two).
+
+Jobs submitted with ``background=True`` (the service's key warm-ups) run only when no
+foreground job (a prediction) waits: a visitor's prediction never queues behind the warm-up of
+keys made ahead of demand for someone else.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class WorkPool:
         self.workers = workers
         self.max_queue = max_queue
         self._queues: OrderedDict[str, deque] = OrderedDict()  # rotation order of waiting clients
+        self._background: OrderedDict[str, deque] = OrderedDict()
         self._waiting = 0
         self._running = 0
         self._cond = threading.Condition()
@@ -50,33 +55,35 @@ class WorkPool:
     def running(self) -> int:
         return self._running
 
-    def submit(self, owner: str, fn: Callable[..., Any], *args) -> Future:
+    def submit(self, owner: str, fn: Callable[..., Any], *args, background: bool = False) -> Future:
         fut: Future = Future()
         with self._cond:
             if self._closed:
                 raise RuntimeError("the work pool is closed")
             if self._waiting >= self.max_queue:
                 raise QueueFull(max(1.0, self._waiting * self._mean_run_s / self.workers))
-            self._queues.setdefault(owner, deque()).append((fut, fn, args, time.perf_counter()))
+            lane = self._background if background else self._queues
+            lane.setdefault(owner, deque()).append((fut, fn, args, time.perf_counter()))
             self._waiting += 1
             self._cond.notify()
         return fut
 
     def _next(self):
-        owner, q = next(iter(self._queues.items()))
+        lane = self._queues or self._background
+        owner, q = next(iter(lane.items()))
         job = q.popleft()
-        del self._queues[owner]
+        del lane[owner]
         if q:  # back of the rotation: the other clients go first
-            self._queues[owner] = q
+            lane[owner] = q
         self._waiting -= 1
         return job
 
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._queues and not self._closed:
+                while not self._queues and not self._background and not self._closed:
                     self._cond.wait()
-                if self._closed and not self._queues:
+                if self._closed and not self._queues and not self._background:
                     return
                 fut, fn, args, queued_at = self._next()
                 self._running += 1
@@ -90,9 +97,9 @@ class WorkPool:
             with self._cond:
                 self._running -= 1
 
-    def run(self, owner: str, fn: Callable[..., Any], *args) -> tuple[Any, float, float]:
+    def run(self, owner: str, fn: Callable[..., Any], *args, background: bool = False) -> tuple[Any, float, float]:
         """Submit and wait: (result, seconds queued, seconds running)."""
-        return self.submit(owner, fn, *args).result()
+        return self.submit(owner, fn, *args, background=background).result()
 
     def close(self) -> None:
         with self._cond:

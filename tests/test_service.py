@@ -205,6 +205,22 @@ def test_fair_queue_serves_clients_in_turn():
     assert order == ["a0", "b0", "a1", "b1", "a2", "a3"]  # b does not wait behind a's burst
 
 
+def test_background_work_waits_for_predictions():
+    from engine.workpool import WorkPool
+
+    pool = WorkPool(workers=1, max_queue=100)
+    gate, order = threading.Event(), []
+    pool.submit("gate", gate.wait)
+    time.sleep(0.1)
+    futures = [pool.submit("warm", order.append, "warm-up", background=True)]
+    futures += [pool.submit(c, order.append, c) for c in ("a", "b")]
+    gate.set()
+    [f.result(timeout=10) for f in futures]
+    assert pool.depth == 0
+    pool.close()
+    assert order == ["a", "b", "warm-up"]  # submitted first, run last
+
+
 def test_two_interleaved_clients_decrypt_only_their_own(svc, circuit, feats, tmp_path):
     a, b = new_client(svc, circuit, tmp_path / "a"), new_client(svc, circuit, tmp_path / "b")
     outs = []
@@ -303,7 +319,7 @@ def test_dask_backend_equals_local_pool(tiny_saved, models_dir, cache_dir, feats
         assert np.allclose(e, g)
 
 
-def test_key_pool_hands_each_user_fresh_ready_keys(svc, circuit, feats, tmp_path):
+def test_key_pool_hands_each_user_fresh_ready_keys(svc, circuit, predictor, feats, tmp_path):
     from engine.client import KeyPool
 
     transport = HTTPTransport(svc.url)
@@ -311,6 +327,12 @@ def test_key_pool_hands_each_user_fresh_ready_keys(svc, circuit, feats, tmp_path
     a, b = pool.take(), pool.take()
     assert a is not b and a.key_ids[svc.url] != b.key_ids[svc.url]
     assert a.fhe._eval_keys is None and b.fhe._eval_keys is None  # secret keys only, already uploaded
+    assert pool.apart  # over HTTP the keys were made in a key-maker process, not here
+    assert len(a.fhe.secret_keyset()) < 1_000_000
     la, ex = a.predict(feats[:1])
     assert ex.key_uploads == 0  # the first prediction needs no upload
     assert not np.allclose(np.asarray(b.fhe.decrypt(ex.result)), la)
+    x = feats[:1]
+    expected = predictor.compiled.dequantize(predictor.compiled.simulator.run(predictor.compiled.quantize(x)))
+    assert np.array_equal(a.predict(x)[0].argmax(1), expected.argmax(1))
+    pool.close()
