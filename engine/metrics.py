@@ -39,6 +39,8 @@ def accuracy(y_true: np.ndarray, scores: np.ndarray, info: DatasetInfo, threshol
     if info.multi_label and thresholds is not None:
         pred = predict(scores, info, thresholds)
         return float((pred == y_true.reshape(pred.shape)).mean(axis=0).mean())
+    if len(scores) == 1 and not info.multi_label:  # medmnist's getACC squeezes one image to a scalar
+        return float(predict(scores, info)[0] == int(np.asarray(y_true).reshape(-1)[0]))
     return float(getACC(np.asarray(y_true).reshape(len(scores), -1), scores, info.task))
 
 

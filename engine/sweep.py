@@ -52,6 +52,7 @@ def measure(cfg: PipelineConfig, n_val: int, n_fhe: int, cache_dir: str | None) 
         agree = float(np.mean([agreement(a, b) for a, b in itertools.combinations(runs, 2)]))
         balanced = metrics.balanced_accuracy(val.labels, res["simulate"].scores, val.info)
         fhe = p.run(val.images[:n_fhe], ["fhe"])["fhe"] if n_fhe else None
+        sample = val.head(n_fhe) if n_fhe else None
         rep = p.compiled.report
         m, c = cfg.model, cfg.compile
         return {
@@ -62,6 +63,14 @@ def measure(cfg: PipelineConfig, n_val: int, n_fhe: int, cache_dir: str | None) 
             "augment_scale": cfg.train.augment_scale, "best_epoch": result.best_epoch,
             "float_accuracy": acc["float"], "quantized_accuracy": acc["quantized"], "simulate_accuracy": acc["simulate"],
             "simulate_balanced_accuracy": balanced, "simulate_agreement": agree,
+            "float_auc": metrics.auc(val.labels, res["float"].scores, val.info),
+            "simulate_auc": metrics.auc(val.labels, res["simulate"].scores, val.info),
+            # Real encryption on the first n_fhe validation images, beside simulation on the same ones.
+            "fhe_accuracy": metrics.accuracy(sample.labels, fhe.scores, val.info, saved.thresholds) if fhe else None,
+            "simulate_sample_accuracy": metrics.accuracy(sample.labels, res["simulate"].scores[:n_fhe], val.info,
+                                                         saved.thresholds) if fhe else None,
+            "n_fhe": n_fhe,
+            "evaluation_key_bytes": p.remote.evaluation_key_bytes if fhe else None,
             "fhe_latency_median_s": float(np.median(fhe.latency_s)) if fhe else None,
             "fhe_server_median_s": float(np.median(fhe.stages["server_s"])) if fhe else None,
             "max_bit_width": rep.max_bit_width, "pbs_count": rep.pbs_count,
@@ -84,18 +93,26 @@ def run_grid(configs: list[PipelineConfig], n_val: int = 0, n_fhe: int = 3, cach
     return out
 
 
+def sweep_configs(base: PipelineConfig, bit_widths: list[int], rounding_bits: list[int]) -> list[tuple[str, PipelineConfig]]:
+    """(label, config) for weights, activations and inputs all at each bit-width, per rounding setting."""
+    return [(f"{b}-bit, rounding {r}", base.replace(
+        model=dataclasses.replace(base.model, weight_bits=b, act_bits=b, input_bits=b),
+        compile=dataclasses.replace(base.compile, rounding_threshold_bits=max(r, 2))))
+        for r, b in itertools.product(rounding_bits, bit_widths)]
+
+
+def iter_grid(points: list[tuple[str, PipelineConfig]], n_val: int = 0, n_fhe: int = 3, cache_dir: Path | None = None):
+    """Measure each (label, config) in turn (cached); yields (label, row) as each one finishes."""
+    cached = _memory(cache_dir).cache(measure)
+    for label, cfg in points:
+        yield label, cached(cfg, n_val, n_fhe, str(cache_dir) if cache_dir else None)
+
+
 def sweep(base: PipelineConfig, bit_widths: list[int], rounding_bits: list[int], n_val: int = 0, n_fhe: int = 3,
           cache_dir: Path | None = None, progress: ProgressFn | None = None) -> list[dict]:
     """Weights, activations and inputs all at each bit-width, for each rounding setting."""
-    grid = list(itertools.product(bit_widths, rounding_bits))
-    configs = [
-        base.replace(
-            model=dataclasses.replace(base.model, weight_bits=b, act_bits=b, input_bits=b),
-            compile=dataclasses.replace(base.compile, rounding_threshold_bits=max(r, 2)),
-        )
-        for b, r in grid
-    ]
-    return run_grid(configs, n_val, n_fhe, cache_dir, progress, [f"{b}-bit, rounding {r}" for b, r in grid])
+    points = sweep_configs(base, bit_widths, rounding_bits)
+    return run_grid([c for _, c in points], n_val, n_fhe, cache_dir, progress, [lbl for lbl, _ in points])
 
 
 def is_stable(r: dict, min_agreement: float | None) -> bool:
@@ -183,3 +200,31 @@ def pareto_figure(rows: list[dict], title: str, latency_target_s: float | None =
                       yaxis_title="validation score (FHE simulation; balanced accuracy)", height=560, width=900,
                       legend=dict(orientation="h", yanchor="top", y=-0.15))
     return fig
+
+
+SWEEP_COLUMNS = [  # (key, header, format)
+    ("bits", "bits (w=a=in)", "{}"), ("rounding_bits", "rounding", "{}"),
+    ("float_accuracy", "float acc", "{:.1%}"), ("quantized_accuracy", "quantized acc", "{:.1%}"),
+    ("simulate_accuracy", "simulated acc", "{:.1%}"), ("fhe_accuracy", "encrypted acc (sample)", "{:.1%}"),
+    ("simulate_auc", "AUC (simulated)", "{:.3f}"), ("simulate_agreement", "sim. agreement", "{:.1%}"),
+    ("fhe_latency_median_s", "encrypted ms", "{:.0f}"), ("keygen_s", "keygen s", "{:.1f}"),
+    ("evaluation_key_bytes", "eval keys MB", "{:.1f}"), ("max_bit_width", "max bits", "{}"), ("pbs_count", "PBS", "{}"),
+]
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """A Markdown table of sweep points (validation figures)."""
+    def cell(r, key, fmt):
+        v = r.get(key)
+        if v is None:
+            return "-"
+        if key == "fhe_latency_median_s":
+            v = 1000 * v
+        if key == "evaluation_key_bytes":
+            v = v / 1e6
+        return fmt.format(v)
+    head = "| " + " | ".join(h for _, h, _ in SWEEP_COLUMNS) + " |"
+    sep = "|" + "---|" * len(SWEEP_COLUMNS)
+    body = ["| " + " | ".join(cell(r, k, f) for k, _, f in SWEEP_COLUMNS) + " |"
+            for r in sorted(rows, key=lambda r: (r["rounding_bits"], r["bits"]))]
+    return "\n".join([head, sep, *body])
