@@ -115,7 +115,7 @@ def _transport(url: str) -> HTTPTransport:
 
 @st.cache_resource(show_spinner=False)
 def _key_pool(url: str, circuit_id: str) -> KeyPool:
-    spares = int(os.environ.get("ENGINE_KEY_SPARES", "4"))
+    spares = int(os.environ.get("ENGINE_KEY_SPARES", "8"))
     return KeyPool(lambda: _transport(url), circuit_id, default_cache_dir() / "client", spares=spares)
 
 
@@ -163,8 +163,13 @@ def session_remote(saved: registry.SavedModel, wait: bool = True) -> EncryptedCl
     """This session's client (keys uploaded, secret keys only); None if not ready and not ``wait``."""
     prepare_keys(saved)
     fut = st.session_state["session_keys"][saved.hash].future
-    if not wait and not fut.done():
-        return None
+    if not wait:
+        from concurrent.futures import wait as wait_for
+
+        # A spare key set is handed out in milliseconds: give it that long, so a fresh session's
+        # first page already has its keys (and its first prediction needs no extra rerun).
+        if not wait_for([fut], timeout=0.5).done:
+            return None
     return fut.result(timeout=600)
 
 
@@ -174,7 +179,7 @@ def compile_settings(saved: registry.SavedModel, container=None) -> CompileConfi
     base = saved.config.compile
     rb = box.slider("Rounding threshold bits", 2, 8, base.rounding_threshold_bits, key="cc_rounding",
                     help="Accumulators are rounded to this many bits before each table lookup.")
-    options = sorted({0.001, 0.01, 0.05, 0.1, 0.2, base.p_error})
+    options = sorted({1e-5, 1e-4, 0.001, 0.01, 0.05, 0.1, 0.2, base.p_error})
     pe = box.select_slider("p_error per lookup", options, value=base.p_error, key="cc_perror")
     return CompileConfig(rounding_threshold_bits=rb, rounding_method=base.rounding_method, p_error=pe,
                          inputset_size=base.inputset_size)
@@ -271,6 +276,48 @@ def progress_bar(text: str):
         bar.progress(min(done / max(total, 1), 1.0), text=f"{text}: {message}")
 
     return bar, update
+
+
+@st.cache_resource(show_spinner="Preparing the input check…")
+def _guard(dataset: str, name: str, model_hash: str):
+    from engine import guard as guards
+
+    return guards.for_model(registry.load(dataset, name), data_config(dataset))
+
+
+def guard(saved: registry.SavedModel):
+    """The model's input check and confidence calibration (None when it cannot be had here)."""
+    return _guard(saved.dataset, saved.name, saved.hash)
+
+
+@st.cache_data(show_spinner="Measuring stability: repeated simulations of validation images…", max_entries=64)
+def _stability(dataset: str, name: str, model_hash: str, cc_json: str):
+    from engine import stability
+    from engine.data import load_split
+
+    saved = registry.load(dataset, name)
+    cc = CompileConfig(**json.loads(cc_json))
+    val = load_split(data_config(dataset), "val").head(300)
+    return stability.measure(Predictor(saved=saved, compile_config=cc, compiled=compiled_circuit(saved, cc)), val.images)
+
+
+def stability(saved: registry.SavedModel, cc: CompileConfig):
+    """Agreement of repeated simulations on validation (cached per model and settings)."""
+    return _stability(saved.dataset, saved.name, saved.hash, json.dumps(cc.__dict__))
+
+
+def nearest_stable(saved: registry.SavedModel, cc: CompileConfig):
+    from engine import stability as stab
+    from engine.data import load_split
+
+    val = load_split(data_config(saved.dataset), "val").head(300)
+    return stab.nearest_stable(saved, cc, val.images, val.images[:3])
+
+
+def batch_table(items, fhe, info, guard) -> pd.DataFrame:
+    from engine.guard import batch_rows
+
+    return pd.DataFrame(batch_rows(items, fhe.logits, fhe.predictions, lambda p: label_text(info, p), guard))
 
 
 def results_table(results: dict, info, labels_true=None) -> pd.DataFrame:

@@ -10,6 +10,7 @@ Reproduce (2 cores; each command prints its own figures):
     python -m engine serve --port 8802 --key-store-bytes 1GiB &
     python -m engine loadtest --server http://127.0.0.1:8802 --clients 32 --requests 2 --json RUNS/c32.json
     python bench/dashboard_sessions.py --sessions 8 --json RUNS/dashboard.json
+    python bench/dashboard_sessions.py --sessions 8 --settle 5 --app bench/hello_app.py --json RUNS/dashboard_baseline.json
     python bench/serve_report.py RUNS
 """
 
@@ -28,7 +29,7 @@ from engine.loadtest import markdown  # noqa: E402
 GIB = 2**30
 
 
-def targets(inproc: dict, runs: dict[int, dict], dash: dict | None) -> list[dict]:
+def targets(inproc: dict, runs: dict[int, dict], dash: dict | None, base: dict | None = None) -> list[dict]:
     rows = []
     one = runs.get(1)
     e2e = inproc["modes"]["fhe"]["latency_median_s"]
@@ -54,13 +55,20 @@ def targets(inproc: dict, runs: dict[int, dict], dash: dict | None) -> list[dict
         rows.append(("32 clients, key store 1 GiB: server RSS <= 1.5 GiB", f"{r['server_rss_peak_bytes'] / GIB:.2f} GiB",
                      r["server_rss_peak_bytes"] <= 1.5 * GIB))
     if dash:
-        a = dash["fresh_session_alone_first_answer_s"]
-        rows.append(("dashboard: fresh session's first encrypted answer within 2 s of page load", f"{a:.2f} s", a <= 2.0))
+        a = dash["fresh_session_alone_answer_after_load_s"]
+        extra = f"; baseline one-button app: {base['fresh_session_alone_answer_after_load_s']:.2f} s" if base else ""
+        rows.append(("dashboard: fresh session's first encrypted answer within 2 s of page load",
+                     f"{a:.2f} s after the browser's load event ({dash['fresh_session_alone_first_answer_s']:.2f} s from "
+                     f"navigation start{extra})", a <= 2.0))
         per = dash["streamlit_rss_per_session_bytes"]
         rows.append(("dashboard: at most 60 MB of the Streamlit process per session", f"{per / 1e6:.1f} MB", per <= 60e6))
         worst = dash["crowd_first_answer_max_s"]
+        cpu = dash.get("crowd_cpu_seconds", {})
+        extra = f"; baseline one-button app: slowest {base['crowd_first_answer_max_s']:.1f} s" if base else ""
         rows.append((f"dashboard: {dash['sessions']} fresh sessions at once all answered, none over 15 s",
-                     f"{len(dash['crowd_first_answer_s'])} answered, slowest {worst:.1f} s", worst <= 15.0))
+                     f"{len(dash['crowd_first_answer_s'])} answered, slowest {worst:.1f} s from navigation start{extra}; "
+                     f"CPU on the 2 shared cores: browser {cpu.get('browser', 0):.0f} s, Streamlit {cpu.get('streamlit', 0):.0f} s, "
+                     f"service and key makers {cpu.get('service_and_key_makers', 0):.0f} s", worst <= 15.0))
     return [{"target": t, "measured": m, "met": bool(ok)} for t, m, ok in rows]
 
 
@@ -74,10 +82,13 @@ def main(folder: str) -> int:
             runs[n] = json.loads(p.read_text())
     dash_path = runs_dir / "dashboard.json"
     dash = json.loads(dash_path.read_text()) if dash_path.exists() else None
+    base_path = runs_dir / "dashboard_baseline.json"  # bench/dashboard_sessions.py --app <one-button app>
+    base = json.loads(base_path.read_text()) if base_path.exists() else None
     report = {"dataset": "pneumoniamnist", "model": runs[1]["model"] if 1 in runs else None,
               "in_process": {"fhe_latency_median_s": inproc["modes"]["fhe"]["latency_median_s"],
                              "server_median_s": inproc["modes"]["fhe"].get("server_median_s"), "n": inproc["n"]},
-              "loadtest": [runs[n] for n in sorted(runs)], "dashboard": dash, "targets": targets(inproc, runs, dash),
+              "loadtest": [runs[n] for n in sorted(runs)], "dashboard": dash, "dashboard_baseline": base,
+              "targets": targets(inproc, runs, dash, base),
               "machine": machine_info()}
     out = REPO / "bench" / "results"
     (out / "serve_pneumoniamnist.json").write_text(json.dumps(report, indent=2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -64,25 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a QAT FCNN and save it to the registry")
     _data_args(p)
     p.add_argument("--name", default=None, help="model name (default: derived from the architecture and time)")
-    p.add_argument("--hidden", type=int, nargs="*", default=[16], help="hidden widths, e.g. --hidden 32 16 (none: linear)")
-    p.add_argument("--weight-bits", type=int, default=3)
-    p.add_argument("--act-bits", type=int, default=3)
-    p.add_argument("--input-bits", type=int, default=3)
-    p.add_argument("--max-active-inputs", type=int, default=0, help="prune to this many inputs per neuron (0: off)")
-    p.add_argument("--input-pool", type=int, default=1, help="average-pool the image by this factor on the client")
-    p.add_argument("--augment", type=int, default=0, help="random shifts of up to N pixels during training")
-    p.add_argument("--rotate", type=float, default=0.0, help="random rotations of up to N degrees during training")
-    p.add_argument("--scale", type=float, default=0.0, help="random zoom by a factor in [1-S, 1+S] during training")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    g = p.add_argument_group("recipe (default: the search's choice for the dataset, else a generic recipe; "
+                             "`python -m engine train --dataset X --show-recipe` prints it)")
+    g.add_argument("--hidden", type=int, nargs="*", default=None, help="hidden widths, e.g. --hidden 32 16 (none: linear)")
+    g.add_argument("--weight-bits", type=int, default=None)
+    g.add_argument("--act-bits", type=int, default=None)
+    g.add_argument("--input-bits", type=int, default=None)
+    g.add_argument("--max-active-inputs", type=int, default=None, help="prune to this many inputs per neuron (0: off)")
+    g.add_argument("--input-pool", type=int, default=None, help="average-pool the image by this factor on the client")
+    g.add_argument("--augment", type=int, default=None, help="random shifts of up to N pixels during training")
+    g.add_argument("--rotate", type=float, default=None, help="random rotations of up to N degrees during training")
+    g.add_argument("--scale", type=float, default=None, help="random zoom by a factor in [1-S, 1+S] during training")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-train", type=int, default=0, help="use only the first N training images")
+    p.add_argument("--show-recipe", action="store_true", help="print the settings that would be used and exit")
     p.add_argument("--no-class-weighting", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")
     _compile_args(p)
 
     p = sub.add_parser("compile", help="compile a saved model to a TFHE circuit (cached)")
+    p.add_argument("--stability-images", type=int, default=300,
+                   help="validation images for the stability check (repeated simulations; 0: skip)")
     _data_args(p)
     _model_args(p)
     _compile_args(p)
@@ -149,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=float, default=0.995,
                    help="repeated simulations of the validation images must agree on this share (the 99%% target "
                         "plus a margin for the estimate's own noise)")
+    p.add_argument("--out", default=None, help="results folder (default: bench/results)")
+
+    p = sub.add_parser("sweep", help="bit-width sweep of a saved model's recipe; writes bench/results/<dataset>_sweep.json")
+    _data_args(p)
+    _model_args(p)
+    p.add_argument("--bits", default="2-8", help="bit-widths for weights, activations and inputs alike, e.g. 2-8 or 2,4,8")
+    p.add_argument("--rounding", type=int, nargs="+", default=[5, 6], help="rounding threshold bits (at least two settings)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per point (default: the model's)")
+    p.add_argument("--n-fhe", type=int, default=10, help="validation images run through real encryption per point")
     p.add_argument("--out", default=None, help="results folder (default: bench/results)")
 
     p = sub.add_parser("serve", help="run the encrypted-inference HTTP service for every saved model")
@@ -218,15 +233,31 @@ def cmd_train(a) -> int:
 
     from .data import dataset_info
 
+    from .recipes import recipe
+
     dataset_info(a.dataset)
+    base, source = recipe(a.dataset)
+    bm, bt = base["model"], base["train"]
+
+    def pick(value, default):
+        return default if value is None else value
+
     cfg = PipelineConfig(
         data=_data_cfg(a),
-        model=ModelConfig(tuple(a.hidden), a.weight_bits, a.act_bits, a.input_bits, a.max_active_inputs, a.input_pool),
-        train=TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                          class_weighting=not a.no_class_weighting, limit_train=a.limit_train,
-                          augment_shift=a.augment, augment_rotate=a.rotate, augment_scale=a.scale),
-        compile=_compile_cfg(a, CompileConfig()),
+        model=ModelConfig(tuple(pick(a.hidden, list(bm.hidden))), pick(a.weight_bits, bm.weight_bits),
+                          pick(a.act_bits, bm.act_bits), pick(a.input_bits, bm.input_bits),
+                          pick(a.max_active_inputs, bm.max_active_inputs), pick(a.input_pool, bm.input_pool)),
+        train=TrainConfig(epochs=pick(a.epochs, bt.epochs), batch_size=pick(a.batch_size, bt.batch_size),
+                          lr=pick(a.lr, bt.lr), seed=a.seed, class_weighting=not a.no_class_weighting,
+                          limit_train=a.limit_train, augment_shift=pick(a.augment, bt.augment_shift),
+                          augment_rotate=pick(a.rotate, bt.augment_rotate), augment_scale=pick(a.scale, bt.augment_scale)),
+        compile=_compile_cfg(a, base["compile"]),
     )
+    a.epochs = cfg.train.epochs
+    _say(f"recipe: {source}; overridden by the flags given")
+    if a.show_recipe:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
     if a.epochs < 1:
         raise UserError("--epochs must be at least 1")
     from .data import locate
@@ -241,9 +272,13 @@ def cmd_train(a) -> int:
     result = train(cfg, progress=on_epoch)
     bar.close()
     saved = registry.save(result, a.name, a.models_dir, overwrite=a.overwrite)
+    from . import guard as guards
+
+    g = guards.fit_for(saved, cfg.data)
     m = result.metrics
     print(f"saved {saved.dataset}/{saved.name} (best epoch {m['best_epoch']}) to {saved.path}")
     print(f"val accuracy {m['val']['accuracy']:.4f}  test accuracy {m['test']['accuracy']:.4f}  test AUC {m['test']['auc'] or float('nan'):.4f}")
+    print(f"input check fitted: {100 * g.val_pass_rate:.1f}% of validation images pass; confidence temperature {g.temperature:.3f}")
     return 0
 
 
@@ -281,6 +316,25 @@ def cmd_compile(a) -> int:
         report.update(keygen_s=client.keygen_s, eval_key_bytes=len(client.evaluation_keys()))
     print(f"{p.saved.dataset}/{p.saved.name} -> {compiled.path}")
     print(circuit_line(report))
+    if a.stability_images:
+        from . import stability
+        from .data import DataError, load_split
+
+        try:
+            val = load_split(_data_cfg(a), "val").head(a.stability_images)
+        except DataError as exc:
+            _say(f"stability not measured: {exc}")
+        else:
+            p.compile_config = p.compile_config or p.saved.config.compile
+            current = stability.measure(p, val.images)
+            proposal = None
+            if not current.stable:
+                proposal = stability.nearest_stable(p.saved, p.compile_config, val.images, val.images[:3],
+                                                    p.cache_dir, _say)
+            for line in stability.report_lines(current, proposal, tried=not current.stable):
+                print(line)
+            report["stability"] = current.to_dict()
+            report["nearest_stable"] = proposal.to_dict() if proposal else None
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2))
     return 0
@@ -300,11 +354,24 @@ def cmd_predict(a) -> int:
         if bad:
             raise UserError(f"index {bad[0]} out of range: the {a.split} split has {len(split)} images (0..{len(split) - 1})")
         sub = split.subset(a.index)
+    from . import guard as guards
+
     p = _predictor(a)
     info = p.info
+    guard = guards.for_model(p.saved, _data_cfg(a))
+    verdicts = {}
     if a.image:
-        images = np.stack([load_image(Path(f), p.saved.config.data.size, info.n_channels).array for f in a.image])
+        loaded = [load_image(Path(f), p.saved.config.data.size, info.n_channels) for f in a.image]
+        images = np.stack([im.array for im in loaded])
         names, truth = list(a.image), [None] * len(a.image)
+        if guard is None:
+            _say("no input check: the model has no guard file and its dataset is not on this machine")
+        else:
+            for name, im in zip(names, loaded):
+                v = guard.check(im.array, im.original)
+                verdicts[name] = v
+                if v.foreign:
+                    print(f"warning: {name} does not look like a {p.saved.dataset} image: {v.message}")
     else:
         images, names = sub.images, [f"{a.split}[{i}]" for i in a.index]
         truth = [label_text(info, t) for t in sub.targets]
@@ -319,9 +386,20 @@ def cmd_predict(a) -> int:
                          "latency_s": round(float(r.latency_s[i]), 5)}
             for k, v in r.stages.items():
                 row[mode][k] = round(float(v[i]), 5)
+        conf_text = ""
+        if guard is not None:
+            last = results[list(results)[-1]]
+            c = guard.confidence(last.logits[i])
+            row["confidence"] = round(c.top, 4)
+            row["uncertain"] = c.uncertain
+            conf_text = f"  confidence {100 * c.top:.0f}%" + (" (uncertain)" if c.uncertain else "")
+        if name in verdicts:
+            row["foreign_input"] = verdicts[name].foreign
+            row["warning"] = verdicts[name].message
         out.append(row)
         truth_text = f"true={row['true']}  " if row["true"] is not None else ""
-        print(f"{name}: {truth_text}" + "  ".join(f"{m}={row[m]['label']} ({row[m]['latency_s'] * 1000:.1f} ms)" for m in results))
+        print(f"{name}: {truth_text}" + "  ".join(f"{m}={row[m]['label']} ({row[m]['latency_s'] * 1000:.1f} ms)" for m in results)
+              + conf_text)
     if "fhe" in results:
         fhe = results["fhe"]
         print(f"fhe sizes: ciphertext {fhe.sizes['ciphertext_bytes']:,} B, result {fhe.sizes['result_bytes']:,} B, "
@@ -418,6 +496,48 @@ def cmd_search(a) -> int:
     return 0
 
 
+def _bit_list(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    if not out or min(out) < 1 or max(out) > 16:
+        raise UserError(f"bit-widths must be between 1 and 16: {text!r}")
+    return sorted(set(out))
+
+
+def cmd_sweep(a) -> int:
+    """Every point trains the saved model's recipe at one bit-width, compiles it at each rounding
+    setting and measures it on validation (the test split is not touched)."""
+    from . import registry
+    from .evaluate import results_dir, write_json
+    from .sweep import sweep, sweep_table
+
+    saved = registry.load(a.dataset, a.model, a.models_dir)
+    base = saved.config.replace(data=_data_cfg(a))
+    if a.epochs:
+        base = base.replace(train=dataclasses.replace(base.train, epochs=a.epochs))
+    bits = _bit_list(a.bits)
+    bar, update = _bar("sweep")
+    rows = sweep(base, bits, sorted(set(a.rounding)), 0, a.n_fhe, Path(a.cache_dir) if a.cache_dir else None, update)
+    bar.close()
+    out = Path(a.out) if a.out else results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{saved.dataset}_sweep.json"
+    command = ("python -m engine sweep --dataset " + saved.dataset + f" --bits {a.bits} --rounding "
+               + " ".join(map(str, sorted(set(a.rounding)))) + f" --n-fhe {a.n_fhe}" + (f" --epochs {a.epochs}" if a.epochs else ""))
+    write_json({"dataset": saved.dataset, "model": saved.name, "recipe": saved.config.to_dict(), "command": command,
+                "points": rows}, path)
+    table = sweep_table(rows)
+    md = path.with_suffix(".md")
+    md.write_text(f"### Bit-width sweep — {saved.dataset}, recipe of `{saved.name}`\n\nValidation split only; "
+                  f"encrypted accuracy on the first {a.n_fhe} validation images through real encryption. "
+                  f"Reproduce: `{command}`.\n\n{table}\n")
+    print(table)
+    print(f"wrote {path} and {md.name}")
+    return 0
+
+
 def cmd_serve(a) -> int:
     from .service import serve
 
@@ -457,18 +577,27 @@ def cmd_models(a) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
-    from .images import ImageError
-    from .client import ServiceUnavailable
-    from .registry import ModelNotFound
+def _user_errors() -> tuple[type, ...]:
+    """Exceptions that mean "the input or the setup is wrong": one line, exit code 2. Taken only
+    from the modules this command imported: importing engine.data (medmnist, hence torch) just
+    for its error class would cost ``serve`` about 500 MB of resident memory."""
+    out: list[type] = [UserError, FileExistsError, ValueError]
+    for module, name in [("engine.data", "DataError"), ("engine.images", "ImageError"),
+                         ("engine.client", "ServiceUnavailable"), ("engine.registry", "ModelNotFound")]:
+        if module in sys.modules:
+            out.append(getattr(sys.modules[module], name))
+    return tuple(out)
 
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "compile": cmd_compile, "predict": cmd_predict,
-                "evaluate": cmd_evaluate, "bench": cmd_bench, "search": cmd_search, "models": cmd_models,
+                "evaluate": cmd_evaluate, "bench": cmd_bench, "search": cmd_search, "sweep": cmd_sweep, "models": cmd_models,
                 "serve": cmd_serve, "loadtest": cmd_loadtest}[args.command](args)
-    except (UserError, DataError, ModelNotFound, ImageError, FileExistsError, ValueError, ServiceUnavailable) as exc:
+    except Exception as exc:  # noqa: BLE001 - user errors get one line, anything else its traceback
+        if not isinstance(exc, _user_errors()):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

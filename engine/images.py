@@ -157,3 +157,37 @@ def _square_resize(arr: np.ndarray, size: int, notes: list[str]) -> np.ndarray:
         notes.append(f"resized {arr.shape[0]}x{arr.shape[0]} to {size}x{size}")
         arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.Resampling.LANCZOS))
     return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+MAX_ARCHIVE_FILES = 500
+
+
+def expand_uploads(files: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """Uploaded files, with every ``.zip`` replaced by its image members (``archive.zip/member``).
+
+    Members that are not images by extension, folders and macOS resource forks are skipped; an
+    archive may hold at most :data:`MAX_ARCHIVE_FILES` images and :data:`MAX_BYTES` per image.
+    """
+    import io
+    import zipfile
+
+    out: list[tuple[str, bytes]] = []
+    for name, data in files:
+        if not name.lower().endswith(".zip"):
+            out.append((name, data))
+            continue
+        try:
+            archive = zipfile.ZipFile(io.BytesIO(data))
+        except zipfile.BadZipFile:
+            raise ImageError(f"{name} is not a readable zip archive.") from None
+        members = [m for m in archive.infolist() if not m.is_dir() and "__MACOSX" not in m.filename
+                   and m.filename.rsplit(".", 1)[-1].lower() in EXTENSIONS]
+        if not members:
+            raise ImageError(f"{name} holds no image ({', '.join(EXTENSIONS)}).")
+        if len(members) > MAX_ARCHIVE_FILES:
+            raise ImageError(f"{name} holds {len(members)} images; the limit is {MAX_ARCHIVE_FILES}. Split it.")
+        for m in members:
+            if m.file_size > MAX_BYTES:
+                raise ImageError(f"{name}/{m.filename} is {m.file_size / 1e6:.0f} MB; the limit is {MAX_BYTES // 2**20} MB.")
+            out.append((f"{name}/{m.filename}", archive.read(m)))
+    return out

@@ -6,12 +6,13 @@ import streamlit as st
 
 import ui
 from engine import registry
-from engine.config import CompileConfig, ModelConfig, PipelineConfig, TrainConfig
+from engine.config import ModelConfig, PipelineConfig, TrainConfig
 from engine.data import DataError, locate
+from engine.recipes import recipe
 from engine.train import train
 
-st.set_page_config(page_title="Train", page_icon="🏋️", layout="wide")
-st.title("🏋️ Train a quantization-aware model")
+st.set_page_config(page_title="Train", page_icon=":material/model_training:", layout="wide")
+st.title("Train a quantization-aware model")
 
 if ui.read_only():
     st.info("This is a read-only demo (ENGINE_READ_ONLY=1): training is disabled. Try the encrypted inference pages.",
@@ -19,25 +20,37 @@ if ui.read_only():
     st.stop()
 present = ui.present_datasets(ui.data_dir())
 choices = present + [d for d in ui.available_datasets() if d not in present]
+dataset = st.selectbox("MedMNIST subset", choices, key="train_dataset",
+                       format_func=lambda d: d + ("" if d in present else " (download)"))
+rec, source = recipe(dataset)
+if st.session_state.get("train_recipe_for") != dataset:  # a new dataset: start from its recipe
+    m, t = rec["model"], rec["train"]
+    st.session_state.update({
+        "train_recipe_for": dataset, "train_hidden": ",".join(map(str, m.hidden)), "train_epochs": t.epochs,
+        "train_wbits": m.weight_bits, "train_abits": m.act_bits, "train_ibits": m.input_bits,
+        "train_prune": m.max_active_inputs, "train_pool": m.input_pool, "train_augment": t.augment_shift,
+        "train_rotate": int(t.augment_rotate), "train_zoom": t.augment_scale,
+        "train_lr": min([3e-4, 1e-3, 2e-3, 3e-3, 1e-2], key=lambda v: abs(v - t.lr)),
+    })
+st.caption(f"Defaults: {source}. Compiled with rounding to {rec['compile'].rounding_threshold_bits} bits and "
+           f"p_error {rec['compile'].p_error:g}, the stable settings the search chose.")
 with st.form("train_form"):
     c1, c2 = st.columns(2)
-    dataset = c1.selectbox("MedMNIST subset", choices, key="train_dataset",
-                           format_func=lambda d: d + ("" if d in present else " (download)"))
-    hidden_text = c1.text_input("Hidden widths (comma separated, empty = linear)", "16", key="train_hidden")
-    epochs = c1.number_input("Epochs", 1, 200, 10, key="train_epochs")
+    hidden_text = c1.text_input("Hidden widths (comma separated, empty = linear)", key="train_hidden")
+    epochs = c1.number_input("Epochs", 1, 200, key="train_epochs")
     name = c1.text_input("Model name (empty = automatic)", "", key="train_name")
-    wbits = c2.slider("Weight bits", 2, 8, 3, key="train_wbits")
-    abits = c2.slider("Activation bits", 2, 8, 3, key="train_abits")
-    ibits = c2.slider("Input bits", 2, 8, 3, key="train_ibits")
-    prune = c2.number_input("Max active inputs per neuron (0 = no pruning)", 0, 4096, 0, key="train_prune")
+    wbits = c2.slider("Weight bits", 2, 8, key="train_wbits")
+    abits = c2.slider("Activation bits", 2, 8, key="train_abits")
+    ibits = c2.slider("Input bits", 2, 8, key="train_ibits")
+    prune = c2.number_input("Max active inputs per neuron (0 = no pruning)", 0, 4096, key="train_prune")
     limit = c2.number_input("Use only the first N training images (0 = all)", 0, 1_000_000, 0, key="train_limit")
     pool = c1.selectbox("Client-side input pooling", [1, 2, 3, 4], key="train_pool",
                         help="Average-pool the image before encryption: 2 -> 14x14 inputs, 3 -> 9x9 (fewer "
                              "ciphertexts: each costs about 0.15 ms to encrypt and as much again on the server)")
-    augment = c1.number_input("Random shift augmentation (pixels)", 0, 4, 0, key="train_augment")
-    rotate = c1.number_input("Random rotation augmentation (degrees)", 0, 30, 0, key="train_rotate")
-    zoom = c1.select_slider("Random zoom augmentation (±)", [0.0, 0.05, 0.1, 0.15, 0.2], value=0.0, key="train_zoom")
-    lr = c2.select_slider("Learning rate", [3e-4, 1e-3, 3e-3, 1e-2], value=1e-3, key="train_lr")
+    augment = c1.number_input("Random shift augmentation (pixels)", 0, 4, key="train_augment")
+    rotate = c1.number_input("Random rotation augmentation (degrees)", 0, 30, key="train_rotate")
+    zoom = c1.select_slider("Random zoom augmentation (±)", [0.0, 0.05, 0.1, 0.15, 0.2], key="train_zoom")
+    lr = c2.select_slider("Learning rate", [3e-4, 1e-3, 2e-3, 3e-3, 1e-2], key="train_lr")
     submitted = st.form_submit_button("Train", type="primary")
 
 if submitted:
@@ -48,7 +61,7 @@ if submitted:
             model=ModelConfig(hidden, wbits, abits, ibits, int(prune), int(pool)),
             train=TrainConfig(epochs=int(epochs), lr=float(lr), limit_train=int(limit), augment_shift=int(augment),
                               augment_rotate=float(rotate), augment_scale=float(zoom)),
-            compile=CompileConfig(),
+            compile=rec["compile"],
         )
         locate(cfg.data)
         bar = st.progress(0.0, text="training…")
@@ -73,6 +86,9 @@ if submitted:
         with ui.long_job("training"):
             result = train(cfg, progress=on_epoch)
             saved = registry.save(result, name.strip() or None)
+            from engine import guard as guards
+
+            guards.fit_for(saved, cfg.data)  # the input check and confidence calibration, on validation
         st.session_state["model"] = (saved.dataset, saved.name)
         st.success(f"Saved **{saved.dataset}/{saved.name}** (best epoch {result.best_epoch}): validation accuracy "
                    f"{100 * result.metrics['val']['accuracy']:.1f}%, test {100 * result.metrics['test']['accuracy']:.1f}%. "

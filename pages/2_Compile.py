@@ -38,6 +38,35 @@ if rep and rep["model_hash"] == saved.hash and rep["compile"]["rounding_threshol
     c[2].metric("Compile time", f"{rep['compile_s']:.2f} s")
     c[3].metric("Source", "cache" if rep["from_cache"] else "fresh compile")
     st.caption(f"Cache key {rep['cache_key']} · concrete-ml {rep['versions']['concrete-ml']}")
+    try:
+        stab = ui.stability(saved, cc)
+    except Exception as exc:  # noqa: BLE001 - no dataset here: say so, the rest of the page works
+        stab = None
+        st.caption(f"Stability not measured: {exc}")
+    if stab is not None:
+        st.metric("Stability", f"{100 * stab.agreement:.2f}%",
+                  help=f"Repeated FHE simulations of {stab.images} validation images ({stab.runs} runs) give the same "
+                       "prediction this often: how likely the same image gets the same encrypted answer twice.")
+        if stab.stable:
+            st.success("Stable: the same image gets the same answer (at least 99.5% agreement).", icon=":material/check_circle:")
+        else:
+            st.warning(f"Unstable: repeated runs agree on only {100 * stab.agreement:.2f}% of validation images (under 99.5%). "
+                       "The same image can get different encrypted answers.", icon=":material/warning:")
+            if st.button("Find the nearest stable setting", key="stability_btn", disabled=ui.read_only()):
+                try:
+                    with st.spinner("Compiling safer settings and measuring them (a minute or two)…"):
+                        st.session_state["stability_proposal"] = (saved.hash, cc, ui.nearest_stable(saved, cc))
+                except Exception as exc:  # noqa: BLE001
+                    ui.fail(exc)
+            prop = st.session_state.get("stability_proposal")
+            if prop and prop[0] == saved.hash and prop[1] == cc:
+                if prop[2] is None:
+                    st.error("No nearby setting is stable: retrain with wider margins (fewer bits, pooling, more epochs).")
+                else:
+                    pc = prop[2].compile
+                    st.info(f"Nearest stable setting: rounding to **{pc.rounding_threshold_bits} bits**, p_error "
+                            f"**{pc.p_error:g}** — {100 * prop[2].agreement:.2f}% agreement, "
+                            f"{1000 * prop[2].latency_s:.0f} ms per encrypted image.", icon=":material/lightbulb:")
     if st.button("Generate this session's keys", key="keygen_btn"):
         try:
             from engine.fhe import FHEClient

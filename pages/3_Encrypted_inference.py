@@ -18,7 +18,7 @@ pool = [i for i in range(len(split)) if cls == "all" or truth[i] == cls]
 page_size = 24
 n_pages = max(1, (len(pool) + page_size - 1) // page_size)
 page = c2.number_input("Gallery page", 1, n_pages, 1, key="inf_page")
-if c3.button("🎲 Random pick", key="inf_random"):
+if c3.button("Random pick", icon=":material/casino:", key="inf_random"):
     rng = np.random.default_rng()
     st.session_state["inf_selected"] = sorted(rng.choice(pool, size=min(3, len(pool)), replace=False).tolist())
 shown = pool[(page - 1) * page_size : page * page_size]

@@ -1,45 +1,106 @@
-"""Upload an image; see what the model sees; get an encrypted prediction."""
+"""Upload images; see what the model sees; encrypted predictions with guardrails (one or a batch)."""
 
+import pandas as pd
 import streamlit as st
 
 import ui
-from engine.images import EXTENSIONS, ImageError, load_image
+from engine import guard as guards
+from engine.images import EXTENSIONS, ImageError
 
-saved, cc, info = ui.model_page("Upload", ":material/upload:", "Classify your own image, encrypted")
+saved, cc, info = ui.model_page("Upload", ":material/upload:", "Classify your own images, encrypted")
 size, channels = saved.config.data.size, info.n_channels
 st.markdown(
     f"Model **{saved.name}** expects {size}×{size} {'grayscale' if channels == 1 else 'RGB'} "
-    f"{saved.dataset} images. Accepted: PNG, JPEG, BMP, TIFF, GIF (first frame) or a `.npy` array. "
-    "Non-square images are center-cropped, then resized; transparency is composited onto black; "
-    "16-bit and float data are rescaled to 0–255."
+    f"{saved.dataset} images. Accepted: PNG, JPEG, BMP, TIFF, GIF (first frame), a `.npy` array, or a "
+    "`.zip` of them; several files give one table. Non-square images are center-cropped, then resized; "
+    "transparency is composited onto black; 16-bit and float data are rescaled to 0–255."
 )
 pool = saved.config.model.input_pool
 if pool > 1:
     st.caption(f"Before encrypting, the client averages {pool}×{pool} pixel blocks: "
                f"{(size // pool) ** 2 * channels} encrypted inputs per image.")
-up = st.file_uploader("Image", type=list(EXTENSIONS), key="upload_file")
-if up is not None:
-    try:
-        loaded = load_image(up.getvalue(), size, channels, name=up.name)
-    except ImageError as exc:
-        st.error(str(exc))
+guard = ui.guard(saved)
+if guard is None:
+    st.caption("No input check for this model: its guard file is missing and the dataset is not on this machine.")
+else:
+    st.caption(f"Before encrypting, this browser session's client checks that each image resembles {saved.dataset}'s "
+               f"training images ({100 * guard.val_pass_rate:.1f}% of real validation images pass); the server "
+               "never sees the image.")
+
+ups = st.file_uploader("Images", type=[*EXTENSIONS, "zip"], accept_multiple_files=True, key="upload_files")
+if not ups:
+    st.stop()
+try:
+    items = guards.screen([(u.name, u.getvalue()) for u in ups], guard, size, channels)
+except ImageError as exc:
+    st.error(str(exc))
+    st.stop()
+
+
+def warn(item) -> None:
+    if item.verdict is not None and item.verdict.foreign:
+        st.warning(f"**{item.name}** does not look like a {saved.dataset} image: {item.verdict.message}. "
+                   "The prediction below is still available, but it is not meaningful for such an input.",
+                   icon=":material/warning:")
+
+
+def confidence_text(fhe, i: int) -> str:
+    if guard is None:
+        return ""
+    c = guard.confidence(fhe.logits[i])
+    return f"calibrated confidence {100 * c.top:.0f}%" + (" — **uncertain** (the top two classes are close)" if c.uncertain else "")
+
+
+if len(items) == 1:
+    item = items[0]
+    if item.error:
+        st.error(item.error)
         st.stop()
     c1, c2 = st.columns(2)
-    c1.image(loaded.original, caption=f"uploaded ({loaded.original.shape[1]}×{loaded.original.shape[0]})",
+    c1.image(item.original, caption=f"uploaded ({item.original.shape[1]}×{item.original.shape[0]})",
              width=240, clamp=True)
-    c2.image(loaded.array, caption=f"model input ({size}×{size})", width=240, clamp=True)
-    for note in loaded.notes:
-        st.caption(f"ℹ️ {note}")
+    c2.image(item.image, caption=f"model input ({size}×{size})", width=240, clamp=True)
+    for note in item.notes:
+        st.caption(note)
+    warn(item)
     if st.button("Encrypted prediction", icon=":material/lock:", type="primary", key="upload_run"):
         try:
             with st.spinner("Encrypting, computing on ciphertext, decrypting…"):
                 p = ui.predictor(saved, cc)
-                results = p.run(loaded.array[None], ["fhe"])
+                results = p.run(item.image[None], ["fhe"])
             fhe = results["fhe"]
-            st.success(f"Encrypted prediction: **{ui.label_text(info, fhe.predictions[0])}**")
+            st.success(f"Encrypted prediction: **{ui.label_text(info, fhe.predictions[0])}** · {confidence_text(fhe, 0)}")
             if not info.multi_label:
-                st.bar_chart({info.labels[c]: float(fhe.scores[0, c]) for c in info.labels}, horizontal=True)
+                probs = guard.confidence(fhe.logits[0]).probabilities if guard is not None else fhe.scores[0]
+                st.bar_chart(pd.DataFrame({"class": [info.labels[c] for c in info.labels],
+                                           "probability (calibrated)": [float(probs[c]) for c in info.labels]}),
+                             x="class", y="probability (calibrated)", horizontal=True)
             st.dataframe(ui.results_table(results, info), hide_index=True)
             st.caption(ui.sizes_text(results))
         except Exception as exc:  # noqa: BLE001
             ui.fail(exc)
+    st.stop()
+
+# -- a batch: one table
+good = [it for it in items if it.error is None]
+flagged = sum(1 for it in good if it.verdict is not None and it.verdict.foreign)
+st.write(f"{len(items)} files: {len(good)} images" + (f", {len(items) - len(good)} unreadable" if len(good) < len(items) else "")
+         + (f", {flagged} flagged as unlike the training data" if flagged else "") + ".")
+if st.button(f"Encrypted predictions for {len(good)} images", icon=":material/lock:", type="primary",
+             key="upload_batch_run", disabled=not good):
+    try:
+        import numpy as np
+
+        p = ui.predictor(saved, cc)
+        bar, update = ui.progress_bar("Encrypting and classifying")
+        fhe = p.run(np.stack([it.image for it in good]), ["fhe"], progress=update)["fhe"]
+        st.session_state["upload_batch"] = (saved.hash, [it.name for it in items],
+                                            ui.batch_table(items, fhe, info, guard))
+    except Exception as exc:  # noqa: BLE001
+        ui.fail(exc)
+batch = st.session_state.get("upload_batch")
+if batch and batch[0] == saved.hash and batch[1] == [it.name for it in items]:
+    table = batch[2]
+    st.dataframe(table, hide_index=True)
+    st.download_button("Download CSV", table.to_csv(index=False).encode(), file_name=f"encrypted_predictions_{saved.dataset}.csv",
+                       mime="text/csv", icon=":material/download:", key="upload_csv")

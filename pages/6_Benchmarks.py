@@ -7,8 +7,8 @@ import streamlit as st
 import ui
 from engine.evaluate import load_reports, report_rows, results_dir, target_rows
 
-st.set_page_config(page_title="Benchmarks", page_icon="📊", layout="wide")
-st.title("📊 Benchmarks")
+st.set_page_config(page_title="Benchmarks", page_icon=":material/speed:", layout="wide")
+st.title("Benchmarks")
 ref = ui.REFERENCE
 st.markdown(
     f"Stored results from `python -m engine bench` / `evaluate --json` in `{results_dir()}`. "

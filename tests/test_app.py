@@ -53,8 +53,8 @@ def test_home_encrypted_prediction(app_env):
     at.button(key="home_run").click().run()
     ok(at)
     assert any("Encrypted prediction:" in s.value for s in at.success)
-    table = at.dataframe[0].value
-    assert list(table["mode"]) == ["Encrypted (FHE)"] and table["server (ms)"].iloc[0] > 0
+    table = at.table[0].value
+    assert list(table.index) == ["Encrypted (FHE)"] and table["server (ms)"].iloc[0] > 0
     assert "network (ms)" in table and "queue (ms)" in table
     assert [m.value for m in at.metric if m.label == "This session's keys"] == ["generated"]
     wire = next(m.value for m in at.markdown if "What crossed the wire" in m.value)
@@ -85,7 +85,10 @@ def test_train_page_trains_and_saves(app_env, monkeypatch):
     monkeypatch.setenv("ENGINE_MODELS_DIR", str(app_env / "models"))
     at = AppTest.from_file(str(REPO / "pages/1_Train.py"), default_timeout=TIMEOUT).run()
     ok(at)
-    at.selectbox(key="train_dataset").set_value("pneumoniamnist")
+    at.selectbox(key="train_dataset").set_value("pneumoniamnist").run()
+    ok(at)  # the form now holds the search's recipe for pneumoniamnist
+    assert at.number_input(key="train_epochs").value == 30 and at.selectbox(key="train_pool").value == 3
+    assert at.slider(key="train_wbits").value == 2
     at.text_input(key="train_hidden").set_value("4")
     at.number_input(key="train_epochs").set_value(2)
     at.number_input(key="train_limit").set_value(256)
@@ -132,9 +135,31 @@ def test_upload_page_renders(app_env):
     assert "28×28 grayscale" in at.markdown[0].value
 
 
-def test_bitwidth_explorer_sweeps_and_caches(app_env):
-    at = AppTest.from_file(str(REPO / "pages/5_Bit-width_explorer.py"), default_timeout=TIMEOUT).run()
+def test_bitwidth_explorer_shows_shipped_curves_without_a_dataset_file(app_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("MEDMNIST_DIR", str(tmp_path / "empty"))
+    at = ok(page("pages/5_Bit-width_explorer.py"))
+    assert at.selectbox(key="ex_dataset").value == "pneumoniamnist"  # the selected model's dataset
+    assert any("Shipped sweep" in c.value for c in at.caption)
+    charts = at.get("plotly_chart")
+    assert len(charts) == 2  # the curves and the search's Pareto front
+    curves = json.loads(charts[0].proto.spec)
+    assert {t["name"] for t in curves["data"]} >= {"rounding 5", "rounding 6"}
+    assert sorted({x for t in curves["data"] for x in t["x"]}) == list(range(2, 9))
+    assert "validation accuracy" in curves["layout"]["yaxis"]["title"]["text"]
+    pareto = json.loads(charts[1].proto.spec)
+    assert any(t["name"].startswith("chosen") for t in pareto["data"])
+    assert any("No pneumoniamnist file" in w.value for w in at.warning)  # new sweeps need the data
+    at.selectbox(key="ex_metric").set_value("fhe_latency_median_s").run()
     ok(at)
+    lat = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert lat["layout"]["yaxis"]["title"]["text"] == "latency per image (ms)"
+    at.selectbox(key="ex_dataset").set_value("breastmnist").run()
+    ok(at)
+    assert any("fcnn-12" in c.value for c in at.caption)
+
+
+def test_bitwidth_explorer_new_sweep_appears_point_by_point(app_env):
+    at = ok(page("pages/5_Bit-width_explorer.py"))
     at.text_input(key="sw_hidden").set_value("4")
     at.number_input(key="sw_epochs").set_value(1)
     at.number_input(key="sw_limit").set_value(256)
@@ -144,9 +169,15 @@ def test_bitwidth_explorer_sweeps_and_caches(app_env):
     at.number_input(key="sw_nfhe").set_value(1)
     at.button[0].click().run()
     ok(at)
-    df = at.dataframe[0].value
-    assert list(df["bits"]) == [2, 3] and df["simulate_accuracy"].between(0, 1).all()
-    assert (df["fhe_latency_median_s"] > 0).all() and list(df["pbs_count"]) == [4, 4]
+    rows = at.session_state["ex_new_rows"]["pneumoniamnist"]
+    assert [r["bits"] for r in rows] == [2, 3] and all(0 <= r["simulate_accuracy"] <= 1 for r in rows)
+    assert all(r["fhe_latency_median_s"] > 0 and r["evaluation_key_bytes"] > 0 and r["keygen_s"] > 0 for r in rows)
+    assert all(r["fhe_accuracy"] in (0.0, 1.0) for r in rows)
+    # The sweep follows the selected model's recipe: its exact rounding adds lookups to the 4 neurons'.
+    assert all(r["config"]["compile"]["rounding_method"] == "exact" and r["pbs_count"] >= 4 for r in rows)
+    assert any("2 points measured" in s.value for s in at.success)
+    names = {t["name"] for t in json.loads(at.get("plotly_chart")[0].proto.spec)["data"]}
+    assert "rounding 4 (new)" in names
 
 
 def test_benchmarks_page(app_env):

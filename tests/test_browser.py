@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,7 +54,7 @@ def server(request, tiny_saved, models_dir, cache_dir, data_dir, tmp_path_factor
     folder = tmp_path_factory.mktemp("streamlit")
     log = folder / "server.log"
     env = {**os.environ, "ENGINE_MODELS_DIR": str(models_dir), "ENGINE_CACHE_DIR": str(cache_dir),
-           "MEDMNIST_DIR": str(data_dir)}
+           "MEDMNIST_DIR": str(data_dir), "ENGINE_KEY_SPARES": "2"}
     env.pop("ENGINE_SERVER_URL", None)
     service = None
     if request.param == "ENGINE_SERVER_URL":
@@ -112,7 +113,7 @@ def test_encrypted_prediction_in_browser(server, browser):
     result.wait_for(timeout=180_000)
     text = result.inner_text()
     assert any(lbl in text for lbl in ("normal", "pneumonia")) and "ms end to end" in text
-    page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=30_000)
+    page.locator('[data-testid="stTable"]').first.wait_for(timeout=30_000)
     wire = page.get_by_text("What crossed the wire")
     wire.wait_for(timeout=30_000)
     if external:
@@ -131,12 +132,84 @@ def test_upload_in_browser(server, browser, tmp_path):
     Image.fromarray(img).save(path)
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
     page.goto(f"{server}/Upload")
-    page.get_by_text("Classify your own image, encrypted").wait_for(timeout=60_000)
+    page.get_by_text("Classify your own images, encrypted").wait_for(timeout=60_000)
     page.locator('input[type="file"]').set_input_files(str(path))
     page.get_by_text("center-cropped 90x120 to 90x90").wait_for(timeout=60_000)
+    page.get_by_text("does not look like a pneumoniamnist image").wait_for(timeout=60_000)  # random noise
     page.get_by_role("button", name="Encrypted prediction").click()
     page.get_by_text("Encrypted prediction:").wait_for(timeout=180_000)
+    assert "calibrated confidence" in page.content()
     page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=30_000)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"upload_encrypted_prediction_{_tag(mode)}.png"), full_page=True)
     page.close()
+
+
+def test_batch_upload_in_browser(server, browser, tmp_path, data_dir):
+    import zipfile
+
+    from engine.data import DataConfig, load_split
+
+    server, mode, _ = server
+    if mode == "ENGINE_SERVER_URL":
+        pytest.skip("the batch table does not depend on where the service runs")
+    val = load_split(DataConfig("pneumoniamnist", data_dir=str(data_dir), allow_download=False), "val")
+    files = []
+    for i in range(2):
+        Image.fromarray(val.images[i]).save(tmp_path / f"scan{i}.png")
+        files.append(str(tmp_path / f"scan{i}.png"))
+    with zipfile.ZipFile(tmp_path / "more.zip", "w") as z:
+        z.write(tmp_path / "scan0.png", "more/scan0.png")
+        z.writestr("more/black.png", _png(np.zeros((3, 3), np.uint8)))
+    files.append(str(tmp_path / "more.zip"))
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(f"{server}/Upload")
+    page.get_by_text("Classify your own images, encrypted").wait_for(timeout=60_000)
+    page.locator('input[type="file"]').set_input_files(files)
+    page.get_by_text("4 files: 4 images, 1 flagged as unlike the training data").wait_for(timeout=60_000)
+    page.get_by_role("button", name="Encrypted predictions for 4 images").click()
+    page.get_by_role("button", name="Download CSV").wait_for(timeout=180_000)
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Download CSV").click()
+    csv = Path(dl.value.path()).read_text()
+    lines = csv.strip().splitlines()
+    assert lines[0].startswith("file,prediction,confidence,uncertain,warning") and len(lines) == 5
+    assert sum(1 for line in lines[1:] if "more.zip/more/black.png" in line and "only 3x3" in line) == 1
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "upload_batch_table.png"), full_page=True)
+    page.close()
+
+
+PAGES = [("", "Home", "Encrypted medical image classification"), ("Upload", "Upload", "Classify your own images"),
+         ("Encrypted_inference", "Encrypted inference", "Encrypted inference"), ("Train", "Train", "Train a quantization-aware model"),
+         ("Compile", "Compile", "Compile to an FHE circuit"), ("Bit-width_explorer", "Bit-width explorer", "Accuracy against bit-width"),
+         ("Benchmarks", "Benchmarks", "Benchmarks")]
+
+
+def test_every_page_renders_with_grouped_navigation(server, browser):
+    server, mode, _ = server
+    if mode == "ENGINE_SERVER_URL":
+        pytest.skip("one set of screenshots is enough")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    for path, title, heading in PAGES:
+        page.goto(f"{server}/{path}")
+        page.get_by_role("heading", name=heading).first.wait_for(timeout=120_000)
+        nav = page.locator('[data-testid="stSidebarNav"]')
+        nav.wait_for(timeout=30_000)
+        text = nav.inner_text()
+        for group in ("Try it", "Build", "Measure"):
+            assert group in text
+        assert "Home" in text and "app" not in text.split()
+        page.wait_for_timeout(1500)  # charts finish drawing
+        assert page.locator('[data-testid="stException"]').count() == 0, title
+        page.screenshot(path=str(ARTIFACTS / f"page_{title.lower().replace(' ', '_')}.png"), full_page=True)
+    page.close()
+
+
+def _png(arr) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()

@@ -26,10 +26,14 @@ def run(env, *args, ok=True):
 
 def test_train_compile_predict_evaluate(env, tmp_path):
     out = run(env, "train", "--dataset", "pneumoniamnist", "--epochs", "2", "--hidden", "8", "--limit-train", "1024",
+              "--input-pool", "1", "--weight-bits", "3", "--act-bits", "3", "--input-bits", "3", "--augment", "0",
+              "--rotate", "0", "--scale", "0",
               "--rounding-bits", "4", "--rounding-method", "exact", "--p-error", "1e-5", "--name", "cli-tiny").stdout
     assert "saved pneumoniamnist/cli-tiny" in out and "test accuracy" in out
+    assert re.search(r"input check fitted: (9[5-9]|100)\.\d% of validation images pass", out)
     first = run(env, "compile", "--dataset", "pneumoniamnist").stdout
     assert " PBS" in first and "freshly compiled" in first
+    assert re.search(r"stability: repeated simulations agree on \d+\.\d\d% of 300 validation images", first)
     second = run(env, "compile", "--dataset", "pneumoniamnist", "--keygen").stdout
     assert "from cache" in second and "keygen" in second
     pred = tmp_path / "pred.json"
@@ -52,6 +56,36 @@ def test_train_compile_predict_evaluate(env, tmp_path):
     assert c["pbs_count"] > 8 and c["from_cache"] and c["keygen_s"] > 0 and c["eval_key_bytes"] > 0
     assert c["compile"] == {"rounding_threshold_bits": 4, "rounding_method": "exact", "p_error": 1e-5, "inputset_size": 512}
     assert "fhe stages" in out
+
+
+def test_train_defaults_come_from_the_search_or_a_generic_recipe(env):
+    pneu = json.loads(run(env, "train", "--dataset", "pneumoniamnist", "--show-recipe").stdout)
+    chosen = json.loads((REPO / "bench" / "results" / "pneumoniamnist_search.json").read_text())["chosen"]["config"]
+    assert pneu["model"] == chosen["model"] and pneu["train"]["epochs"] == chosen["train"]["epochs"]
+    assert pneu["compile"]["p_error"] == 1e-5
+    other = run(env, "train", "--dataset", "pathmnist", "--show-recipe", "--epochs", "3")
+    rec = json.loads(other.stdout)
+    assert "generic recipe" in other.stderr and rec["train"]["epochs"] == 3
+    assert rec["model"]["input_pool"] >= 2 and rec["model"]["weight_bits"] <= 3 and rec["compile"]["p_error"] <= 1e-4
+
+
+def test_predict_image_warns_about_foreign_inputs(env, tmp_path, data_dir):
+    import numpy as np
+    from PIL import Image
+
+    from engine.data import DataConfig, load_split
+
+    val = load_split(DataConfig("pneumoniamnist", data_dir=str(data_dir), allow_download=False), "val")
+    Image.fromarray(val.images[0]).save(tmp_path / "xray.png")
+    Image.fromarray(np.zeros((3, 3), np.uint8)).save(tmp_path / "black.png")
+    Image.fromarray(np.zeros((10, 2000), np.uint8)).save(tmp_path / "strip.png")
+    np.save(tmp_path / "noise.npy", np.random.default_rng(0).random((64, 64)))
+    files = [str(tmp_path / f) for f in ("xray.png", "black.png", "strip.png", "noise.npy")]
+    out = run(env, "predict", "--dataset", "pneumoniamnist", "--model", "cli-tiny", "--modes", "quantized",
+              "--image", *files).stdout
+    warned = {line.split()[1] for line in out.splitlines() if line.startswith("warning:")}
+    assert warned == set(files[1:]), out
+    assert all(f"{f}: " in out for f in files) and "confidence" in out
 
 
 def test_train_then_evaluate_any_subset(env, tmp_path):

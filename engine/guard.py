@@ -1,0 +1,271 @@
+"""Client-side guardrails for uploaded images: does this image look like the training data, and
+how sure is the model?
+
+The client owns the image, so it can check it before encrypting (the server never sees it).
+
+* **Foreign-input score.** Three distances of what the model sees (scaled to [0, 1]) to the
+  training images, each with its threshold at the :data:`VAL_QUANTILE` quantile of the
+  *validation* images' distances (so at least 95% of real validation images pass all three;
+  the rate is stored): the Mahalanobis distance of simple statistics (mean, contrast, share of
+  black and of white pixels), the Mahalanobis distance inside the training images' first
+  principal components (unusual structure), and the reconstruction error off them (noise, text,
+  anything the training images never contain). Plain
+  checks on the uploaded file add what resizing hides: a very elongated or tiny original, or a
+  colour image for a greyscale model.
+* **Calibrated confidence.** Temperature scaling of the model's logits, fitted on validation
+  (Guo et al., 2017); a prediction whose top two calibrated probabilities are within
+  :data:`UNCERTAIN_MARGIN` is marked uncertain.
+
+The fitted guard is stored beside the model (``guard.npz``, about 70 KB), so it works without
+the dataset file: shipped models ship theirs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+GUARD_FILE = "guard.npz"
+COMPONENTS = 24
+VAL_QUANTILE = 0.995  # each distance's threshold: this quantile of the validation images' distances
+UNCERTAIN_MARGIN = 0.2
+MAX_ASPECT = 2.0  # longer side / shorter side of the original
+MIN_SIDE = 8  # pixels
+COLOUR_SATURATION = 0.08  # mean |channel - grey| / 255 above which a greyscale model sees a colour image
+
+
+@dataclass
+class Verdict:
+    """The guard's view of one image."""
+
+    foreign: bool
+    score: float  # max of the two calibrated distances: <= 1 passes
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def message(self) -> str:
+        return "; ".join(self.reasons)
+
+
+@dataclass
+class Confidence:
+    probabilities: np.ndarray  # calibrated
+    top: float
+    margin: float
+
+    @property
+    def uncertain(self) -> bool:
+        return self.margin < UNCERTAIN_MARGIN
+
+
+@dataclass
+class Guard:
+    mean: np.ndarray  # (D,)
+    components: np.ndarray  # (k, D)
+    variances: np.ndarray  # (k,)
+    maha_threshold: float
+    recon_threshold: float
+    stats_mean: np.ndarray  # (4,)
+    stats_icov: np.ndarray  # (4, 4)
+    stats_threshold: float
+    temperature: float
+    channels: int
+    multi_label: bool
+    val_pass_rate: float
+
+    # -- scoring
+    @staticmethod
+    def _vectors(images: np.ndarray) -> np.ndarray:
+        x = np.asarray(images, dtype=np.float32) / 255.0
+        return x.reshape(len(x), -1)
+
+    @staticmethod
+    def _stats(x: np.ndarray) -> np.ndarray:
+        return np.stack([x.mean(1), x.std(1), (x < 0.04).mean(1), (x > 0.96).mean(1)], axis=1)
+
+    def _stats_distance(self, x: np.ndarray) -> np.ndarray:
+        d = self._stats(x) - self.stats_mean
+        return np.sqrt(np.einsum("ni,ij,nj->n", d, self.stats_icov, d))
+
+    def distances(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(statistics, Mahalanobis inside the subspace, reconstruction error), each divided by its threshold."""
+        x = self._vectors(images)
+        d = x - self.mean
+        z = d @ self.components.T
+        maha = np.sqrt(((z**2) / self.variances).mean(axis=1))
+        recon = np.sqrt(((d - z @ self.components) ** 2).mean(axis=1))
+        return (self._stats_distance(x) / self.stats_threshold, maha / self.maha_threshold,
+                recon / self.recon_threshold)
+
+    def check(self, image: np.ndarray, original: np.ndarray | None = None) -> Verdict:
+        """``image``: what the model sees (uint8, H x W[ x C]); ``original``: the decoded upload."""
+        stats, maha, recon = (float(v[0]) for v in self.distances(image[None]))
+        reasons = []
+        if stats > 1:
+            reasons.append(f"its brightness and contrast are unlike the training images' ({stats:.1f}x the usual distance)")
+        if maha > 1:
+            reasons.append(f"its brightness/structure is unlike the training images ({maha:.1f}x the usual distance)")
+        if recon > 1:
+            reasons.append(f"it contains patterns the training images never show ({recon:.1f}x the usual residual)")
+        if original is not None:
+            h, w = original.shape[:2]
+            if max(h, w) / max(1, min(h, w)) > MAX_ASPECT:
+                reasons.append(f"the original is {w}x{h} px: far from square (the model sees square crops)")
+            if min(h, w) < MIN_SIDE:
+                reasons.append(f"the original is only {w}x{h} px")
+            if self.channels == 1 and original.ndim == 3 and original.shape[2] >= 3:
+                rgb = original[..., :3].astype(np.float32)
+                saturation = float(np.abs(rgb - rgb.mean(axis=2, keepdims=True)).mean() / 255)
+                if saturation > COLOUR_SATURATION:
+                    reasons.append("it is a colour image; the model was trained on greyscale images")
+        return Verdict(bool(reasons), max(stats, maha, recon), reasons)
+
+    def passes(self, images: np.ndarray) -> np.ndarray:
+        stats, maha, recon = self.distances(images)
+        return (stats <= 1) & (maha <= 1) & (recon <= 1)
+
+    # -- confidence
+    def confidence(self, logits: np.ndarray) -> Confidence:
+        z = np.asarray(logits, dtype=np.float64).reshape(-1) / self.temperature
+        if self.multi_label:
+            p = 1 / (1 + np.exp(-z))
+            margin = float(np.min(np.abs(p - 0.5)) * 2)  # the least certain label
+            return Confidence(p, float(np.max(p)), margin)
+        e = np.exp(z - z.max())
+        p = e / e.sum()
+        top2 = np.sort(p)[-2:] if len(p) > 1 else np.array([0.0, p[0]])
+        return Confidence(p, float(top2[-1]), float(top2[-1] - top2[-2]))
+
+    # -- storage
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / GUARD_FILE
+        np.savez_compressed(path, mean=self.mean, components=self.components, variances=self.variances,
+                            stats_mean=self.stats_mean, stats_icov=self.stats_icov,
+                            scalars=np.array([self.maha_threshold, self.recon_threshold, self.stats_threshold, self.temperature,
+                                              self.channels, self.multi_label, self.val_pass_rate], dtype=np.float64))
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> "Guard | None":
+        path = Path(folder) / GUARD_FILE
+        if not path.exists():
+            return None
+        with np.load(path) as f:
+            s = f["scalars"]
+            return cls(f["mean"], f["components"], f["variances"], float(s[0]), float(s[1]), f["stats_mean"],
+                       f["stats_icov"], float(s[2]), float(s[3]), int(s[4]), bool(s[5]), float(s[6]))
+
+
+def _fit_temperature(logits: np.ndarray, labels: np.ndarray, multi_label: bool) -> float:
+    """The temperature minimising validation negative log-likelihood (a 1-D search in log space)."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels)
+
+    def nll(t: float) -> float:
+        s = z / t
+        if multi_label:
+            p = np.clip(1 / (1 + np.exp(-s)), 1e-9, 1 - 1e-9)
+            return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+        s = s - s.max(axis=1, keepdims=True)
+        logp = s - np.log(np.exp(s).sum(axis=1, keepdims=True))
+        return float(-logp[np.arange(len(y)), y.reshape(-1).astype(int)].mean())
+
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 121))
+    best = min(grid, key=nll)
+    fine = best * np.exp(np.linspace(-0.05, 0.05, 21))
+    return float(min(fine, key=nll))
+
+
+def fit(train_images: np.ndarray, val_images: np.ndarray, val_logits: np.ndarray, val_labels: np.ndarray,
+        channels: int, multi_label: bool, components: int = COMPONENTS) -> Guard:
+    """Fit the subspace on training images, the thresholds and the temperature on validation."""
+    x = Guard._vectors(train_images)
+    mean = x.mean(axis=0)
+    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+    k = min(components, len(s))
+    variances = (s[:k] ** 2) / max(1, len(x) - 1) + 1e-8
+    st = Guard._stats(x)
+    icov = np.linalg.inv(np.cov(st, rowvar=False) + 1e-6 * np.eye(st.shape[1]))
+    g = Guard(mean.astype(np.float32), vt[:k].astype(np.float32), variances.astype(np.float32), 1.0, 1.0,
+              st.mean(axis=0), icov, 1.0, 1.0, channels, multi_label, 0.0)
+    stats, maha, recon = g.distances(val_images)
+    g.stats_threshold = float(np.quantile(stats, VAL_QUANTILE))
+    g.maha_threshold = float(np.quantile(maha, VAL_QUANTILE))
+    g.recon_threshold = float(np.quantile(recon, VAL_QUANTILE))
+    g.val_pass_rate = float(g.passes(val_images).mean())
+    g.temperature = _fit_temperature(val_logits, val_labels, multi_label)
+    return g
+
+
+def fit_for(saved, data_cfg=None) -> Guard:
+    """Fit and store the guard of a saved model from its dataset's train and validation splits."""
+    import torch
+
+    from .data import load_split, to_features
+
+    cfg = data_cfg or saved.config.data
+    train, val = load_split(cfg, "train"), load_split(cfg, "val")
+    model = saved.load_torch()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(to_features(val.images, saved.config.model.input_pool))).numpy()
+    g = fit(train.images, val.images, logits, val.labels, val.info.n_channels, val.info.multi_label)
+    g.save(saved.path)
+    return g
+
+
+def for_model(saved, data_cfg=None) -> Guard | None:
+    """The model's stored guard; fitted (and stored) now if the dataset is on this machine."""
+    g = Guard.load(saved.path)
+    if g is not None:
+        return g
+    try:
+        return fit_for(saved, data_cfg)
+    except Exception:  # noqa: BLE001 - no dataset here: the caller says the guard is unavailable
+        return None
+
+
+@dataclass
+class Screened:
+    """One uploaded file, decoded and checked (``error`` set when it could not be decoded)."""
+
+    name: str
+    image: np.ndarray | None
+    original: np.ndarray | None
+    verdict: Verdict | None
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def screen(files: list[tuple[str, bytes]], guard: Guard | None, size: int, channels: int) -> list[Screened]:
+    """Decode each uploaded file (zips expanded) into the model's input and check it."""
+    from .images import ImageError, expand_uploads, load_image
+
+    out = []
+    for name, data in expand_uploads(files):
+        try:
+            loaded = load_image(data, size, channels, name=name)
+        except ImageError as exc:
+            out.append(Screened(name, None, None, None, error=str(exc)))
+            continue
+        verdict = guard.check(loaded.array, loaded.original) if guard is not None else None
+        out.append(Screened(name, loaded.array, loaded.original, verdict, loaded.notes))
+    return out
+
+
+def batch_rows(items: list[Screened], logits: np.ndarray, predictions, label_text, guard: Guard | None) -> list[dict]:
+    """One row per uploaded file: the encrypted prediction (``logits``/``predictions`` are for the
+    decodable items, in order), its calibrated confidence and the guard's warning."""
+    rows, k = [], 0
+    for it in items:
+        if it.error is not None:
+            rows.append({"file": it.name, "prediction": None, "confidence": None, "uncertain": None,
+                         "warning": f"not classified: {it.error}"})
+            continue
+        conf = guard.confidence(logits[k]) if guard is not None else None
+        rows.append({"file": it.name, "prediction": label_text(predictions[k]),
+                     "confidence": round(conf.top, 4) if conf else None, "uncertain": conf.uncertain if conf else None,
+                     "warning": it.verdict.message if it.verdict is not None and it.verdict.foreign else ""})
+        k += 1
+    return rows

@@ -1,0 +1,114 @@
+"""Is a compiled circuit stable: does the same image always get the same answer?
+
+A TFHE lookup is exact only with probability 1 - ``p_error``, and approximate rounding adds its
+own off-by-one; near a decision boundary that can flip a prediction between two runs of the
+same image. :func:`measure` runs FHE simulation (the circuit's own error model) several times on
+validation images and reports the mean agreement between pairs of runs, as the design-space
+search does. Under :data:`STABLE` agreement, :func:`nearest_stable` tries the closest safer
+settings in order (one more rounding bit, then a lower ``p_error``, then both, then exact
+rounding) and returns the
+first stable one with its encrypted latency, measured through real encryption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .config import CompileConfig
+
+STABLE = 0.995
+RUNS = 4  # simulations per check: 6 pairs
+MAX_ROUNDING = 8
+LOWEST_P_ERROR = 1e-6
+
+
+@dataclass
+class Stability:
+    compile: CompileConfig
+    agreement: float  # mean over pairs of runs: share of images with the same prediction
+    images: int
+    runs: int
+    latency_s: float | None = None  # encrypted, median over a few images (measured for proposals)
+
+    @property
+    def stable(self) -> bool:
+        return self.agreement >= STABLE
+
+    def to_dict(self) -> dict:
+        return {"compile": dataclasses.asdict(self.compile), "agreement": self.agreement, "images": self.images,
+                "runs": self.runs, "stable": self.stable, "latency_s": self.latency_s}
+
+
+def measure(predictor, images: np.ndarray, runs: int = RUNS) -> Stability:
+    """Agreement of ``runs`` FHE simulations of ``images`` (uint8) with the predictor's circuit."""
+    from .evaluate import agreement
+
+    results = [predictor.run(images, ["simulate"])["simulate"] for _ in range(runs)]
+    agree = float(np.mean([agreement(a, b) for a, b in itertools.combinations(results, 2)]))
+    return Stability(predictor.compile_config or predictor.saved.config.compile, agree, len(images), runs)
+
+
+def candidates(cc: CompileConfig) -> list[CompileConfig]:
+    """Safer settings, nearest first: +1 rounding bit, p_error / 10, +2 bits, p_error / 100, +1 bit
+    and p_error / 10, rounding to 6 bits at p_error 1e-5; then, for approximate rounding, exact
+    rounding (more lookups, no rounding noise)."""
+    more = [dataclasses.replace(cc, rounding_threshold_bits=cc.rounding_threshold_bits + k) for k in (1, 2)
+            if cc.rounding_threshold_bits + k <= MAX_ROUNDING]
+    lower = [dataclasses.replace(cc, p_error=cc.p_error / f) for f in (10, 100) if cc.p_error / f >= LOWEST_P_ERROR]
+    both = [dataclasses.replace(m, p_error=lo.p_error) for m in more[:1] for lo in lower[:1]]
+    # Last: the shipped models' kind of setting (what the search found stable), if not tried yet.
+    safe = dataclasses.replace(cc, rounding_threshold_bits=max(cc.rounding_threshold_bits, 6), p_error=min(cc.p_error, 1e-5))
+    out = more[:1] + lower[:1] + more[1:] + lower[1:] + both + [safe]
+    if cc.rounding_method == "approximate":  # approximate rounding's own off-by-one: exact rounding removes it
+        exact = dataclasses.replace(cc, rounding_method="exact", p_error=min(cc.p_error / 10, 1e-3))
+        out += [exact, dataclasses.replace(safe, rounding_method="exact")]
+    seen, unique = {cc}, []
+    for c in out:
+        if c not in seen:
+            seen.add(c)
+            unique.append(c)
+    return unique
+
+
+def latency(predictor, images: np.ndarray) -> float:
+    """Median encrypted end-to-end latency over ``images`` (keys generated first, not timed)."""
+    res = predictor.run(images, ["fhe"])["fhe"]
+    return float(np.median(res.latency_s))
+
+
+def nearest_stable(saved, cc: CompileConfig, images: np.ndarray, latency_images: np.ndarray,
+                   cache_dir=None, say: Callable[[str], None] = lambda _m: None) -> Stability | None:
+    """The first of :func:`candidates` whose circuit is stable on ``images``, with its latency."""
+    from .infer import Predictor
+
+    for cand in candidates(cc):
+        say(f"trying rounding {cand.rounding_threshold_bits} bits, p_error {cand.p_error:g}")
+        p = Predictor(saved=saved, compile_config=cand, cache_dir=cache_dir)
+        s = measure(p, images)
+        s.compile = cand
+        if s.stable:
+            t0 = time.perf_counter()
+            s.latency_s = latency(p, latency_images)
+            say(f"stable ({100 * s.agreement:.2f}%); latency measured in {time.perf_counter() - t0:.0f} s")
+            return s
+    return None
+
+
+def report_lines(current: Stability, proposal: Stability | None, tried: bool) -> list[str]:
+    """What the CLI prints and the Compile page shows."""
+    lines = [f"stability: repeated simulations agree on {100 * current.agreement:.2f}% of {current.images} "
+             f"validation images ({current.runs} runs){'' if current.stable else f' — UNSTABLE (under {100 * STABLE:.1f}%)'}"]
+    if not current.stable:
+        if proposal is not None:
+            c = proposal.compile
+            lines.append(f"nearest stable setting: --rounding-bits {c.rounding_threshold_bits} --p-error {c.p_error:g} "
+                         f"({100 * proposal.agreement:.2f}% agreement, {1000 * proposal.latency_s:.0f} ms per image encrypted)")
+        elif tried:
+            lines.append("no nearby setting is stable: retrain with wider margins (fewer bits, pooling, more epochs)")
+    return lines
