@@ -98,7 +98,7 @@ def main(folder: str) -> int:
              f"(same client API, no HTTP): {ms(report['in_process']['fhe_latency_median_s'])} median over "
              f"{report['in_process']['n']} test images.", "", markdown(report["loadtest"])]
     if dash:
-        lines += ["", f"Dashboard (`{dash['command']}`): one fresh session alone, page load to encrypted answer "
+        lines += ["", f"Dashboard (`{dash['command']}`): one fresh session alone, navigation start to encrypted answer "
                   f"{dash['fresh_session_alone_first_answer_s']:.2f} s; {dash['sessions']} fresh sessions at once: "
                   + ", ".join(f"{s:.1f}" for s in dash["crowd_first_answer_s"]) + " s; Streamlit process RSS "
                   f"{dash['streamlit_rss_before_bytes'] / 2**20:.0f} MiB before, {dash['streamlit_rss_after_bytes'] / 2**20:.0f} "

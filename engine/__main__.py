@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-train", type=int, default=0, help="use only the first N training images")
     p.add_argument("--show-recipe", action="store_true", help="print the settings that would be used and exit")
+    p.add_argument("--recipe", choices=["auto", "generic"], default="auto",
+                   help="auto: the search's choice for the dataset where there is one; generic: the generic recipe")
     p.add_argument("--no-class-weighting", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")
     _compile_args(p)
@@ -233,10 +235,10 @@ def cmd_train(a) -> int:
 
     from .data import dataset_info
 
-    from .recipes import recipe
+    from .recipes import GENERIC, recipe
 
     dataset_info(a.dataset)
-    base, source = recipe(a.dataset)
+    base, source = recipe(a.dataset) if a.recipe == "auto" else (dict(GENERIC), "the generic recipe (--recipe generic)")
     bm, bt = base["model"], base["train"]
 
     def pick(value, default):

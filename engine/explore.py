@@ -85,7 +85,7 @@ def curves_figure(rows: list[dict], metric: str, series: list[str] | None = None
             if k not in part or part[k].isna().all():
                 continue
             mk = METRICS[k]
-            fig.add_scatter(x=part["bits"], y=part[k] * mk.scale, mode="lines+markers", line=dict(dash=dash),
+            fig.add_scatter(x=part["bits"].tolist(), y=(part[k] * mk.scale).tolist(), mode="lines+markers", line=dict(dash=dash),
                             name=f"{name}: {mk.label}" if overlay else name,
                             hovertemplate="%{x}-bit<br>%{y:.3~f}<extra>" + name + "</extra>")
     if metric == "fhe_latency_median_s":

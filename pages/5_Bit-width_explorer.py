@@ -41,7 +41,8 @@ with tab_curves:
         c1, c2 = st.columns([1, 2])
         metric = c1.selectbox("Metric", list(explore.METRICS), format_func=lambda k: explore.METRICS[k].label, key="ex_metric")
         series = explore.series_names(rows)
-        chosen = c2.multiselect("Curves", series, default=series, key="ex_series")
+        # Keyed by the series present: new sweep points appear selected.
+        chosen = c2.multiselect("Curves", series, default=series, key=f"ex_series_{dataset}_{'|'.join(series)}")
         overlay = c1.multiselect("Overlay accuracies", [k for k in explore.ACCURACY_METRICS if k != metric],
                                  format_func=lambda k: explore.METRICS[k].label, key="ex_overlay",
                                  help="Draw other accuracy forms on the same axes (dashed).")

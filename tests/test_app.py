@@ -193,5 +193,7 @@ def test_benchmarks_page(app_env):
     df = at.dataframe[0].value
     assert list(df["mode"]) == ["float", "fhe"] and df["latency_median_ms"].tolist() == [1.0, 500.0]
     assert len(at.get("plotly_chart")) == 2
+    lat = json.loads(at.get("plotly_chart")[1].proto.spec)["layout"]["yaxis"]
+    assert lat["ticktext"] == ["1 ms", "10 ms", "100 ms", "1000 ms"] and "ms, log scale" in lat["title"]["text"]
     met = at.dataframe[1].value
     assert met["measured"].tolist() == ["500.0 ms"] and met["met"].tolist() == [False]

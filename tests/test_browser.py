@@ -69,7 +69,7 @@ def server(request, tiny_saved, models_dir, cache_dir, data_dir, tmp_path_factor
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
              "--server.address", "127.0.0.1", "--server.headless", "true"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -82,7 +82,15 @@ def server(request, tiny_saved, models_dir, cache_dir, data_dir, tmp_path_factor
             pytest.fail(f"streamlit did not start: {log.read_text()[-2000:]}")
         yield url, request.param, env.get("ENGINE_SERVER_URL")
     finally:
-        proc.terminate()
+        proc.terminate()  # the app stops the service and key makers it started
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pass
+        try:  # whatever is left of its process group (the app's children included)
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
         proc.wait(timeout=30)
         if service is not None:
             service.terminate()
@@ -133,6 +141,7 @@ def test_upload_in_browser(server, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
     page.goto(f"{server}/Upload")
     page.get_by_text("Classify your own images, encrypted").wait_for(timeout=60_000)
+    page.locator('input[type="file"]').wait_for(state="attached", timeout=180_000)  # after the input check is ready
     page.locator('input[type="file"]').set_input_files(str(path))
     page.get_by_text("center-cropped 90x120 to 90x90").wait_for(timeout=60_000)
     page.get_by_text("does not look like a pneumoniamnist image").wait_for(timeout=60_000)  # random noise
@@ -165,6 +174,7 @@ def test_batch_upload_in_browser(server, browser, tmp_path, data_dir):
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
     page.goto(f"{server}/Upload")
     page.get_by_text("Classify your own images, encrypted").wait_for(timeout=60_000)
+    page.locator('input[type="file"]').wait_for(state="attached", timeout=180_000)
     page.locator('input[type="file"]').set_input_files(files)
     page.get_by_text("4 files: 4 images, 1 flagged as unlike the training data").wait_for(timeout=60_000)
     page.get_by_role("button", name="Encrypted predictions for 4 images").click()

@@ -23,8 +23,10 @@ def foreign_inputs(size: int = 28) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     grey_photo = np.asarray(Image.fromarray(photo).convert("L").resize((size, size)))
     noise = (rng.random((size, size)) * 255).astype(np.uint8)
     black = np.zeros((size, size), np.uint8)
+    big_noise = (rng.random((120, 90)) * 255).astype(np.uint8)  # shrunk to the model's size, it averages out
+    shrunk = np.asarray(Image.fromarray(big_noise[15:105]).resize((size, size), Image.BILINEAR))
     return {"black 3x3": (black, np.zeros((3, 3), np.uint8)), "black strip 10x2000": (black, np.zeros((10, 2000), np.uint8)),
-            "noise": (noise, noise), "colour photo": (grey_photo, photo)}
+            "noise": (noise, noise), "noise 90x120 upload": (shrunk, big_noise), "colour photo": (grey_photo, photo)}
 
 
 @pytest.mark.parametrize("dataset", ["pneumoniamnist", "breastmnist"])
