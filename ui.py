@@ -292,13 +292,10 @@ def guard(saved: registry.SavedModel):
 
 @st.cache_data(show_spinner="Measuring stability: repeated simulations of validation images…", max_entries=64)
 def _stability(dataset: str, name: str, model_hash: str, cc_json: str):
-    from engine import stability
-    from engine.data import load_split
+    from engine import stability as stab
 
-    saved = registry.load(dataset, name)
-    cc = CompileConfig(**json.loads(cc_json))
-    val = load_split(data_config(dataset), "val").head(300)
-    return stability.measure(Predictor(saved=saved, compile_config=cc, compiled=compiled_circuit(saved, cc)), val.images)
+    saved, cc = registry.load(dataset, name), CompileConfig(**json.loads(cc_json))
+    return stab.check(saved, cc, data_config(dataset), compiled=compiled_circuit(saved, cc))
 
 
 def stability(saved: registry.SavedModel, cc: CompileConfig):
@@ -308,10 +305,8 @@ def stability(saved: registry.SavedModel, cc: CompileConfig):
 
 def nearest_stable(saved: registry.SavedModel, cc: CompileConfig):
     from engine import stability as stab
-    from engine.data import load_split
 
-    val = load_split(data_config(saved.dataset), "val").head(300)
-    return stab.nearest_stable(saved, cc, val.images, val.images[:3])
+    return stab.propose(saved, cc, data_config(saved.dataset))
 
 
 def batch_table(items, fhe, info, guard) -> pd.DataFrame:

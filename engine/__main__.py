@@ -320,19 +320,17 @@ def cmd_compile(a) -> int:
     print(circuit_line(report))
     if a.stability_images:
         from . import stability
-        from .data import DataError, load_split
+        from .data import DataError
 
+        cc = p.compile_config or p.saved.config.compile
         try:
-            val = load_split(_data_cfg(a), "val").head(a.stability_images)
+            current = stability.check(p.saved, cc, _data_cfg(a), a.stability_images, compiled, p.cache_dir)
         except DataError as exc:
             _say(f"stability not measured: {exc}")
         else:
-            p.compile_config = p.compile_config or p.saved.config.compile
-            current = stability.measure(p, val.images)
             proposal = None
             if not current.stable:
-                proposal = stability.nearest_stable(p.saved, p.compile_config, val.images, val.images[:3],
-                                                    p.cache_dir, _say)
+                proposal = stability.propose(p.saved, cc, _data_cfg(a), a.stability_images, p.cache_dir, _say)
             for line in stability.report_lines(current, proposal, tried=not current.stable):
                 print(line)
             report["stability"] = current.to_dict()

@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from .config import REPO_ROOT
-from .sweep import SWEEP_COLUMNS, iter_grid, pareto_figure, sweep_configs
+from .sweep import iter_grid, pareto_figure, sweep_cells
+from .sweep import sweep_configs as sweep_points  # noqa: F401 - (label, config) per point, for the page
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
@@ -97,30 +98,15 @@ def curves_figure(rows: list[dict], metric: str, series: list[str] | None = None
 
 
 def sweep_frame(rows: list[dict]) -> pd.DataFrame:
-    """The sweep as a readable table (one row per point)."""
-    out = []
-    for r in sorted(rows, key=lambda r: (r.get("new", False), r["rounding_bits"], r["bits"])):
-        row = {}
-        for key, head, _fmt in SWEEP_COLUMNS:
-            v = r.get(key)
-            if v is not None and key in METRICS and METRICS[key].scale != 1:
-                v = round(v * METRICS[key].scale, 2)
-            elif isinstance(v, float):
-                v = round(v, 4)
-            row[head.replace("acc", "acc %").replace("agreement", "agreement %").replace("encrypted ms", "encrypted (ms)")
-                .replace("eval keys MB", "eval keys (MB)").replace("keygen s", "keygen (s)")] = v
-        out.append(row)
-    return pd.DataFrame(out)
+    """The sweep as a readable table (one row per point, new points last)."""
+    ordered = sorted(rows, key=lambda r: (r.get("new", False), r["rounding_bits"], r["bits"]))
+    return pd.DataFrame([{**sweep_cells(r), "new": bool(r.get("new"))} for r in ordered])
 
 
 def pareto(search: dict):
     """The search's Pareto figure: chosen point marked, configurations on hover."""
     return pareto_figure(search["points"], f"{search['dataset']}: validation score against encrypted latency",
                          search.get("target_s"), search.get("chosen"), search.get("min_agreement"))
-
-
-def sweep_points(base, bit_widths: list[int], rounding_bits: list[int]):
-    return sweep_configs(base, bit_widths, rounding_bits)
 
 
 def run_points(points, n_val: int, n_fhe: int, cache_dir: Path | None = None):

@@ -45,13 +45,37 @@ class Stability:
                 "runs": self.runs, "stable": self.stable, "latency_s": self.latency_s}
 
 
-def measure(predictor, images: np.ndarray, runs: int = RUNS) -> Stability:
-    """Agreement of ``runs`` FHE simulations of ``images`` (uint8) with the predictor's circuit."""
+def measure(predictor, images: np.ndarray, runs: int = RUNS, first=None) -> Stability:
+    """Agreement of ``runs`` FHE simulations of ``images`` (uint8) with the predictor's circuit;
+    ``first``: a simulation of the same images already made (it counts as one of the runs)."""
     from .evaluate import agreement
 
-    results = [predictor.run(images, ["simulate"])["simulate"] for _ in range(runs)]
+    results = [first] if first is not None else []
+    results += [predictor.run(images, ["simulate"])["simulate"] for _ in range(runs - len(results))]
     agree = float(np.mean([agreement(a, b) for a, b in itertools.combinations(results, 2)]))
     return Stability(predictor.compile_config or predictor.saved.config.compile, agree, len(images), runs)
+
+
+def validation_images(data_cfg, n: int = 300) -> np.ndarray:
+    """The first ``n`` validation images: what stability is measured on (never the test split)."""
+    from .data import load_split
+
+    return load_split(data_cfg, "val").head(n).images
+
+
+def check(saved, cc: CompileConfig, data_cfg, n: int = 300, compiled=None, cache_dir=None) -> Stability:
+    """Stability of ``saved`` compiled with ``cc`` on its first ``n`` validation images."""
+    from .infer import Predictor
+
+    p = Predictor(saved=saved, compile_config=cc, compiled=compiled, cache_dir=cache_dir)
+    return measure(p, validation_images(data_cfg, n))
+
+
+def propose(saved, cc: CompileConfig, data_cfg, n: int = 300, cache_dir=None,
+            say: Callable[[str], None] = lambda _m: None) -> Stability | None:
+    """:func:`nearest_stable` on the first ``n`` validation images, latency on the first three."""
+    images = validation_images(data_cfg, n)
+    return nearest_stable(saved, cc, images, images[:3], cache_dir, say)
 
 
 def candidates(cc: CompileConfig) -> list[CompileConfig]:

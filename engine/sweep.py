@@ -21,7 +21,6 @@ from .config import PipelineConfig, default_cache_dir
 
 ProgressFn = Callable[[int, int, str], None]
 
-AGREEMENT_RUNS = 4  # simulations per point for the agreement estimate (6 pairs)
 
 
 def _memory(cache_dir: Path | None) -> Memory:
@@ -32,9 +31,8 @@ def measure(cfg: PipelineConfig, n_val: int, n_fhe: int, cache_dir: str | None) 
     """Train ``cfg``, compile it, and measure validation accuracy and encrypted latency."""
     import tempfile
 
-    from . import metrics, registry
+    from . import metrics, registry, stability
     from .data import load_split
-    from .evaluate import agreement
     from .infer import Predictor
     from .train import train
 
@@ -48,8 +46,7 @@ def measure(cfg: PipelineConfig, n_val: int, n_fhe: int, cache_dir: str | None) 
         # Repeated simulations of the validation images: how often the circuit's noise flips a
         # prediction (mean agreement over pairs of runs), the validation proxy for "encrypted
         # agrees with simulation". Training images would flatter it: their margins are wider.
-        runs = [res["simulate"]] + [p.run(val.images, ["simulate"])["simulate"] for _ in range(AGREEMENT_RUNS - 1)]
-        agree = float(np.mean([agreement(a, b) for a, b in itertools.combinations(runs, 2)]))
+        agree = stability.measure(p, val.images, first=res["simulate"]).agreement
         balanced = metrics.balanced_accuracy(val.labels, res["simulate"].scores, val.info)
         fhe = p.run(val.images[:n_fhe], ["fhe"])["fhe"] if n_fhe else None
         sample = val.head(n_fhe) if n_fhe else None
@@ -212,9 +209,9 @@ SWEEP_COLUMNS = [  # (key, header, format)
 ]
 
 
-def sweep_table(rows: list[dict]) -> str:
-    """A Markdown table of sweep points (validation figures)."""
-    def cell(r, key, fmt):
+def sweep_cells(r: dict) -> dict[str, str]:
+    """One sweep point as display text, keyed by :data:`SWEEP_COLUMNS` headers."""
+    def cell(key, fmt):
         v = r.get(key)
         if v is None:
             return "-"
@@ -223,8 +220,13 @@ def sweep_table(rows: list[dict]) -> str:
         if key == "evaluation_key_bytes":
             v = v / 1e6
         return fmt.format(v)
+    return {head: cell(key, fmt) for key, head, fmt in SWEEP_COLUMNS}
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """A Markdown table of sweep points (validation figures)."""
     head = "| " + " | ".join(h for _, h, _ in SWEEP_COLUMNS) + " |"
     sep = "|" + "---|" * len(SWEEP_COLUMNS)
-    body = ["| " + " | ".join(cell(r, k, f) for k, _, f in SWEEP_COLUMNS) + " |"
+    body = ["| " + " | ".join(sweep_cells(r).values()) + " |"
             for r in sorted(rows, key=lambda r: (r["rounding_bits"], r["bits"]))]
     return "\n".join([head, sep, *body])

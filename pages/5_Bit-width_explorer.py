@@ -1,6 +1,7 @@
 """Accuracy against bit-width: the shipped sweeps at once, the search's Pareto front, new sweeps."""
 
-import pandas as pd
+import dataclasses
+
 import streamlit as st
 
 import ui
@@ -82,8 +83,8 @@ with tab_new:
                 if base_model is not None:
                     base = base_model.replace(data=ui.data_config(dataset),
                                               model=ModelConfig(hidden, input_pool=base_model.model.input_pool),
-                                              train=base_model.train.__class__(**{**base_model.train.__dict__, "epochs": int(epochs),
-                                                                                  "limit_train": int(limit)}))
+                                              train=dataclasses.replace(base_model.train, epochs=int(epochs),
+                                                                        limit_train=int(limit)))
                 else:
                     base = PipelineConfig(data=ui.data_config(dataset), model=ModelConfig(hidden=hidden),
                                           train=TrainConfig(epochs=int(epochs), limit_train=int(limit)), compile=CompileConfig())
@@ -104,4 +105,4 @@ with tab_new:
         if "ex_flash" in st.session_state:
             st.success(st.session_state.pop("ex_flash"))
         if st.session_state.get("ex_new_rows", {}).get(dataset):
-            st.dataframe(pd.DataFrame(explore.sweep_frame(st.session_state["ex_new_rows"][dataset])), hide_index=True)
+            st.dataframe(explore.sweep_frame(st.session_state["ex_new_rows"][dataset]), hide_index=True)
