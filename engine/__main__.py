@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--distill", type=float, default=None,
+                   help="weight of a clear CNN teacher's soft labels in the loss, 0-1 (0: off; the teacher is cached)")
+    g.add_argument("--teacher-epochs", type=int, default=None, help="epochs of the CNN teacher")
+    g.add_argument("--rounding-noise", type=float, default=None,
+                   help="noise-aware training: uniform noise of up to this many rounding steps on hidden pre-activations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-train", type=int, default=0, help="use only the first N training images")
     p.add_argument("--show-recipe", action="store_true", help="print the settings that would be used and exit")
@@ -151,12 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotate", type=float, default=0.0, help="random rotation augmentation (degrees)")
     p.add_argument("--scale", type=float, default=0.0, help="random zoom augmentation (fraction)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--distill", type=float, nargs="+", default=[0.0],
+                   help="weights of the CNN teacher's soft labels (0: no teacher)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-fhe", type=int, default=3, help="validation images timed with real encryption per point")
     p.add_argument("--target-ms", type=float, default=150.0, help="latency target for choosing a point")
     p.add_argument("--min-agreement", type=float, default=0.995,
                    help="repeated simulations of the validation images must agree on this share (the 99%% target "
                         "plus a margin for the estimate's own noise)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the points of the earlier search in the results folder (the choice is made over all)")
     p.add_argument("--out", default=None, help="results folder (default: bench/results)")
 
     p = sub.add_parser("sweep", help="bit-width sweep of a saved model's recipe; writes bench/results/<dataset>_sweep.json")
@@ -252,7 +261,9 @@ def cmd_train(a) -> int:
         train=TrainConfig(epochs=pick(a.epochs, bt.epochs), batch_size=pick(a.batch_size, bt.batch_size),
                           lr=pick(a.lr, bt.lr), seed=a.seed, class_weighting=not a.no_class_weighting,
                           limit_train=a.limit_train, augment_shift=pick(a.augment, bt.augment_shift),
-                          augment_rotate=pick(a.rotate, bt.augment_rotate), augment_scale=pick(a.scale, bt.augment_scale)),
+                          augment_rotate=pick(a.rotate, bt.augment_rotate), augment_scale=pick(a.scale, bt.augment_scale),
+                          distill=pick(a.distill, bt.distill), teacher_epochs=pick(a.teacher_epochs, bt.teacher_epochs),
+                          rounding_noise=pick(a.rounding_noise, bt.rounding_noise)),
         compile=_compile_cfg(a, base["compile"]),
     )
     a.epochs = cfg.train.epochs
@@ -455,21 +466,29 @@ def cmd_search(a) -> int:
         bit_triples = list(itertools.product(a.weight_bits or a.bits, a.act_bits or a.bits, a.input_bits or a.bits))
     else:
         bit_triples = [(b, b, b) for b in a.bits]
-    train_cfg = TrainConfig(epochs=a.epochs, lr=a.lr, seed=a.seed, augment_shift=a.augment,
-                            augment_rotate=a.rotate, augment_scale=a.scale)
-    for hidden, (wb, ab, ib), pool, prune, rb, pe in itertools.product(a.hidden, bit_triples, a.pools, a.prune,
-                                                                      a.rounding, a.p_error):
+    for hidden, (wb, ab, ib), pool, prune, distill, rb, pe in itertools.product(
+            a.hidden, bit_triples, a.pools, a.prune, a.distill, a.rounding, a.p_error):
         h = tuple(int(x) for x in hidden.split(",") if x)
+        train_cfg = TrainConfig(epochs=a.epochs, lr=a.lr, seed=a.seed, augment_shift=a.augment,
+                                augment_rotate=a.rotate, augment_scale=a.scale, distill=distill)
         configs.append(PipelineConfig(
             data=data, model=ModelConfig(h, wb, ab, ib, prune, pool), train=train_cfg,
             compile=CompileConfig(rounding_threshold_bits=rb, p_error=pe)))
     bar, update = _bar("search")
     rows = run_grid(configs, 0, a.n_fhe, None, update)
     bar.close()
-    target = a.target_ms / 1000
-    best = choose(rows, target, a.min_agreement)
     out = Path(a.out) if a.out else results_dir()
     out.mkdir(parents=True, exist_ok=True)
+    if a.merge and (out / f"{data.dataset}_search.json").exists():
+        # Earlier searches' points stay on the front and in the choice (same measurement, validation
+        # only); a point measured again replaces its earlier measurement.
+        earlier = json.loads((out / f"{data.dataset}_search.json").read_text())["points"]
+        fresh = {json.dumps(r["config"], sort_keys=True) for r in rows}
+        kept = [r for r in earlier if json.dumps(r["config"], sort_keys=True) not in fresh]
+        _say(f"merged with {len(kept)} points of earlier searches")
+        rows = kept + rows
+    target = a.target_ms / 1000
+    best = choose(rows, target, a.min_agreement)
     front = pareto_front(rows, min_agreement=a.min_agreement)
     write_json({"dataset": data.dataset, "target_s": target, "min_agreement": a.min_agreement, "points": rows, "pareto": [point_label(r) for r in front],
                 "chosen": best}, out / f"{data.dataset}_search.json")
@@ -491,6 +510,7 @@ def cmd_search(a) -> int:
           f"--rotate {a.rotate:g} --scale {a.scale:g} --lr {a.lr} "
           f"--hidden {' '.join(map(str, m['hidden']))} --weight-bits {m['weight_bits']} --act-bits {m['act_bits']} "
           f"--input-bits {m['input_bits']} --input-pool {m['input_pool']} --max-active-inputs {m['max_active_inputs']} "
+          f"--distill {best['config']['train']['distill']:g} "
           f"--rounding-bits {c['rounding_threshold_bits']} --p-error {c['p_error']} --seed {a.seed}")
     print(f"wrote {out / (data.dataset + '_search.json')} and the Pareto plot ({data.dataset}_pareto.html/.png)")
     return 0

@@ -6,6 +6,7 @@ Writes ``bench/results/<dataset>.json`` and ``bench/results/<dataset>.md``.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import tempfile
 import time
@@ -77,6 +78,54 @@ def measure_defaults(model_dir: Path, n_images: int = 3, cap_s: float = 600.0) -
     return out
 
 
+def _fresh_process_worker(model_dir: str, compile_settings: dict, cache_dir: str, image: np.ndarray,
+                          spawned_at: float, queue) -> None:
+    """In a fresh process: what a newly started client + service pay before the first answer.
+    Reports each phase's seconds (wall clock, ``time.time``, to include the interpreter start)."""
+    t = {"interpreter_s": time.time() - spawned_at}
+    t0 = time.perf_counter()
+    from .config import CompileConfig
+    from .infer import Predictor
+    from .registry import _read
+
+    t["import_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    p = Predictor(saved=_read(Path(model_dir)), compile_config=CompileConfig(**compile_settings),
+                  cache_dir=Path(cache_dir) if cache_dir else None)
+    p.ensure_compiled()
+    t["load_circuit_s"] = time.perf_counter() - t0
+    t["keygen_s"] = p.ensure_client().keygen()
+    t0 = time.perf_counter()
+    p.ensure_remote().register()
+    t["register_keys_s"] = time.perf_counter() - t0
+    x = p.features(image[None])
+    for name in ("first_request_s", "second_request_s"):
+        t0 = time.perf_counter()
+        p.remote.predict(x)
+        t[name] = time.perf_counter() - t0
+    t["start_to_first_answer_s"] = time.time() - spawned_at - t["second_request_s"]
+    queue.put(t)
+
+
+def measure_fresh_process(predictor: Predictor, image: np.ndarray, timeout_s: float = 600.0) -> dict:
+    """Start a fresh Python process that loads the cached circuit, generates keys, registers
+    them with a fresh in-process service and classifies ``image`` twice; its phase timings."""
+    import dataclasses
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    cc = dataclasses.asdict(predictor.compile_config or predictor.saved.config.compile)
+    proc = ctx.Process(target=_fresh_process_worker, daemon=True,
+                       args=(str(predictor.saved.path), cc, str(predictor.cache_dir or ""), image, time.time(), queue))
+    proc.start()
+    try:
+        return queue.get(timeout=timeout_s)
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+
+
 def run_bench(predictor: Predictor, data_cfg, limit: int = 0, throughput_images: int = 128,
               backend: str = "local", scheduler: str | None = None, defaults_cap_s: float = 600.0,
               defaults_images: int = 3, say: Callable[[str], None] = lambda m: None,
@@ -106,6 +155,14 @@ def run_bench(predictor: Predictor, data_cfg, limit: int = 0, throughput_images:
         ciphertext_bytes=fhe.sizes["ciphertext_bytes"], result_bytes=fhe.sizes["result_bytes"],
         eval_key_bytes=fhe.sizes["eval_key_bytes"],
     )
+
+    say("first requests: a fresh key, a fresh process")
+    lat = np.asarray(fhe.latency_s)
+    report["first_request"] = {
+        "fresh_key_s": float(lat[0]),  # the first image of the run: keys generated and registered just before
+        "later_median_s": float(np.median(lat[1:])) if len(lat) > 1 else None,
+        "fresh_process": measure_fresh_process(predictor, split.images[0]),
+    }
 
     n_tp = min(throughput_images or len(split), len(split))
     say(f"throughput: {n_tp} images spread over workers ({backend})")
@@ -137,11 +194,31 @@ def run_bench(predictor: Predictor, data_cfg, limit: int = 0, throughput_images:
     return report
 
 
-# The performance issue's targets (encrypted accuracy per dataset; the rest for every model).
+def _first_request_rows(r: dict, ms) -> list[str]:
+    f = r.get("first_request")
+    if not f:
+        return []
+    fp = f["fresh_process"]
+    return [
+        f"| first request of a fresh key / later median | {ms(f['fresh_key_s'])} / {ms(f['later_median_s'])} |",
+        f"| fresh process: first / second request | {ms(fp['first_request_s'])} / {ms(fp['second_request_s'])} |",
+        f"| fresh process: start to first answer (imports, circuit, keygen, key upload) | "
+        f"{fp['start_to_first_answer_s']:.2f} s ({fp['interpreter_s'] + fp['import_s']:.2f} s, "
+        f"{fp['load_circuit_s']:.2f} s, {fp['keygen_s']:.2f} s, {fp['register_keys_s']:.2f} s) |",
+    ]
+
+
+# The performance issues' targets: encrypted accuracy, AUC and latency per dataset (the rest for
+# every model). Round 2 asks for 99.5% agreement and 1.5x the round-1 batch throughput, measured
+# by this benchmark on the round-1 models (``bench/results/<dataset>_round1-*.json``).
 ACCURACY_TARGETS = {"pneumoniamnist": 0.88, "breastmnist": 0.85}
-MAX_FLOAT_GAP = 0.01
-MIN_AGREEMENT = 0.99
+AUC_TARGETS = {"breastmnist": 0.88}
+LATENCY_TARGETS_S = {"breastmnist": 0.200}
 MAX_LATENCY_S = 0.150
+ROUND1_THROUGHPUT = {"pneumoniamnist": 3.53, "breastmnist": 3.22}
+THROUGHPUT_GAIN = 1.5
+MAX_FLOAT_GAP = 0.01
+MIN_AGREEMENT = 0.995
 MAX_KEYGEN_S = 10.0
 MAX_COMPILE_S = 30.0
 
@@ -149,22 +226,46 @@ MAX_COMPILE_S = 30.0
 def targets(r: dict) -> list[tuple[str, str, bool]]:
     """(target, measured, met) for each target that applies to this report."""
     fhe, flt, c = r["modes"]["fhe"], r["modes"]["float"], r["circuit"]
+    ds = r["dataset"]
     rows = []
-    goal = ACCURACY_TARGETS.get(r["dataset"])
+    goal = ACCURACY_TARGETS.get(ds)
     if goal is not None:
         rows.append((f"encrypted accuracy >= {100 * goal:.0f}%", f"{100 * fhe['accuracy']:.1f}%", fhe["accuracy"] >= goal))
+    auc_goal = AUC_TARGETS.get(ds)
+    if auc_goal is not None and fhe.get("auc") is not None:
+        rows.append((f"encrypted AUC >= {auc_goal:.2f}", f"{fhe['auc']:.3f}", fhe["auc"] >= auc_goal))
     gap = flt["accuracy"] - fhe["accuracy"]
+    max_lat = LATENCY_TARGETS_S.get(ds, MAX_LATENCY_S)
     rows += [
         (f"encrypted at most {100 * MAX_FLOAT_GAP:.0f} point below float", f"{100 * -gap:+.1f} points",
          gap <= MAX_FLOAT_GAP + 1e-9),
-        (f"simulate/encrypted agreement >= {100 * MIN_AGREEMENT:.0f}%", f"{100 * r['agreement_simulate_fhe']:.1f}%",
+        (f"simulate/encrypted agreement >= {100 * MIN_AGREEMENT:.1f}%", f"{100 * r['agreement_simulate_fhe']:.1f}%",
          r["agreement_simulate_fhe"] >= MIN_AGREEMENT),
-        (f"median end-to-end latency <= {1000 * MAX_LATENCY_S:.0f} ms", f"{1000 * r['fhe_e2e_latency_median_s']:.1f} ms",
-         r["fhe_e2e_latency_median_s"] <= MAX_LATENCY_S),
+        (f"median end-to-end latency <= {1000 * max_lat:.0f} ms", f"{1000 * r['fhe_e2e_latency_median_s']:.1f} ms",
+         r["fhe_e2e_latency_median_s"] <= max_lat),
+    ]
+    base = ROUND1_THROUGHPUT.get(ds)
+    if base and r.get("throughput_img_per_s"):
+        tp = r["throughput_img_per_s"]
+        rows.append((f"throughput >= {THROUGHPUT_GAIN:g}x round 1 ({base:.2f} img/s)", f"{tp:.2f} img/s ({tp / base:.2f}x)",
+                     tp >= THROUGHPUT_GAIN * base))
+    rows += [
         (f"key generation <= {MAX_KEYGEN_S:.0f} s", f"{c['keygen_s']:.2f} s", c["keygen_s"] <= MAX_KEYGEN_S),
         (f"cold compile <= {MAX_COMPILE_S:.0f} s", f"{c['compile_s']:.2f} s", c["compile_s"] <= MAX_COMPILE_S),
     ]
     return rows
+
+
+def retarget(path: Path) -> tuple[Path, Path]:
+    """Recompute a stored report's targets table (after the targets change) and rewrite its
+    Markdown; the measurements are untouched."""
+    path = Path(path)
+    report = json.loads(path.read_text())
+    report["targets"] = [{"target": t, "measured": v, "met": ok} for t, v, ok in targets(report)]
+    write_json(report, path)
+    md = path.with_suffix(".md")
+    md.write_text(markdown(report))
+    return path, md
 
 
 def variant_name(cc) -> str:
@@ -216,6 +317,7 @@ def markdown(r: dict) -> str:
         f"| cold compile | {c['compile_s']:.2f} s |",
         f"| evaluation keys / ciphertext in / result out | {r['eval_key_bytes'] / 2**20:.1f} MiB / {r['ciphertext_bytes'] / 1024:.1f} KiB / {r['result_bytes'] / 1024:.1f} KiB |",
         f"| max bit-width / programmable bootstraps | {c['max_bit_width']} / {c['pbs_count']} |",
+        *_first_request_rows(r, ms),
         f"| throughput ({r['throughput']['workers']} {r['throughput']['backend']} workers, {r['throughput']['images']} images) | {r['throughput_img_per_s']:.2f} img/s |",
         f"| Concrete ML defaults vs ours: latency | {r['defaults_latency_ratio']:.1f}x{lb('defaults_latency_ratio')} |",
         f"| Concrete ML defaults vs ours: key generation | {r['defaults_keygen_ratio']:.1f}x{lb('defaults_keygen_ratio')} |",

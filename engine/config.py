@@ -78,6 +78,14 @@ class TrainConfig:
     augment_shift: int = 0  # random translations of up to this many pixels each epoch (0: off)
     augment_rotate: float = 0.0  # random rotations of up to this many degrees (0: off)
     augment_scale: float = 0.0  # random zoom by a factor in [1 - s, 1 + s] (0: off)
+    # Knowledge distillation: weight of a clear CNN teacher's soft labels in the loss (0: off).
+    distill: float = 0.0
+    distill_temperature: float = 4.0
+    teacher_epochs: int = 30
+    # Noise-aware training: uniform noise of up to this many rounding steps (the accumulator's
+    # range / 2**rounding_threshold_bits) added to each hidden pre-activation during training,
+    # the circuit's approximate-rounding and lookup error (0: off).
+    rounding_noise: float = 0.0
 
     @property
     def augments(self) -> bool:

@@ -27,53 +27,68 @@ def _memory(cache_dir: Path | None) -> Memory:
     return Memory(str(Path(cache_dir or default_cache_dir()) / "sweeps"), verbose=0)
 
 
-def measure(cfg: PipelineConfig, n_val: int, n_fhe: int, cache_dir: str | None) -> dict:
-    """Train ``cfg``, compile it, and measure validation accuracy and encrypted latency."""
-    import tempfile
+def trained(cfg: PipelineConfig, cache_dir: Path | None = None):
+    """The model ``cfg`` trains (a :class:`~engine.registry.SavedModel`), trained once per data,
+    model and training settings: points that differ only in compile settings share it."""
+    import hashlib
 
-    from . import metrics, registry, stability
-    from .data import load_split
-    from .infer import Predictor
+    from . import registry
+    from .config import CompileConfig
     from .train import train
 
-    result = train(cfg)
-    with tempfile.TemporaryDirectory() as models_dir:
-        saved = registry.save(result, "point", Path(models_dir))
-        p = Predictor(saved=saved, cache_dir=Path(cache_dir) if cache_dir else None)
-        val = load_split(cfg.data, "val").head(n_val)
-        res = p.run(val.images, ["float", "quantized", "simulate"])
-        acc = {m: metrics.accuracy(val.labels, r.scores, val.info, saved.thresholds) for m, r in res.items()}
-        # Repeated simulations of the validation images: how often the circuit's noise flips a
-        # prediction (mean agreement over pairs of runs), the validation proxy for "encrypted
-        # agrees with simulation". Training images would flatter it: their margins are wider.
-        agree = stability.measure(p, val.images, first=res["simulate"]).agreement
-        balanced = metrics.balanced_accuracy(val.labels, res["simulate"].scores, val.info)
-        fhe = p.run(val.images[:n_fhe], ["fhe"])["fhe"] if n_fhe else None
-        sample = val.head(n_fhe) if n_fhe else None
-        rep = p.compiled.report
-        m, c = cfg.model, cfg.compile
-        return {
-            "hidden": list(m.hidden), "bits": m.weight_bits, "act_bits": m.act_bits, "input_bits": m.input_bits,
-            "input_pool": m.input_pool, "max_active_inputs": m.max_active_inputs,
-            "rounding_bits": c.rounding_threshold_bits, "p_error": c.p_error, "epochs": cfg.train.epochs,
-            "augment_shift": cfg.train.augment_shift, "augment_rotate": cfg.train.augment_rotate,
-            "augment_scale": cfg.train.augment_scale, "best_epoch": result.best_epoch,
-            "float_accuracy": acc["float"], "quantized_accuracy": acc["quantized"], "simulate_accuracy": acc["simulate"],
-            "simulate_balanced_accuracy": balanced, "simulate_agreement": agree,
-            "float_auc": metrics.auc(val.labels, res["float"].scores, val.info),
-            "simulate_auc": metrics.auc(val.labels, res["simulate"].scores, val.info),
-            # Real encryption on the first n_fhe validation images, beside simulation on the same ones.
-            "fhe_accuracy": metrics.accuracy(sample.labels, fhe.scores, val.info, saved.thresholds) if fhe else None,
-            "simulate_sample_accuracy": metrics.accuracy(sample.labels, res["simulate"].scores[:n_fhe], val.info,
-                                                         saved.thresholds) if fhe else None,
-            "n_fhe": n_fhe,
-            "evaluation_key_bytes": p.remote.evaluation_key_bytes if fhe else None,
-            "fhe_latency_median_s": float(np.median(fhe.latency_s)) if fhe else None,
-            "fhe_server_median_s": float(np.median(fhe.stages["server_s"])) if fhe else None,
-            "max_bit_width": rep.max_bit_width, "pbs_count": rep.pbs_count,
-            "keygen_s": p.client.keygen_s if p.client else None, "n_val": len(val),
-            "config": cfg.to_dict(),
-        }
+    # Noise-aware training reads the rounding bits: then the compile settings are part of the key.
+    key_cfg = cfg if cfg.train.rounding_noise else cfg.replace(compile=CompileConfig())
+    name = "point-" + hashlib.sha256(key_cfg.to_json().encode()).hexdigest()[:16]
+    root = Path(cache_dir or default_cache_dir()) / "sweeps" / "models"
+    try:
+        return registry.load(cfg.data.dataset, name, root)
+    except registry.ModelNotFound:
+        return registry.save(train(cfg), name, root, overwrite=True)
+
+
+def measure(cfg: PipelineConfig, n_val: int, n_fhe: int, cache_dir: str | None) -> dict:
+    """Train ``cfg`` (or reuse its trained model), compile it, and measure validation accuracy
+    and encrypted latency."""
+    from . import metrics, stability
+    from .data import load_split
+    from .infer import Predictor
+
+    saved = trained(cfg, Path(cache_dir) if cache_dir else None)
+    p = Predictor(saved=saved, compile_config=cfg.compile, cache_dir=Path(cache_dir) if cache_dir else None)
+    val = load_split(cfg.data, "val").head(n_val)
+    res = p.run(val.images, ["float", "quantized", "simulate"])
+    acc = {m: metrics.accuracy(val.labels, r.scores, val.info, saved.thresholds) for m, r in res.items()}
+    # Repeated simulations of the validation images: how often the circuit's noise flips a
+    # prediction (mean agreement over pairs of runs), the validation proxy for "encrypted
+    # agrees with simulation". Training images would flatter it: their margins are wider.
+    agree = stability.measure(p, val.images, first=res["simulate"]).agreement
+    balanced = metrics.balanced_accuracy(val.labels, res["simulate"].scores, val.info)
+    fhe = p.run(val.images[:n_fhe], ["fhe"])["fhe"] if n_fhe else None
+    sample = val.head(n_fhe) if n_fhe else None
+    rep = p.compiled.report
+    m, c = cfg.model, cfg.compile
+    return {
+        "hidden": list(m.hidden), "bits": m.weight_bits, "act_bits": m.act_bits, "input_bits": m.input_bits,
+        "input_pool": m.input_pool, "max_active_inputs": m.max_active_inputs,
+        "rounding_bits": c.rounding_threshold_bits, "p_error": c.p_error, "epochs": cfg.train.epochs,
+        "augment_shift": cfg.train.augment_shift, "augment_rotate": cfg.train.augment_rotate,
+        "augment_scale": cfg.train.augment_scale, "best_epoch": saved.metrics.get("best_epoch"),
+        "float_accuracy": acc["float"], "quantized_accuracy": acc["quantized"], "simulate_accuracy": acc["simulate"],
+        "simulate_balanced_accuracy": balanced, "simulate_agreement": agree,
+        "float_auc": metrics.auc(val.labels, res["float"].scores, val.info),
+        "simulate_auc": metrics.auc(val.labels, res["simulate"].scores, val.info),
+        # Real encryption on the first n_fhe validation images, beside simulation on the same ones.
+        "fhe_accuracy": metrics.accuracy(sample.labels, fhe.scores, val.info, saved.thresholds) if fhe else None,
+        "simulate_sample_accuracy": metrics.accuracy(sample.labels, res["simulate"].scores[:n_fhe], val.info,
+                                                     saved.thresholds) if fhe else None,
+        "n_fhe": n_fhe,
+        "evaluation_key_bytes": p.remote.evaluation_key_bytes if fhe else None,
+        "fhe_latency_median_s": float(np.median(fhe.latency_s)) if fhe else None,
+        "fhe_server_median_s": float(np.median(fhe.stages["server_s"])) if fhe else None,
+        "max_bit_width": rep.max_bit_width, "pbs_count": rep.pbs_count,
+        "keygen_s": p.client.keygen_s if p.client else None, "n_val": len(val),
+        "config": cfg.to_dict(),
+    }
 
 
 def run_grid(configs: list[PipelineConfig], n_val: int = 0, n_fhe: int = 3, cache_dir: Path | None = None,
@@ -138,24 +153,26 @@ def score(r: dict) -> float:
     return r["simulate_accuracy"]
 
 
-def choose(rows: list[dict], latency_target_s: float, min_agreement: float = 0.99) -> dict:
-    """Pick a point on validation figures only.
+def choose(rows: list[dict], latency_target_s: float, min_agreement: float = 0.99, tolerance: float = 0.01) -> dict:
+    """Pick a point on validation figures only: accuracy first, then speed.
 
     Candidates are points whose repeated simulations agree on at least ``min_agreement`` of
-    the images (all points if none does) and, if any is, within the latency target. The trained
-    model comes first: the one with the best score. Compile settings (rounding, ``p_error``)
-    do not change a trained model, so score differences between them are simulation noise;
-    among the chosen model's candidates, take the most stable one, then the fastest.
+    the images (all points if none does) and score within ``tolerance`` (one point) of the best
+    candidate: speed never buys more than that much validation score. Among them, the fastest
+    within the latency target if any is, else the fastest. Compile settings (rounding,
+    ``p_error``) do not change a trained model, so score differences between them are
+    simulation noise: among the chosen model's candidates, take the most stable one, then the
+    fastest.
     """
     stable = [r for r in rows if is_stable(r, min_agreement)] or rows
-    timed = [r for r in stable if r.get("fhe_latency_median_s") is not None]
-    within = [r for r in timed if r["fhe_latency_median_s"] <= latency_target_s]
-    if within:
-        best = max(within, key=lambda r: (score(r), -r["fhe_latency_median_s"]))
-        same_model = [r for r in within if _model_key(r) == _model_key(best)]
-        return max(same_model, key=lambda r: (r.get("simulate_agreement", 1.0), -r["fhe_latency_median_s"]))
-    top = max(score(r) for r in stable)
-    return min((r for r in stable if score(r) >= top - 0.01), key=lambda r: r["fhe_latency_median_s"] or np.inf)
+    timed = [r for r in stable if r.get("fhe_latency_median_s") is not None] or stable
+    top = max(score(r) for r in timed)
+    near = [r for r in timed if score(r) >= top - tolerance - 1e-12]
+    lat = lambda r: r.get("fhe_latency_median_s") or np.inf  # noqa: E731
+    fastest = min(near, key=lat)
+    same_model = [r for r in near if _model_key(r) == _model_key(fastest)
+                  and (lat(r) <= latency_target_s) == (lat(fastest) <= latency_target_s)]
+    return max(same_model, key=lambda r: (r.get("simulate_agreement", 1.0), -lat(r)))
 
 
 def _model_key(r: dict) -> str:
@@ -168,7 +185,8 @@ def point_label(r: dict) -> str:
     prune = f" prune{r['max_active_inputs']}" if r.get("max_active_inputs") else ""
     a, i = r.get("act_bits", r["bits"]), r.get("input_bits", r["bits"])
     bits = f"b{r['bits']}" if r["bits"] == a == i else f"w{r['bits']}a{a}i{i}"
-    return f"h{hidden} {bits} pool{r['input_pool']}{prune} r{r['rounding_bits']} p{r['p_error']:g}"
+    kd = " kd" if r.get("config", {}).get("train", {}).get("distill") else ""
+    return f"h{hidden} {bits} pool{r['input_pool']}{prune}{kd} r{r['rounding_bits']} p{r['p_error']:g}"
 
 
 def pareto_figure(rows: list[dict], title: str, latency_target_s: float | None = None, chosen: dict | None = None,

@@ -16,6 +16,7 @@ from . import metrics
 from .config import PipelineConfig
 from .data import Split, load_split, to_features
 from .model import QATFCNN, build_model
+from .teacher import teacher_logits
 
 
 @dataclass
@@ -106,7 +107,71 @@ def evaluate_float(model: QATFCNN, split: Split, pool: int = 1, thresholds=None)
     }
 
 
-def train(cfg: PipelineConfig, progress: ProgressFn | None = None) -> TrainResult:
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, multi_label: bool) -> torch.Tensor:
+    """Soft-label loss: KL divergence at ``temperature`` (scaled by T**2, Hinton et al.), or BCE
+    against the teacher's probabilities for multi-label tasks."""
+    if multi_label:
+        return nn.functional.binary_cross_entropy_with_logits(student, torch.sigmoid(teacher))
+    t = temperature
+    return nn.functional.kl_div(nn.functional.log_softmax(student / t, dim=1),
+                                nn.functional.log_softmax(teacher / t, dim=1),
+                                log_target=True, reduction="batchmean") * t * t
+
+
+class RoundingNoise:
+    """Training-time forward hooks on the hidden linear layers: add uniform noise of up to
+    ``steps`` rounding steps to each pre-activation, where a step is the batch's pre-activation
+    range divided by ``2**bits`` (what the circuit's rounding keeps). Hooks change neither the
+    state dict nor the exported graph, and are removed on exit."""
+
+    def __init__(self, model: QATFCNN, bits: int, steps: float):
+        self.layers = model.linears()[:-1]
+        self.scale, self.steps = 2.0 ** -bits, steps
+        self.handles: list = []
+
+    def _hook(self, module, _inputs, out):
+        if not module.training:
+            return out
+        span = (out.detach().amax(dim=0) - out.detach().amin(dim=0)).max()
+        return out + (torch.rand_like(out) * 2 - 1) * (self.steps * self.scale * span)
+
+    def __enter__(self):
+        if self.steps > 0:
+            self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
+        return self
+
+    def __exit__(self, *_exc):
+        for h in self.handles:
+            h.remove()
+
+
+def build_teacher(cfg: PipelineConfig, train_split: Split, val_split: Split, criterion: nn.Module,
+                  say: Callable[[str], None] = lambda _m: None) -> nn.Module:
+    """The cached clear CNN teacher for this dataset and training settings (trained if new)."""
+    from . import teacher as T
+
+    tc, info = cfg.train, train_split.info
+    # One teacher per dataset and augmentation, whatever the student's seed: students share it.
+    settings = {"epochs": tc.teacher_epochs, "seed": 0, "shift": tc.augment_shift, "rotate": tc.augment_rotate,
+                "scale": tc.augment_scale, "weighted": tc.class_weighting, "arch": "cnn32-v1"}
+    key = T.teacher_key(cfg.data.dataset, cfg.data.size, len(train_split), settings)
+    rng = np.random.default_rng(1)
+    augment = (lambda im: random_affine(im, tc.augment_shift, tc.augment_rotate, tc.augment_scale, rng)) if tc.augments else None
+
+    def val_score(logits: torch.Tensor) -> float:
+        scores = metrics.scores_from_logits(logits.numpy(), info)
+        bal = metrics.balanced_accuracy(val_split.labels, scores, info)
+        return bal if tc.class_weighting and bal is not None else metrics.accuracy(val_split.labels, scores, info)
+
+    channels = 1 if train_split.images.ndim == 3 else train_split.images.shape[-1]
+    return T.cached_teacher(
+        key, lambda: T.fit_teacher(train_split.images, train_split.targets, val_split.images, val_score, criterion,
+                                   info.n_outputs, tc.teacher_epochs, 0, augment, say),
+        channels, info.n_outputs)
+
+
+def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
+          say: Callable[[str], None] = lambda _m: None) -> TrainResult:
     """Train a QAT FCNN per ``cfg``; keep the epoch with the best validation score."""
     tc = cfg.train
     seed_everything(tc.seed)
@@ -128,6 +193,9 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None) -> TrainResul
     gen = torch.Generator().manual_seed(tc.seed)
     aug_rng = np.random.default_rng(tc.seed)
 
+    teacher = build_teacher(cfg, train_split, val_split, criterion, say) if tc.distill > 0 else None
+    noise = RoundingNoise(model, cfg.compile.rounding_threshold_bits, tc.rounding_noise)
+
     calib_idx = np.random.default_rng(tc.seed).permutation(len(train_split))[:CALIBRATION_SIZE]
     result = TrainResult(model=model, config=cfg, calibration=train_split.images[np.sort(calib_idx)])
     best_score, best_state = -np.inf, None
@@ -139,18 +207,25 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None) -> TrainResul
             model.apply_pruning()
             best_score, best_state = -np.inf, None
         model.train()
+        moved = train_split.images
         if tc.augments:
             moved = random_affine(train_split.images, tc.augment_shift, tc.augment_rotate, tc.augment_scale, aug_rng)
             x_train = torch.from_numpy(to_features(moved, pool))
+        soft = None if teacher is None else teacher_logits(teacher, moved)
         perm = torch.randperm(len(x_train), generator=gen)
         total = 0.0
-        for i in range(0, len(perm), tc.batch_size):
-            idx = perm[i : i + tc.batch_size]
-            loss = criterion(model(x_train[idx]), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
+        with noise:
+            for i in range(0, len(perm), tc.batch_size):
+                idx = perm[i : i + tc.batch_size]
+                out = model(x_train[idx])
+                loss = criterion(out, y_train[idx])
+                if soft is not None:
+                    loss = (1 - tc.distill) * loss + tc.distill * distill_loss(
+                        out, soft[idx], tc.distill_temperature, info.multi_label)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
         sched.step()
 
         logits = logits_of(model, x_val)

@@ -24,6 +24,31 @@ def test_unstable_points_never_win_and_compile_settings_follow_the_model():
     # Within the target, two compile settings of one model: the more stable one, not the noisier higher score.
     a, b = point(12, 5, 0.934, 0.996, 120), point(12, 6, 0.930, 0.999, 140)
     assert choose([a, b, point(8, 5, 0.90, 1.0, 100)], 0.150, 0.995) is b
+    # Speed never buys more than one point of validation score: a fast point two points below the
+    # best loses even within the target; one within a point wins over the slower best.
+    best, fast_weak, fast_close = point(16, 6, 0.934, 0.999, 290), point(8, 6, 0.914, 1.0, 120), point(14, 6, 0.929, 0.999, 153)
+    assert choose([best, fast_weak], 0.150, 0.995) is best
+    assert choose([best, fast_weak, fast_close], 0.150, 0.995) is fast_close
     # The Pareto front over stable points skips the unstable fast one.
     assert pareto_front(rows, min_agreement=0.995) == [slow_stable]
     assert pareto_front(rows)[0] is fast_noisy
+
+
+def test_points_differing_only_in_compile_settings_share_one_trained_model(data_dir, tmp_path):
+    import dataclasses
+
+    from conftest import tiny_config
+
+    from engine.sweep import trained
+
+    cfg = tiny_config(data_dir, epochs=1, limit_train=128)
+    a = trained(cfg, tmp_path)
+    b = trained(cfg.replace(compile=dataclasses.replace(cfg.compile, p_error=0.01)), tmp_path)
+    assert a.path == b.path and a.hash == b.hash
+    c = trained(cfg.replace(train=dataclasses.replace(cfg.train, seed=3)), tmp_path)
+    assert c.path != a.path
+    # Noise-aware training depends on the rounding bits: those points train their own model.
+    noisy = cfg.replace(train=dataclasses.replace(cfg.train, rounding_noise=0.5))
+    d = trained(noisy, tmp_path)
+    e = trained(noisy.replace(compile=dataclasses.replace(cfg.compile, rounding_threshold_bits=5)), tmp_path)
+    assert d.path != e.path

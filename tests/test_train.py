@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import make_npz, tiny_config
@@ -105,3 +107,58 @@ def test_class_weighted_training_selects_on_balanced_accuracy(data_dir):
     score = [h.val_balanced_accuracy + 1e-3 * h.val_auc for h in r.history]
     assert r.best_epoch == 1 + int(np.argmax(score))
     assert all(0.5 <= h.val_balanced_accuracy <= 1 for h in r.history)
+
+
+def test_distill_loss_is_zero_only_when_the_student_matches_the_teacher():
+    import torch
+
+    from engine.train import distill_loss
+
+    t = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
+    assert float(distill_loss(t.clone(), t, 4.0, multi_label=False)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distill_loss(-t, t, 4.0, multi_label=False)) > 0.01
+    # multi-label: BCE against the teacher's probabilities is smallest at the teacher's logits
+    assert float(distill_loss(t, t, 4.0, True)) < float(distill_loss(-t, t, 4.0, True))
+
+
+def test_distillation_trains_a_cached_cnn_teacher_once(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
+    cfg = tiny_config(data_dir, epochs=1, limit_train=1024, distill=0.7, teacher_epochs=8)
+    first = train(cfg)
+    teachers = list((tmp_path / "teachers").glob("*.pt"))
+    assert len(teachers) == 1
+    stamp = teachers[0].stat().st_mtime_ns
+    # The teacher is a real classifier, well above the majority class (74% of validation).
+    from engine.data import load_split
+    from engine.teacher import TeacherCNN, teacher_logits
+    import torch
+
+    teacher = TeacherCNN(1, 2)
+    teacher.load_state_dict(torch.load(teachers[0], weights_only=True))
+    val = load_split(cfg.data, "val")
+    acc = float((teacher_logits(teacher, val.images).argmax(1).numpy() == val.labels[:, 0]).mean())
+    assert acc > 0.9
+    second = train(cfg.replace(train=dataclasses.replace(cfg.train, seed=1)))  # another student, same teacher
+    assert teachers[0].stat().st_mtime_ns == stamp and len(list((tmp_path / "teachers").glob("*.pt"))) == 1
+    assert first.metrics["val"]["auc"] > 0.6 and second.metrics["val"]["auc"] > 0.6
+
+
+def test_rounding_noise_is_bounded_and_training_only(data_dir):
+    import torch
+
+    from engine.train import RoundingNoise
+
+    model = train(tiny_config(data_dir, epochs=1, limit_train=128)).model
+    layer, last = model.linears()[0], model.linears()[-1]
+    out = torch.randn(256, layer.out_features) * 3
+    noise = RoundingNoise(model, bits=4, steps=1.0)
+    layer.train()
+    step = float((out.amax(0) - out.amin(0)).max()) / 2**4  # one rounding step at 4 bits
+    d = (noise._hook(layer, (), out) - out).abs()
+    assert 0 < float(d.max()) <= step + 1e-5 and float(d.mean()) > step / 4  # uniform in [-step, step]
+    layer.eval()
+    assert noise._hook(layer, (), out) is out  # evaluation (and export) untouched
+    keys = set(model.state_dict())
+    with noise:  # hidden layers only: the output layer has no lookup after it
+        assert len(layer._forward_hooks) == 1 and not last._forward_hooks
+    assert not layer._forward_hooks and set(model.state_dict()) == keys
