@@ -487,6 +487,11 @@ def cmd_search(a) -> int:
         kept = [r for r in earlier if json.dumps(r["config"], sort_keys=True) not in fresh]
         _say(f"merged with {len(kept)} points of earlier searches")
         rows = kept + rows
+    from .sweep import add_shifted
+
+    bar, update = _bar("framing shift")
+    add_shifted(rows, None, update)
+    bar.close()
     target = a.target_ms / 1000
     best = choose(rows, target, a.min_agreement)
     front = pareto_front(rows, min_agreement=a.min_agreement)
@@ -501,6 +506,7 @@ def cmd_search(a) -> int:
     for r in sorted(rows, key=lambda r: r["fhe_latency_median_s"] or 0):
         mark = "*" if r in front else " "
         print(f"{mark} {point_label(r):<40} val sim {100 * r['simulate_accuracy']:.1f}% (score {100 * score(r):.1f}%, "
+              f"shifted {100 * (r.get('shifted_balanced_accuracy') or 0):.1f}%, "
               f"agreement {100 * r.get('simulate_agreement', 1):.1f}%)  float {100 * r['float_accuracy']:.1f}%  "
               f"fhe {1000 * (r['fhe_latency_median_s'] or 0):.0f} ms  PBS {r['pbs_count']}  max bits {r['max_bit_width']}")
     m = best["config"]["model"]
@@ -510,7 +516,7 @@ def cmd_search(a) -> int:
           f"--rotate {a.rotate:g} --scale {a.scale:g} --lr {a.lr} "
           f"--hidden {' '.join(map(str, m['hidden']))} --weight-bits {m['weight_bits']} --act-bits {m['act_bits']} "
           f"--input-bits {m['input_bits']} --input-pool {m['input_pool']} --max-active-inputs {m['max_active_inputs']} "
-          f"--distill {best['config']['train']['distill']:g} "
+          f"--distill {best['config']['train'].get('distill', 0):g} "
           f"--rounding-bits {c['rounding_threshold_bits']} --p-error {c['p_error']} --seed {a.seed}")
     print(f"wrote {out / (data.dataset + '_search.json')} and the Pareto plot ({data.dataset}_pareto.html/.png)")
     return 0

@@ -52,3 +52,23 @@ def test_points_differing_only_in_compile_settings_share_one_trained_model(data_
     d = trained(noisy, tmp_path)
     e = trained(noisy.replace(compile=dataclasses.replace(cfg.compile, rounding_threshold_bits=5)), tmp_path)
     assert d.path != e.path
+
+
+def test_framing_shift_scores_every_point_on_the_same_moved_validation_images(data_dir, tmp_path):
+    import numpy as np
+    from conftest import tiny_config
+
+    from engine.data import load_split
+    from engine.sweep import SHIFT_COPIES, add_shifted, score, shifted_validation
+
+    cfg = tiny_config(data_dir, epochs=1, limit_train=256)
+    a, la, _ = shifted_validation(cfg.data)
+    b, _, _ = shifted_validation(cfg.data)
+    val = load_split(cfg.data, "val")
+    assert a.dtype == np.uint8 and len(a) == SHIFT_COPIES * len(val) and np.array_equal(a, b)  # same images each time
+    assert not np.array_equal(a[: len(val)], val.images) and np.array_equal(la[: len(val)], val.labels)
+    row = {"config": cfg.to_dict(), "simulate_accuracy": 0.9, "simulate_balanced_accuracy": 0.9}
+    add_shifted([row], tmp_path)
+    shifted = row["shifted_balanced_accuracy"]
+    assert 0.5 < shifted <= 1 and 0 < row["shifted_accuracy"] <= 1
+    assert score(row) == (0.9 + shifted) / 2
