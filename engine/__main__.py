@@ -456,7 +456,7 @@ def cmd_search(a) -> int:
 
     from .data import dataset_info, locate
     from .evaluate import results_dir, write_json
-    from .sweep import choose, pareto_figure, pareto_front, point_label, run_grid, score
+    from .sweep import add_shifted, choose, merge_points, pareto_figure, pareto_front, point_label, run_grid, score
 
     dataset_info(a.dataset)
     data = _data_cfg(a)
@@ -480,14 +480,10 @@ def cmd_search(a) -> int:
     out = Path(a.out) if a.out else results_dir()
     out.mkdir(parents=True, exist_ok=True)
     if a.merge and (out / f"{data.dataset}_search.json").exists():
-        # Earlier searches' points stay on the front and in the choice (same measurement, validation
-        # only); a point measured again replaces its earlier measurement.
-        earlier = json.loads((out / f"{data.dataset}_search.json").read_text())["points"]
-        fresh = {json.dumps(r["config"], sort_keys=True) for r in rows}
-        kept = [r for r in earlier if json.dumps(r["config"], sort_keys=True) not in fresh]
-        _say(f"merged with {len(kept)} points of earlier searches")
-        rows = kept + rows
-    from .sweep import add_shifted
+        # Earlier searches' points stay on the front and in the choice.
+        n = len(rows)
+        rows = merge_points(json.loads((out / f"{data.dataset}_search.json").read_text())["points"], rows)
+        _say(f"merged with {len(rows) - n} points of earlier searches")
 
     bar, update = _bar("framing shift")
     add_shifted(rows, None, update)

@@ -6,7 +6,6 @@ Writes ``bench/results/<dataset>.json`` and ``bench/results/<dataset>.md``.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import tempfile
 import time
@@ -254,18 +253,6 @@ def targets(r: dict) -> list[tuple[str, str, bool]]:
         (f"cold compile <= {MAX_COMPILE_S:.0f} s", f"{c['compile_s']:.2f} s", c["compile_s"] <= MAX_COMPILE_S),
     ]
     return rows
-
-
-def retarget(path: Path) -> tuple[Path, Path]:
-    """Recompute a stored report's targets table (after the targets change) and rewrite its
-    Markdown; the measurements are untouched."""
-    path = Path(path)
-    report = json.loads(path.read_text())
-    report["targets"] = [{"target": t, "measured": v, "met": ok} for t, v, ok in targets(report)]
-    write_json(report, path)
-    md = path.with_suffix(".md")
-    md.write_text(markdown(report))
-    return path, md
 
 
 def variant_name(cc) -> str:

@@ -133,6 +133,14 @@ def add_shifted(rows: list[dict], cache_dir: Path | None = None, progress: Progr
     return rows
 
 
+def merge_points(earlier: list[dict], fresh: list[dict]) -> list[dict]:
+    """Earlier searches' points and this one's (same measurement, validation only); a point
+    measured again replaces its earlier measurement."""
+    key = lambda r: json.dumps(r["config"], sort_keys=True)  # noqa: E731
+    again = {key(r) for r in fresh}
+    return [r for r in earlier if key(r) not in again] + fresh
+
+
 def run_grid(configs: list[PipelineConfig], n_val: int = 0, n_fhe: int = 3, cache_dir: Path | None = None,
              progress: ProgressFn | None = None, labels: list[str] | None = None) -> list[dict]:
     """Measure every config (cached); ``progress(done, total, message)`` before each and at the end."""

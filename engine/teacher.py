@@ -41,6 +41,11 @@ class TeacherCNN(nn.Module):
         return self.net(x)
 
 
+def channels_of(images: np.ndarray) -> int:
+    """1 for (N, H, W) images, C for (N, H, W, C)."""
+    return 1 if images.ndim == 3 else images.shape[-1]
+
+
 def image_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W[, C]) -> float32 (N, C, H, W) in [-1, 1]."""
     x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 127.5 - 1.0)
@@ -66,8 +71,7 @@ def fit_teacher(train_images: np.ndarray, train_targets: np.ndarray, val_images:
     import copy
 
     torch.manual_seed(seed)
-    channels = 1 if train_images.ndim == 3 else train_images.shape[-1]
-    model = TeacherCNN(channels, n_outputs)
+    model = TeacherCNN(channels_of(train_images), n_outputs)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
     batch = 128
     steps = epochs * ((len(train_images) + batch - 1) // batch)

@@ -107,6 +107,15 @@ def evaluate_float(model: QATFCNN, split: Split, pool: int = 1, thresholds=None)
     }
 
 
+def selection_score(labels: np.ndarray, scores: np.ndarray, info, class_weighting: bool) -> tuple[float, float | None, float | None]:
+    """(score, accuracy, balanced accuracy) an epoch or a teacher competes on. A class-weighted
+    loss targets the balanced error (every class counts the same), so it competes on balanced
+    accuracy: the prevalence in the validation split is not the one at a new hospital."""
+    acc = metrics.accuracy(labels, scores, info)
+    bal = metrics.balanced_accuracy(labels, scores, info)
+    return (bal if class_weighting and bal is not None else acc), acc, bal
+
+
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, multi_label: bool) -> torch.Tensor:
     """Soft-label loss: KL divergence at ``temperature`` (scaled by T**2, Hinton et al.), or BCE
     against the teacher's probabilities for multi-label tasks."""
@@ -160,14 +169,12 @@ def build_teacher(cfg: PipelineConfig, train_split: Split, val_split: Split, cri
 
     def val_score(logits: torch.Tensor) -> float:
         scores = metrics.scores_from_logits(logits.numpy(), info)
-        bal = metrics.balanced_accuracy(val_split.labels, scores, info)
-        return bal if tc.class_weighting and bal is not None else metrics.accuracy(val_split.labels, scores, info)
+        return selection_score(val_split.labels, scores, info, tc.class_weighting)[0]
 
-    channels = 1 if train_split.images.ndim == 3 else train_split.images.shape[-1]
     return T.cached_teacher(
         key, lambda: T.fit_teacher(train_split.images, train_split.targets, val_split.images, val_score, criterion,
                                    info.n_outputs, tc.teacher_epochs, 0, augment, say),
-        channels, info.n_outputs)
+        T.channels_of(train_split.images), info.n_outputs)
 
 
 def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
@@ -195,6 +202,7 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
 
     teacher = build_teacher(cfg, train_split, val_split, criterion, say) if tc.distill > 0 else None
     noise = RoundingNoise(model, cfg.compile.rounding_threshold_bits, tc.rounding_noise)
+    soft = None  # the teacher's logits for this epoch's training images
 
     calib_idx = np.random.default_rng(tc.seed).permutation(len(train_split))[:CALIBRATION_SIZE]
     result = TrainResult(model=model, config=cfg, calibration=train_split.images[np.sort(calib_idx)])
@@ -211,7 +219,8 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
         if tc.augments:
             moved = random_affine(train_split.images, tc.augment_shift, tc.augment_rotate, tc.augment_scale, aug_rng)
             x_train = torch.from_numpy(to_features(moved, pool))
-        soft = None if teacher is None else teacher_logits(teacher, moved)
+        if teacher is not None and (soft is None or tc.augments):  # unmoved images: their logits once
+            soft = teacher_logits(teacher, moved)
         perm = torch.randperm(len(x_train), generator=gen)
         total = 0.0
         with noise:
@@ -231,16 +240,11 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
         logits = logits_of(model, x_val)
         scores = metrics.scores_from_logits(logits, info)
         val_loss = float(val_criterion(torch.from_numpy(logits), y_val))
-        acc = metrics.accuracy(val_split.labels, scores, info)
+        select, acc, bal = selection_score(val_split.labels, scores, info, tc.class_weighting)
         auc = metrics.auc(val_split.labels, scores, info)
-        bal = metrics.balanced_accuracy(val_split.labels, scores, info)
         report = EpochReport(epoch, tc.epochs, total / len(perm), val_loss, acc, auc, time.perf_counter() - t0, bal)
         result.history.append(report)
-        # Select on validation accuracy, AUC breaking ties. A class-weighted loss targets the
-        # balanced error (every class counts the same), so its epochs compete on balanced
-        # accuracy: the prevalence in the validation split is not the one at a new hospital.
-        select = bal if tc.class_weighting and bal is not None else acc
-        score = select + 1e-3 * (auc or 0.0)
+        score = select + 1e-3 * (auc or 0.0)  # AUC breaks ties
         if score > best_score:
             best_score, best_state, result.best_epoch = score, copy.deepcopy(model.state_dict()), epoch
         if progress:
