@@ -7,6 +7,12 @@ service answers 429. The number of workers bounds the runs in flight, so the CPU
 oversubscribed (one Concrete run already spreads its bootstraps over every core: measured on
 2 cores, 8 runs took 2.29 s with one worker and 2.29 s with two).
 
+A client's jobs never run at the same time: a worker skips a client whose job is running. Two
+concurrent Concrete runs with the same deserialized evaluation keys can crash the process
+(measured: a segmentation fault in ``concrete_cpu_mul_cleartext_lwe_ciphertext_u64`` within 10
+pairs of 32-image runs; with separate key objects, 10 of 10 pairs ran), and one client's
+second job gains nothing from a second worker that another client could use.
+
 Jobs submitted with ``background=True`` (the service's key warm-ups) run only when no
 foreground job (a prediction) waits: a visitor's prediction never queues behind the warm-up of
 keys made ahead of demand for someone else.
@@ -39,6 +45,7 @@ class WorkPool:
         self._background: OrderedDict[str, deque] = OrderedDict()
         self._waiting = 0
         self._running = 0
+        self._busy: set[str] = set()  # owners with a job running
         self._cond = threading.Condition()
         self._closed = False
         self._mean_run_s = 0.3  # running estimate, for Retry-After
@@ -68,11 +75,17 @@ class WorkPool:
             self._cond.notify()
         return fut
 
-    def _next(self):
-        lane = self._queues or self._background
-        owner, q = next(iter(lane.items()))
+    def _ready_lane(self):
+        """The first (lane, owner) with a job to run whose owner has none running, or None."""
+        for lane in (self._queues, self._background):
+            for owner in lane:
+                if owner not in self._busy:
+                    return lane, owner
+        return None
+
+    def _next(self, lane, owner):
+        q = lane.pop(owner)
         job = q.popleft()
-        del lane[owner]
         if q:  # back of the rotation: the other clients go first
             lane[owner] = q
         self._waiting -= 1
@@ -81,12 +94,14 @@ class WorkPool:
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._queues and not self._background and not self._closed:
+                while (ready := self._ready_lane()) is None and not (self._closed and not self._waiting):
                     self._cond.wait()
-                if self._closed and not self._queues and not self._background:
+                if ready is None:  # closed and drained
                     return
-                fut, fn, args, queued_at = self._next()
+                lane, owner = ready
+                fut, fn, args, queued_at = self._next(lane, owner)
                 self._running += 1
+                self._busy.add(owner)
             if fut.set_running_or_notify_cancel():
                 start = time.perf_counter()
                 try:
@@ -96,6 +111,8 @@ class WorkPool:
                 self._mean_run_s = 0.8 * self._mean_run_s + 0.2 * (time.perf_counter() - start)
             with self._cond:
                 self._running -= 1
+                self._busy.discard(owner)
+                self._cond.notify_all()  # this owner's next job, or closing, may now proceed
 
     def run(self, owner: str, fn: Callable[..., Any], *args, background: bool = False) -> tuple[Any, float, float]:
         """Submit and wait: (result, seconds queued, seconds running)."""

@@ -220,6 +220,30 @@ def test_background_work_waits_for_predictions():
     pool.close()
     assert order == ["a", "b", "warm-up"]  # submitted first, run last
 
+def test_a_client_never_has_two_runs_at_once():
+    """Two workers: one client's jobs run one after the other (concurrent Concrete runs on one
+    key set can crash the process), while another client's job uses the second worker."""
+    from engine.workpool import WorkPool
+
+    pool = WorkPool(workers=2, max_queue=100)
+    lock, running, spans = threading.Lock(), {}, []
+
+    def job(owner: str, name: str) -> None:
+        with lock:
+            running[owner] = running.get(owner, 0) + 1
+            spans.append((name, running[owner], sum(running.values())))
+        time.sleep(0.2)
+        with lock:
+            running[owner] -= 1
+
+    futures = [pool.submit("a", job, "a", f"a{i}") for i in range(3)] + [pool.submit("b", job, "b", "b0")]
+    [f.result(timeout=10) for f in futures]
+    pool.close()
+    assert all(mine == 1 for _, mine, _ in spans)  # never two runs of one client at once
+    assert [name for name, _, _ in spans if name.startswith("a")] == ["a0", "a1", "a2"]
+    assert max(total for _, _, total in spans) == 2  # b ran beside a: the second worker was used
+
+
 
 def test_two_interleaved_clients_decrypt_only_their_own(svc, circuit, feats, tmp_path):
     a, b = new_client(svc, circuit, tmp_path / "a"), new_client(svc, circuit, tmp_path / "b")
