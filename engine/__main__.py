@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     _compile_args(p)
     p.add_argument("--limit", type=int, default=0, help="only the first N test images (0: the full split)")
     p.add_argument("--throughput-images", type=int, default=128, help="images in the parallel throughput run")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per call for the batch throughput (default: 32; 1 skips it)")
     p.add_argument("--backend", choices=["local", "dask"], default="local")
     p.add_argument("--scheduler", default=None)
     p.add_argument("--defaults-cap", type=float, default=600.0, help="seconds allowed for the Concrete ML defaults run")
@@ -441,7 +443,8 @@ def cmd_bench(a) -> int:
 
     p = _predictor(a)
     bar, update = _bar("benchmark")
-    report = bench.run_bench(p, _data_cfg(a), a.limit, a.throughput_images, a.backend, a.scheduler,
+    batch = bench.BATCH_SIZE if a.batch_size is None else a.batch_size
+    report = bench.run_bench(p, _data_cfg(a), a.limit, a.throughput_images, a.backend, a.scheduler, batch,
                              a.defaults_cap, a.defaults_images, say=_say, progress=update)
     bar.close()
     variant = None if p.compile_config == p.saved.config.compile else bench.variant_name(p.compile_config)

@@ -19,6 +19,8 @@ from .evaluate import latency_stats, machine_info, results_dir, summarize, write
 from .fhe import FHEClient, compile_model
 from .infer import Predictor
 
+BATCH_SIZE = 32  # images per call for the batch throughput (per image: 185 ms at 32, 190 at 16, 205 at 4)
+
 
 def _defaults_worker(model_dir: str, n_images: int, queue) -> None:
     """In a child process: compile with Concrete ML's defaults (no rounding threshold, default
@@ -126,7 +128,8 @@ def measure_fresh_process(predictor: Predictor, image: np.ndarray, timeout_s: fl
 
 
 def run_bench(predictor: Predictor, data_cfg, limit: int = 0, throughput_images: int = 128,
-              backend: str = "local", scheduler: str | None = None, defaults_cap_s: float = 600.0,
+              backend: str = "local", scheduler: str | None = None, batch_size: int = BATCH_SIZE,
+              defaults_cap_s: float = 600.0,
               defaults_images: int = 3, say: Callable[[str], None] = lambda m: None,
               progress=None) -> dict:
     saved = predictor.saved
@@ -170,6 +173,9 @@ def run_bench(predictor: Predictor, data_cfg, limit: int = 0, throughput_images:
     report["throughput"] = {"backend": backend, "workers": batch.n_workers, "images": n_tp, "wall_s": batch.wall_s,
                             "server_wall_s": batch.server_wall_s,
                             "agrees_with_sequential": bool(np.array_equal(tp_result.predictions, fhe.predictions[:n_tp]))}
+    if batch_size > 1:
+        report["batch_throughput"] = measure_batches(predictor, split.images[:n_tp], fhe.predictions[:n_tp], batch_size,
+                                                     backend, scheduler, say)
 
     say(f"Concrete ML defaults on the same model (capped at {defaults_cap_s:.0f} s)")
     d = measure_defaults(saved.path, defaults_images, defaults_cap_s)
@@ -191,6 +197,41 @@ def run_bench(predictor: Predictor, data_cfg, limit: int = 0, throughput_images:
     report["machine"] = machine_info()
     report["targets"] = [{"target": t, "measured": v, "met": ok} for t, v, ok in targets(report)]
     return report
+
+
+def measure_batches(predictor: Predictor, images: np.ndarray, sequential: np.ndarray, batch_size: int,
+                    backend: str, scheduler: str | None, say: Callable[[str], None]) -> dict:
+    """Steady-state throughput, one image per call against ``batch_size`` images per call.
+
+    Both runs start with every worker warm (circuit loaded, keys prepared), so they compare the
+    calls themselves; the round-1 figure (``throughput_img_per_s``) counts the workers' start
+    too. Encryption and decryption run on the same machine and count in the wall time."""
+    out = {"images_per_call": batch_size, "backend": backend, "images": len(images)}
+    for per_call in (1, batch_size):
+        say(f"steady-state throughput: {len(images)} images, {per_call} per call ({backend})")
+        res, b = predictor.run_distributed(images, backend, scheduler, batch_size=per_call, warm=True)
+        tag = "batched" if per_call > 1 else "single"
+        out[f"{tag}_img_per_s"] = len(images) / b.wall_s
+        out[f"{tag}_wall_s"] = b.wall_s
+        out[f"{tag}_server_wall_s"] = b.server_wall_s
+        out[f"{tag}_encrypt_s"] = float(b.encrypt_s.sum())
+        out[f"{tag}_agrees_with_sequential"] = float(np.mean(res.predictions == sequential))
+        out["workers"] = b.n_workers
+    out["gain_over_single"] = out["batched_img_per_s"] / out["single_img_per_s"]
+    return out
+
+
+def _batch_rows(r: dict) -> list[str]:
+    b = r.get("batch_throughput")
+    if not b:
+        return []
+    return [
+        f"| steady state ({b['workers']} warm {b['backend']} workers, {b['images']} images): 1 image per call | "
+        f"{b['single_img_per_s']:.2f} img/s (client encryption {b['single_encrypt_s']:.1f} s of {b['single_wall_s']:.1f} s) |",
+        f"| steady state: {b['images_per_call']} images per call (one request) | {b['batched_img_per_s']:.2f} img/s "
+        f"({b['gain_over_single']:.2f}x; client encryption {b['batched_encrypt_s']:.1f} s of {b['batched_wall_s']:.1f} s; "
+        f"{100 * b['batched_agrees_with_sequential']:.1f}% same predictions as one by one) |",
+    ]
 
 
 def _first_request_rows(r: dict, ms) -> list[str]:
@@ -245,7 +286,8 @@ def targets(r: dict) -> list[tuple[str, str, bool]]:
     ]
     base = ROUND1_THROUGHPUT.get(ds)
     if base and r.get("throughput_img_per_s"):
-        tp = r["throughput_img_per_s"]
+        # The batch figure when there is one: "a batch sent as one request".
+        tp = r["batch_throughput"]["batched_img_per_s"] if r.get("batch_throughput") else r["throughput_img_per_s"]
         rows.append((f"throughput >= {THROUGHPUT_GAIN:g}x round 1 ({base:.2f} img/s)", f"{tp:.2f} img/s ({tp / base:.2f}x)",
                      tp >= THROUGHPUT_GAIN * base))
     rows += [
@@ -305,7 +347,8 @@ def markdown(r: dict) -> str:
         f"| evaluation keys / ciphertext in / result out | {r['eval_key_bytes'] / 2**20:.1f} MiB / {r['ciphertext_bytes'] / 1024:.1f} KiB / {r['result_bytes'] / 1024:.1f} KiB |",
         f"| max bit-width / programmable bootstraps | {c['max_bit_width']} / {c['pbs_count']} |",
         *_first_request_rows(r, ms),
-        f"| throughput ({r['throughput']['workers']} {r['throughput']['backend']} workers, {r['throughput']['images']} images) | {r['throughput_img_per_s']:.2f} img/s |",
+        f"| throughput ({r['throughput']['workers']} {r['throughput']['backend']} workers, {r['throughput']['images']} images, 1 per call, workers' start included) | {r['throughput_img_per_s']:.2f} img/s |",
+        *_batch_rows(r),
         f"| Concrete ML defaults vs ours: latency | {r['defaults_latency_ratio']:.1f}x{lb('defaults_latency_ratio')} |",
         f"| Concrete ML defaults vs ours: key generation | {r['defaults_keygen_ratio']:.1f}x{lb('defaults_keygen_ratio')} |",
         "",

@@ -98,6 +98,10 @@ class CompileConfig:
     rounding_method: str = "approximate"  # "approximate" adds no lookups; "exact" does
     p_error: float = 0.01
     inputset_size: int = 512
+    # Images per encrypted call. A circuit for B images has the same key parameters as the
+    # 1-image circuit, so one key set serves both; a batch pays the per-call cost (key
+    # preparation in Concrete's runtime) once for B images. Batch 1 is the interactive circuit.
+    batch_size: int = 1
 
     def __post_init__(self) -> None:
         if not self.rounding_threshold_bits or self.rounding_threshold_bits < 2:
@@ -109,6 +113,8 @@ class CompileConfig:
             raise ValueError("rounding_method must be 'approximate' or 'exact'")
         if not 0 < self.p_error < 1:
             raise ValueError("p_error must be in (0, 1)")
+        if not 1 <= self.batch_size <= self.inputset_size:
+            raise ValueError("batch_size must be between 1 and inputset_size")
 
 
 @dataclass(frozen=True)

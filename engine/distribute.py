@@ -1,6 +1,7 @@
 """Run encrypted inference for a batch across processes or a Dask cluster (joblib).
 
-The client encrypts every image, the batch is cut into one chunk per worker, and each worker
+The client encrypts every image (or every ``batch_size`` images, for a circuit compiled to take
+several per call: see ``CompileConfig.batch_size``), the calls are cut into one chunk per worker, and each worker
 (a loky process here, a ``dask.distributed`` worker elsewhere) receives only ``server.zip``,
 the serialized evaluation keys and ciphertexts. A worker process loads the server once and keeps
 the deserialized evaluation keys, then answers every chunk it gets. The client decrypts.
@@ -49,7 +50,7 @@ def serve_chunk(server_zip: bytes, evaluation_keys: bytes, ciphertexts: list[byt
 class BatchResult:
     logits: np.ndarray
     encrypt_s: np.ndarray  # per image, on the client
-    server_s: np.ndarray  # per image, measured in the worker
+    server_s: np.ndarray  # per image (a call's time shared by its images), measured in the worker
     decrypt_s: np.ndarray  # per image, on the client
     sizes: dict
     server_wall_s: float  # the parallel part, as the client sees it
@@ -83,40 +84,50 @@ def backend_context(backend: str = "local", scheduler: str | None = None, n_jobs
 
 
 def encrypt_batch(client: FHEClient, features: np.ndarray) -> tuple[list[bytes], np.ndarray]:
-    """Client side: one serialized ciphertext per image, with the seconds each took."""
-    cts, secs = [], []
-    for i in range(len(features)):
+    """Client side: one serialized ciphertext per call (``client.batch_size`` images each), with
+    the seconds each image took (a call's time shared by its images)."""
+    cts, secs, b = [], [], client.batch_size
+    for i in range(0, len(features), b):
         t0 = time.perf_counter()
-        cts.append(client.encrypt(features[i : i + 1]))
-        secs.append(time.perf_counter() - t0)
+        cts.append(client.encrypt(features[i : i + b]))
+        n = min(b, len(features) - i)
+        secs += [(time.perf_counter() - t0) / n] * n
     return cts, np.array(secs)
 
 
 def serve_batch(server_zip: Path, evaluation_keys: bytes, ciphertexts: list[bytes], backend: str = "local",
-                scheduler: str | None = None, n_jobs: int = 2) -> tuple[list[bytes], np.ndarray, float, int]:
-    """Server side, spread over workers: results, per-image seconds, wall seconds, workers."""
+                scheduler: str | None = None, n_jobs: int = 2, warm: bool = False) -> tuple[list[bytes], np.ndarray, float, int]:
+    """Server side, spread over workers: results, seconds per call, wall seconds, workers.
+
+    ``warm``: first give every worker one call (circuit loaded, keys deserialized and prepared),
+    outside the clock, so the wall time is the steady state's."""
     zip_bytes = Path(server_zip).read_bytes()
-    t0 = time.perf_counter()
     with backend_context(backend, scheduler, n_jobs) as workers:
+        if warm and ciphertexts:
+            Parallel()(delayed(serve_chunk)(zip_bytes, evaluation_keys, ciphertexts[:1]) for _ in range(workers))
+        t0 = time.perf_counter()
         chunks = [c.tolist() for c in np.array_split(np.arange(len(ciphertexts)), min(workers, len(ciphertexts))) if len(c)]
         parts = Parallel()(delayed(serve_chunk)(zip_bytes, evaluation_keys, [ciphertexts[i] for i in c]) for c in chunks)
-    wall = time.perf_counter() - t0
+        wall = time.perf_counter() - t0
     flat = [r for part in parts for r in part]
     return [r for r, _ in flat], np.array([s for _, s in flat]), wall, workers
 
 
 def run_batch(client: FHEClient, server_zip: Path, features: np.ndarray, backend: str = "local",
-              scheduler: str | None = None, n_jobs: int = 2) -> BatchResult:
-    """Encrypt ``features`` (N, F), run the circuit on the workers, decrypt."""
+              scheduler: str | None = None, n_jobs: int = 2, warm: bool = False) -> BatchResult:
+    """Encrypt ``features`` (N, F) in calls of ``client.batch_size`` images, run the circuit on
+    the workers, decrypt."""
     eval_keys = client.evaluation_keys()
     cts, enc_s = encrypt_batch(client, features)
-    results, server_s, wall, workers = serve_batch(server_zip, eval_keys, cts, backend, scheduler, n_jobs)
-    logits, dec_s = [], []
-    for res in results:
+    results, call_s, wall, workers = serve_batch(server_zip, eval_keys, cts, backend, scheduler, n_jobs, warm)
+    logits, dec_s, server_s, b = [], [], [], client.batch_size
+    for k, res in enumerate(results):
+        n = min(b, len(features) - k * b)
         t0 = time.perf_counter()
-        logits.append(np.asarray(client.decrypt(res), dtype=np.float64).reshape(1, -1))
-        dec_s.append(time.perf_counter() - t0)
+        logits.append(np.asarray(client.decrypt(res), dtype=np.float64).reshape(b, -1)[:n])
+        dec_s += [(time.perf_counter() - t0) / n] * n
+        server_s += [call_s[k] / n] * n
     sizes = {"ciphertext_bytes": len(cts[0]) if cts else 0, "result_bytes": len(results[0]) if results else 0,
-             "eval_key_bytes": len(eval_keys)}
-    return BatchResult(np.concatenate(logits) if logits else np.zeros((0, 0)), enc_s, server_s, np.array(dec_s),
-                       sizes, wall, workers)
+             "eval_key_bytes": len(eval_keys), "images_per_call": b}
+    return BatchResult(np.concatenate(logits) if logits else np.zeros((0, 0)), enc_s, np.array(server_s),
+                       np.array(dec_s), sizes, wall, workers)

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -45,9 +46,10 @@ def _versions() -> dict[str, str]:
 
 
 def cache_key(model_hash: str, cc: CompileConfig) -> str:
-    payload = json.dumps(
-        {"model": model_hash, "compile": dataclasses.asdict(cc), "versions": _versions()}, sort_keys=True
-    )
+    settings = dataclasses.asdict(cc)
+    if settings["batch_size"] == 1:  # 1-image circuits keep the keys they had before batching existed
+        del settings["batch_size"]
+    payload = json.dumps({"model": model_hash, "compile": settings, "versions": _versions()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -86,6 +88,11 @@ class CompiledModel:
     @property
     def deployment_dir(self) -> Path:
         return self.path / "deployment"
+
+    @property
+    def batch_size(self) -> int:
+        """Images per encrypted call (the circuit's first input dimension)."""
+        return int(self.report.input_shape[0])
 
     @cached_property
     def simulator(self) -> "Simulator":
@@ -206,6 +213,27 @@ def compile_model(
     return compiled
 
 
+@contextmanager
+def _inputset_in_batches(batch_size: int):
+    """Concrete ML traces its circuit on the input set one image at a time (a (1, F) input).
+    For a batched circuit, hand the tracer ``batch_size`` images at a time instead: the circuit
+    then takes (B, F). Quantization is calibrated on the whole input set either way, so a
+    batched circuit computes, image by image, the same integers as the 1-image circuit."""
+    if batch_size == 1:
+        yield
+        return
+    from unittest import mock
+
+    import concrete.ml.quantization.quantized_module as qmodule
+
+    def batches(q_inputs):
+        (q,) = q_inputs if isinstance(q_inputs, tuple) else (q_inputs,)
+        return (q[i : i + batch_size] for i in range(0, len(q) - batch_size + 1, batch_size))
+
+    with mock.patch.object(qmodule, "_get_inputset_generator", batches):
+        yield
+
+
 def _build_entry(saved: SavedModel, cc: CompileConfig, key: str, out: Path) -> CircuitReport:
     import torch
     from concrete.ml.deployment import FHEModelDev
@@ -214,13 +242,16 @@ def _build_entry(saved: SavedModel, cc: CompileConfig, key: str, out: Path) -> C
     _thread_tag_stack()
     model = saved.load_torch()
     inputset = torch.from_numpy(saved.calibration_features(cc.inputset_size))
+    if len(inputset) < cc.batch_size:
+        raise ValueError(f"{saved.name} keeps {len(inputset)} calibration images: too few for batches of {cc.batch_size}")
     t0 = time.perf_counter()
-    qm = compile_brevitas_qat_model(
-        model,
-        inputset,
-        rounding_threshold_bits={"n_bits": cc.rounding_threshold_bits, "method": cc.rounding_method},
-        p_error=cc.p_error,
-    )
+    with _inputset_in_batches(cc.batch_size):
+        qm = compile_brevitas_qat_model(
+            model,
+            inputset,
+            rounding_threshold_bits={"n_bits": cc.rounding_threshold_bits, "method": cc.rounding_method},
+            p_error=cc.p_error,
+        )
     compile_s = time.perf_counter() - t0
     FHEModelDev(str(out / "deployment"), qm).save()
     with open(out / "quantized_module.json", "w", encoding="utf-8") as f:
@@ -233,7 +264,7 @@ def _build_entry(saved: SavedModel, cc: CompileConfig, key: str, out: Path) -> C
         max_bit_width=int(circuit.graph.maximum_integer_bit_width()),
         pbs_count=int(circuit.statistics["programmable_bootstrap_count"]),
         compile_s=round(compile_s, 3),
-        input_shape=[1, int(inputset.shape[1])],
+        input_shape=[cc.batch_size, int(inputset.shape[1])],
         versions=_versions(),
         files={rel: _sha256(out / rel) for rel in ENTRY_FILES},
     )
@@ -324,13 +355,38 @@ class FHEClient:
         self._eval_keys = None
         self.keygen_s = keygen_s
 
+    @cached_property
+    def batch_size(self) -> int:
+        """Images per encrypted call: the circuit's first input dimension."""
+        circuit = self._client.client.specs.program_info.get_circuits()[0]
+        return int(circuit.get_inputs()[0].get_raw_info().get_shape()[0])
+
+    def _keyset_info(self) -> bytes:
+        return self._client.client.specs.program_info.get_keyset_info().serialize()
+
+    def share_keys(self, other: "FHEClient") -> None:
+        """Use ``other``'s keys: circuits of one model at different batch sizes have the same
+        key parameters, so one key set (and one upload to a server) serves them all."""
+        if self._keyset_info() != other._keyset_info():
+            raise ValueError("these circuits need different keys (their key parameters differ)")
+        other.keygen()
+        self._client.client.keys = other._client.client.keys
+        self._eval_keys, self._secret_only, self.keygen_s = other._eval_keys, other._secret_only, 0.0
+
     def encrypt(self, x: np.ndarray) -> bytes:
-        """One image's features (1, F) -> quantized, encrypted, serialized."""
+        """Features of up to ``batch_size`` images (n, F) -> quantized, encrypted, serialized.
+
+        A batched circuit always takes ``batch_size`` images: a shorter batch is padded with
+        blank images, whose results :meth:`decrypt` returns too (keep the first n rows)."""
         self.keygen()
+        if len(x) > self.batch_size:
+            raise ValueError(f"{len(x)} images for a circuit of {self.batch_size} per call")
+        if len(x) < self.batch_size:
+            x = np.concatenate([x, np.zeros((self.batch_size - len(x), *x.shape[1:]), x.dtype)])
         return self._client.quantize_encrypt_serialize(x)
 
     def decrypt(self, result: bytes) -> np.ndarray:
-        """Serialized encrypted output -> dequantized logits (1, C)."""
+        """Serialized encrypted output -> dequantized logits (batch_size, C)."""
         return self._client.deserialize_decrypt_dequantize(result)
 
 

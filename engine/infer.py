@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -175,14 +176,24 @@ class Predictor:
                           latency_s=latency_s, stages=stages or {}, sizes=sizes or {})
 
     def run_distributed(self, images: np.ndarray, backend: str = "local", scheduler: str | None = None,
-                        n_jobs: int = 2) -> tuple[ModeResult, "BatchResult"]:
-        """Encrypted mode over a batch spread across processes or a Dask cluster."""
+                        n_jobs: int = 2, batch_size: int = 1, warm: bool = False) -> tuple[ModeResult, "BatchResult"]:
+        """Encrypted mode over a batch spread across processes or a Dask cluster.
+
+        ``batch_size`` > 1: send that many images per encrypted call, through the circuit
+        compiled for it, with this predictor's own keys (the key parameters are the same)."""
         from .distribute import run_batch
 
         client = self.ensure_client()
         client.keygen()
-        batch = run_batch(client, self.ensure_compiled().deployment_dir / "server.zip", self.features(images),
-                          backend, scheduler, n_jobs)
+        compiled = self.ensure_compiled()
+        if batch_size > 1:
+            compiled = compile_model(self.saved, dataclasses.replace(self.compile_config or self.saved.config.compile, batch_size=batch_size),
+                                     self.cache_dir, self.progress_text)
+            batched = FHEClient(compiled)
+            batched.share_keys(client)
+            client = batched
+        batch = run_batch(client, compiled.deployment_dir / "server.zip", self.features(images),
+                          backend, scheduler, n_jobs, warm)
         stages = {"encrypt_s": batch.encrypt_s, "server_s": batch.server_s, "decrypt_s": batch.decrypt_s}
         latency = batch.encrypt_s + batch.server_s + batch.decrypt_s
         return self.result("fhe", batch.logits, latency, stages, batch.sizes), batch

@@ -54,7 +54,8 @@ def test_train_compile_predict_evaluate(env, tmp_path):
     assert rep["agreement_simulate_fhe"] == 1.0
     c = rep["circuit"]
     assert c["pbs_count"] > 8 and c["from_cache"] and c["keygen_s"] > 0 and c["eval_key_bytes"] > 0
-    assert c["compile"] == {"rounding_threshold_bits": 4, "rounding_method": "exact", "p_error": 1e-5, "inputset_size": 512}
+    assert c["compile"] == {"rounding_threshold_bits": 4, "rounding_method": "exact", "p_error": 1e-5, "inputset_size": 512,
+                           "batch_size": 1}
     assert "fhe stages" in out
 
 
@@ -62,7 +63,7 @@ def test_train_defaults_come_from_the_search_or_a_generic_recipe(env):
     pneu = json.loads(run(env, "train", "--dataset", "pneumoniamnist", "--show-recipe").stdout)
     chosen = json.loads((REPO / "bench" / "results" / "pneumoniamnist_search.json").read_text())["chosen"]["config"]
     assert pneu["model"] == chosen["model"] and pneu["train"]["epochs"] == chosen["train"]["epochs"]
-    assert pneu["compile"] == chosen["compile"] and pneu["train"]["distill"] == chosen["train"].get("distill", 0.0)
+    assert pneu["compile"] == {"batch_size": 1, **chosen["compile"]} and pneu["train"]["distill"] == chosen["train"].get("distill", 0.0)
     other = run(env, "train", "--dataset", "pathmnist", "--show-recipe", "--epochs", "3")
     rec = json.loads(other.stdout)
     assert "generic recipe" in other.stderr and rec["train"]["epochs"] == 3
@@ -118,14 +119,18 @@ def test_bench_writes_json_and_markdown(env, tmp_path):
     """The benchmark on a few images (the full-split figures come from the same command)."""
     out = tmp_path / "results"
     p = run(env, "bench", "--dataset", "pneumoniamnist", "--model", "cli-tiny", "--limit", "6",
-            "--throughput-images", "4", "--defaults-cap", "20", "--defaults-images", "1", "--out", str(out))
+            "--throughput-images", "4", "--batch-size", "2", "--defaults-cap", "20", "--defaults-images", "1", "--out", str(out))
     rep = json.loads((out / "pneumoniamnist.json").read_text())
     for key in ("fhe_e2e_latency_median_s", "fhe_server_latency_median_s", "throughput_img_per_s",
                 "defaults_latency_ratio", "defaults_keygen_ratio", "agreement_simulate_fhe", "eval_key_bytes"):
         assert rep[key] is not None, key
     assert set(rep["modes"]) == {"float", "quantized", "simulate", "fhe"} and rep["n"] == 6
     assert rep["fhe_server_latency_median_s"] < rep["fhe_e2e_latency_median_s"]
-    assert rep["throughput"]["agrees_with_sequential"] in (True, False) and rep["throughput"]["workers"] == 2
+    assert rep["throughput"]["agrees_with_sequential"] and rep["throughput"]["workers"] == 2  # exact rounding
+    batch = rep["batch_throughput"]
+    assert (batch["images_per_call"], batch["images"], batch["workers"]) == (2, 4, 2)
+    assert batch["batched_agrees_with_sequential"] == batch["single_agrees_with_sequential"] == 1.0
+    assert batch["gain_over_single"] == pytest.approx(batch["batched_img_per_s"] / batch["single_img_per_s"])
     assert rep["machine"]["cores"] >= 1 and rep["machine"]["cpu"]
     assert rep["defaults"]["cap_s"] == 20
     first = rep["first_request"]
@@ -136,6 +141,9 @@ def test_bench_writes_json_and_markdown(env, tmp_path):
     if not rep["defaults"]["finished"]:
         assert rep["defaults_latency_ratio_is_lower_bound"]
     targets = {row["target"]: row for row in rep["targets"]}
+    throughput = next(row for name, row in targets.items() if name.startswith("throughput >="))
+    assert throughput["measured"].startswith(f"{batch['batched_img_per_s']:.2f} img/s")  # a batch as one request
+    assert "2 images per call" in (out / "pneumoniamnist.md").read_text()
     agree = next(row for name, row in targets.items() if name.startswith("simulate/encrypted agreement"))
     assert agree["met"] == (rep["agreement_simulate_fhe"] >= 0.995)
     assert any(name.startswith("encrypted accuracy >= 88%") for name in targets)

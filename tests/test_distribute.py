@@ -47,3 +47,15 @@ def test_dask_needs_a_scheduler(predictor, batch):
     client, cts = batch
     with pytest.raises(ValueError, match="--scheduler"):
         serve_batch(predictor.compiled.deployment_dir / "server.zip", client.evaluation_keys(), cts, "dask")
+
+
+def test_batches_of_several_images_per_call(predictor, test_split):
+    """5 images, 2 per call (the last call padded), over 2 warm worker processes: the predictions
+    of one image per call, with one key set."""
+    images = test_split.images[:5]
+    one, _ = predictor.run_distributed(images, "local", n_jobs=2)
+    res, b = predictor.run_distributed(images, "local", n_jobs=2, batch_size=2, warm=True)
+    assert b.sizes["images_per_call"] == 2 and len(b.server_s) == 5 and b.n_workers == 2
+    assert b.sizes["ciphertext_bytes"] > one.sizes["ciphertext_bytes"]
+    assert np.allclose(res.logits, one.logits)  # exact rounding: identical results
+    assert np.array_equal(res.predictions, one.predictions)

@@ -138,3 +138,40 @@ def test_two_sessions_share_a_server_concurrently(predictor, test_split):
     for res, _ in out.values():
         assert np.array_equal(res["fhe"].predictions, expected)
     assert out[0][1] != out[1][1]  # each session has its own key pair
+
+
+def test_batched_circuit_shares_keys_and_computes_the_same(predictor, tiny_saved, cache_dir, test_split):
+    """A circuit for 4 images per call: the 1-image circuit's integers, and the 1-image client's keys."""
+    import dataclasses
+
+    single = predictor.compiled
+    cc = dataclasses.replace(predictor.compile_config or tiny_saved.config.compile, batch_size=4)
+    batched = compile_model(tiny_saved, cc, cache_dir)
+    assert batched.path != single.path and batched.report.input_shape == [4, single.report.input_shape[1]]
+    assert (batched.batch_size, single.batch_size) == (4, 1)
+    assert batched.report.pbs_count == 4 * single.report.pbs_count
+
+    client = predictor.ensure_client()
+    shared = FHEClient(batched)
+    shared.share_keys(client)  # no key generation of its own
+    assert shared.batch_size == 4 and shared.keygen_s == 0.0
+    server = FHEServer(batched.deployment_dir)
+    key_id = server.register(client.evaluation_keys())  # what the 1-image client uploads
+    feats = predictor.features(test_split.images[:7])
+    logits = np.concatenate([shared.decrypt(server.run(shared.encrypt(feats[i : i + 4]), key_id))[: len(feats[i : i + 4])]
+                             for i in (0, 4)])  # 4 images, then 3 padded to 4
+    assert logits.shape == (7, 2)
+    assert np.allclose(logits, single.run_clear(feats))  # exact rounding: the same integers
+    with pytest.raises(ValueError, match="5 images"):
+        shared.encrypt(feats[:5])
+
+    other = compile_model(tiny_saved, CompileConfig(rounding_threshold_bits=5, p_error=0.05, inputset_size=128), cache_dir)
+    with pytest.raises(ValueError, match="different keys"):
+        FHEClient(other).share_keys(client)
+
+
+def test_batch_size_must_fit_the_inputset():
+    with pytest.raises(ValueError, match="batch_size"):
+        CompileConfig(batch_size=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        CompileConfig(batch_size=600, inputset_size=512)
