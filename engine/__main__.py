@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["local", "dask"], default=None,
                    help="run the fhe mode as one batch over processes (local) or a Dask cluster")
     p.add_argument("--scheduler", default=None, help="dask scheduler address, e.g. tcp://10.0.0.5:8786")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="with --backend: images per encrypted call (a circuit compiled for it, same keys)")
 
     p = sub.add_parser("bench", help="full-test-split benchmark of the four modes; writes bench/results/")
     _data_args(p)
@@ -192,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="runs waiting before the service answers 429")
     p.add_argument("--backend", choices=["local", "dask"], default="local")
     p.add_argument("--scheduler", default="", help="dask scheduler address for --backend dask")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="also serve each model for this many images per request (same keys; local backend)")
 
     p = sub.add_parser("loadtest", help="N concurrent clients with their own keys against a running service")
     p.add_argument("--server", required=True, help="service URL, e.g. http://127.0.0.1:8000")
@@ -429,9 +433,16 @@ def cmd_evaluate(a) -> int:
     p = _predictor(a)
     split = load_split(_data_cfg(a), a.split).head(a.limit)
     bar, update = _bar("evaluating")
-    report = evaluate(p, split, a.modes, progress=update, backend=a.backend, scheduler=a.scheduler)
+    if a.batch_size > 1 and not a.backend:
+        raise UserError("--batch-size needs --backend local or dask")
+    report = evaluate(p, split, a.modes, progress=update, backend=a.backend, scheduler=a.scheduler,
+                      batch_size=a.batch_size)
     bar.close()
     print(table(report))
+    if "distributed" in report:
+        d = report["distributed"]
+        print(f"encrypted batch: {d['throughput_img_per_s']:.2f} img/s over {d['workers']} {d['backend']} workers, "
+              f"{d['images_per_call']} image(s) per call")
     if a.json:
         write_json(report, Path(a.json))
         print(f"wrote {a.json}")
@@ -568,7 +579,7 @@ def cmd_serve(a) -> int:
 
     cfg = ServiceConfig(models_dir=a.models_dir or "", cache_dir=a.cache_dir or "", key_store_bytes=a.key_store_bytes,
                         key_ttl_s=a.key_ttl, workers=a.workers, max_queue=a.max_queue, backend=a.backend,
-                        scheduler=a.scheduler)
+                        scheduler=a.scheduler, batch_size=a.batch_size)
     serve(cfg, a.host, a.port, say=_say)
     return 0
 

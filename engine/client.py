@@ -214,6 +214,7 @@ class EncryptedClient:
         self.keep_evaluation_keys = keep_evaluation_keys
         self.max_wait_s = max_wait_s
         self.key_ids: dict[str, str] = {}  # endpoint -> key id there
+        self.key_circuit = circuit_id  # where the keys are uploaded (a twin's: the 1-image circuit)
         self.uploads = 0
         self.uploaded_bytes = 0
         self.upload_s = 0.0
@@ -230,6 +231,15 @@ class EncryptedClient:
             tmp.rename(folder / "client.zip")
         return cls(transport, circuit_id, FHEClient(folder), **kw)
 
+    def twin(self, circuit_id: str, folder: Path) -> "EncryptedClient":
+        """A client of ``circuit_id``, the service's circuit for several images per call of the
+        same model, with this client's keys: the same key ids, no second upload."""
+        other = EncryptedClient.download(self.transport, circuit_id, folder, keep_evaluation_keys=self.keep_evaluation_keys,
+                                         max_wait_s=self.max_wait_s)
+        other.fhe.share_keys(self.fhe)
+        other.key_ids, other.key_circuit = self.key_ids, self.key_circuit
+        return other
+
     def _endpoint(self) -> str:
         eps = self.transport.endpoints()
         return self.transport.next_endpoint() if len(eps) > 1 else eps[0]
@@ -245,7 +255,7 @@ class EncryptedClient:
         deadline = time.monotonic() + self.max_wait_s
         while True:
             try:
-                key_id = self.transport.upload_keys(endpoint, self.circuit_id, keys)
+                key_id = self.transport.upload_keys(endpoint, self.key_circuit, keys)
                 break
             except Retry as r:
                 if time.monotonic() + r.after > deadline:
@@ -261,7 +271,8 @@ class EncryptedClient:
         return key_id
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, Exchange]:
-        """One image's features (1, F) -> (logits (1, C), the exchange with its stage timings)."""
+        """Features of one image (1, F), or of up to the circuit's batch size (n, F), sent as one
+        request -> (logits (n, C), the exchange with its stage timings)."""
         deadline = time.monotonic() + self.max_wait_s
         t0 = time.perf_counter()
         ct = self.fhe.encrypt(x)
@@ -289,7 +300,7 @@ class EncryptedClient:
             if time.monotonic() > deadline:
                 raise ServiceUnavailable(f"no answer within {self.max_wait_s:.0f} s")
         t2 = time.perf_counter()
-        logits = np.asarray(self.fhe.decrypt(reply.body), dtype=np.float64).reshape(1, -1)
+        logits = np.asarray(self.fhe.decrypt(reply.body), dtype=np.float64).reshape(self.fhe.batch_size, -1)[: len(x)]
         decrypt_s = time.perf_counter() - t2
         stages = {"encrypt_s": encrypt_s, "queue_s": reply.queue_s, "server_s": reply.server_s,
                   "network_s": max(0.0, wall - reply.queue_s - reply.server_s), "decrypt_s": decrypt_s}

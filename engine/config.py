@@ -131,6 +131,9 @@ class ServiceConfig:
     max_queue: int = 64  # runs waiting, over all clients; past it: 429
     backend: str = "local"  # or "dask"
     scheduler: str = ""  # dask scheduler address for backend "dask"
+    # > 1: also host each model's circuit for this many images per call, as its own circuit id
+    # that runs with the keys registered for the 1-image circuit (the key parameters are equal)
+    batch_size: int = 1
 
     def __post_init__(self) -> None:
         if self.backend not in ("local", "dask"):
@@ -139,6 +142,10 @@ class ServiceConfig:
             raise ValueError("--backend dask needs --scheduler tcp://HOST:PORT")
         if self.key_store_bytes <= 0 or self.workers < 1 or self.max_queue < 1:
             raise ValueError("key-store bytes, workers and queue size must be positive")
+        if self.batch_size < 1:
+            raise ValueError("batch size must be at least 1")
+        if self.batch_size > 1 and self.backend == "dask":
+            raise ValueError("batched circuits are served by the local backend only")
 
 
 @dataclass(frozen=True)

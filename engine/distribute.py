@@ -34,10 +34,15 @@ def _server_for(server_zip: bytes) -> FHEServer:
     return _SERVERS[digest]
 
 
-def serve_chunk(server_zip: bytes, evaluation_keys: bytes, ciphertexts: list[bytes]) -> list[tuple[bytes, float]]:
-    """Worker side: run the circuit on each ciphertext; returns (result, seconds) pairs."""
+def serve_chunk(server_zip: bytes, evaluation_keys: "bytes | np.ndarray", ciphertexts: list[bytes],
+                key_id: str | None = None) -> list[tuple[bytes, float]]:
+    """Worker side: run the circuit on each ciphertext; returns (result, seconds) pairs.
+
+    ``key_id`` (the keys' :meth:`FHEServer.register` id): skip the keys when this worker holds
+    them already. Keys as a uint8 array reach loky workers as one shared memory map."""
     server = _server_for(server_zip)
-    key_id = server.register(evaluation_keys)
+    if key_id is None or not server.holds(key_id):
+        key_id = server.register(bytes(evaluation_keys))
     out = []
     for ct in ciphertexts:
         t0 = time.perf_counter()
@@ -53,13 +58,9 @@ class BatchResult:
     server_s: np.ndarray  # per image (a call's time shared by its images), measured in the worker
     decrypt_s: np.ndarray  # per image, on the client
     sizes: dict
-    server_wall_s: float  # the parallel part, as the client sees it
+    server_wall_s: float  # from the first call sent to the last result back (encryption overlaps it)
     n_workers: int
-
-    @property
-    def wall_s(self) -> float:
-        return float(self.encrypt_s.sum() + self.server_wall_s + self.decrypt_s.sum())
-
+    wall_s: float = 0.0  # first encryption to last decryption
 
 @contextmanager
 def backend_context(backend: str = "local", scheduler: str | None = None, n_jobs: int = 2):
@@ -115,19 +116,40 @@ def serve_batch(server_zip: Path, evaluation_keys: bytes, ciphertexts: list[byte
 
 def run_batch(client: FHEClient, server_zip: Path, features: np.ndarray, backend: str = "local",
               scheduler: str | None = None, n_jobs: int = 2, warm: bool = False) -> BatchResult:
-    """Encrypt ``features`` (N, F) in calls of ``client.batch_size`` images, run the circuit on
-    the workers, decrypt."""
+    """Encrypt ``features`` (N, F) in calls of ``client.batch_size`` images, run the calls on the
+    workers, decrypt. The client encrypts the next call while the workers run the previous ones
+    (calls are handed out as they are encrypted). ``warm``: every worker first loads the circuit
+    and prepares the keys, outside the clock."""
     eval_keys = client.evaluation_keys()
-    cts, enc_s = encrypt_batch(client, features)
-    results, call_s, wall, workers = serve_batch(server_zip, eval_keys, cts, backend, scheduler, n_jobs, warm)
-    logits, dec_s, server_s, b = [], [], [], client.batch_size
-    for k, res in enumerate(results):
-        n = min(b, len(features) - k * b)
+    key_id = FHEServer.key_id(eval_keys)
+    keys = np.frombuffer(eval_keys, np.uint8)
+    zip_bytes = Path(server_zip).read_bytes()
+    b, enc_s, cts = client.batch_size, [], []
+
+    def calls():
+        for i in range(0, len(features), b):
+            t0 = time.perf_counter()
+            cts.append(client.encrypt(features[i : i + b]))
+            n = min(b, len(features) - i)
+            enc_s.extend([(time.perf_counter() - t0) / n] * n)
+            yield delayed(serve_chunk)(zip_bytes, keys, [cts[-1]], key_id)
+
+    with backend_context(backend, scheduler, n_jobs) as workers:
+        if warm and len(features):
+            ct = client.encrypt(features[:b])
+            Parallel()(delayed(serve_chunk)(zip_bytes, keys, [ct], key_id) for _ in range(workers))
         t0 = time.perf_counter()
-        logits.append(np.asarray(client.decrypt(res), dtype=np.float64).reshape(b, -1)[:n])
-        dec_s += [(time.perf_counter() - t0) / n] * n
-        server_s += [call_s[k] / n] * n
-    sizes = {"ciphertext_bytes": len(cts[0]) if cts else 0, "result_bytes": len(results[0]) if results else 0,
+        parts = Parallel(batch_size=1)(calls())
+        server_wall = time.perf_counter() - t0
+        logits, dec_s, server_s = [], [], []
+        for k, ((res, call_s),) in enumerate(parts):
+            n = min(b, len(features) - k * b)
+            t1 = time.perf_counter()
+            logits.append(np.asarray(client.decrypt(res), dtype=np.float64).reshape(b, -1)[:n])
+            dec_s += [(time.perf_counter() - t1) / n] * n
+            server_s += [call_s / n] * n
+        wall = time.perf_counter() - t0
+    sizes = {"ciphertext_bytes": len(cts[0]) if cts else 0, "result_bytes": len(parts[0][0][0]) if parts else 0,
              "eval_key_bytes": len(eval_keys), "images_per_call": b}
-    return BatchResult(np.concatenate(logits) if logits else np.zeros((0, 0)), enc_s, np.array(server_s),
-                       np.array(dec_s), sizes, wall, workers)
+    return BatchResult(np.concatenate(logits) if logits else np.zeros((0, 0)), np.array(enc_s), np.array(server_s),
+                       np.array(dec_s), sizes, server_wall, workers, wall)

@@ -64,18 +64,20 @@ def summarize(predictor: Predictor, split: Split, results: dict[str, ModeResult]
 
 
 def evaluate(predictor: Predictor, split: Split, modes, progress: ProgressFn | None = None,
-             backend: str | None = None, scheduler: str | None = None) -> dict:
+             backend: str | None = None, scheduler: str | None = None, batch_size: int = 1) -> dict:
     """Metrics per mode on ``split``. With ``backend`` the encrypted mode runs as one batch
-    spread over processes (``local``) or a Dask cluster (``dask``), and throughput is reported."""
+    spread over processes (``local``) or a Dask cluster (``dask``), ``batch_size`` images per
+    encrypted call, and throughput is reported."""
     from .infer import parse_modes
 
     modes = parse_modes(modes)
     if not backend or "fhe" not in modes:
         return summarize(predictor, split, predictor.run(split.images, modes, progress))
     results = predictor.run(split.images, [m for m in modes if m != "fhe"], progress)
-    results["fhe"], batch = predictor.run_distributed(split.images, backend, scheduler)
+    results["fhe"], batch = predictor.run_distributed(split.images, backend, scheduler, batch_size=batch_size)
     report = summarize(predictor, split, results)
     report["distributed"] = {"backend": backend, "workers": batch.n_workers, "wall_s": batch.wall_s,
+                             "images_per_call": batch_size,
                              "server_wall_s": batch.server_wall_s,
                              "throughput_img_per_s": len(split) / batch.wall_s if batch.wall_s else None}
     return report

@@ -505,9 +505,18 @@ class FHEServer:
         (result,) = self._circuit.call([TransportValue.deserialize(ciphertext)], keys)
         return result.serialize()
 
+    @staticmethod
+    def key_id(evaluation_keys: bytes) -> str:
+        """The id :meth:`register` gives these keys."""
+        return hashlib.sha256(evaluation_keys).hexdigest()[:32]
+
+    def holds(self, key_id: str) -> bool:
+        with self._lock:
+            return key_id in self._keys
+
     def register(self, evaluation_keys: bytes) -> str:
         """Keep a client's deserialized evaluation keys; returns the id to run with."""
-        key_id = hashlib.sha256(evaluation_keys).hexdigest()[:32]
+        key_id = self.key_id(evaluation_keys)
         with self._lock:
             if key_id in self._keys:
                 self._keys.move_to_end(key_id)

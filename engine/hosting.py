@@ -15,6 +15,7 @@ in-process or over HTTP through the same client API.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 import threading
@@ -26,7 +27,7 @@ from typing import Callable
 import psutil
 
 from . import registry
-from .config import ServiceConfig, default_cache_dir, default_models_dir
+from .config import CompileConfig, ServiceConfig, default_cache_dir, default_models_dir
 from .fhe import CompiledModel, FHEServer, WarmUp, compile_model, is_cached, release_memory, warmup_material
 from .keystore import KeyStore, StoreFull
 from .workpool import QueueFull, WorkPool
@@ -70,6 +71,12 @@ class HostedCircuit:
     footprint: int  # memory of one registered, prepared key set (measured at start-up)
     server_zip_digest: str = ""
     input_pool: int = 1
+    keys_from: str = ""  # a batched circuit: the 1-image circuit whose registered keys it runs with
+
+    @property
+    def key_owner(self) -> str:
+        """Whose keys these are: a key id registered at either circuit of a pair serves both."""
+        return self.keys_from or self.id
 
     @property
     def max_key_body(self) -> int:
@@ -85,24 +92,24 @@ class HostedCircuit:
                 "compile": r.compile, "input_shape": r.input_shape, "max_bit_width": r.max_bit_width,
                 "pbs_count": r.pbs_count, "evaluation_key_bytes": self.key_bytes,
                 "ciphertext_bytes": self.ciphertext_bytes, "key_set_memory_bytes": self.footprint,
-                "input_pool": self.input_pool}
+                "input_pool": self.input_pool, "batch_size": int(r.input_shape[0]), "keys_from": self.key_owner}
 
 
-def _compile_apart(saved: registry.SavedModel, cache_dir: Path) -> None:
+def _compile_apart(saved: registry.SavedModel, cache_dir: Path, cc: CompileConfig) -> None:
     """Compile into the cache in a child process: compiling imports torch and concrete-ml, which
     the service process itself never needs (about 230 MB)."""
     import multiprocessing as mp
 
-    proc = mp.get_context("spawn").Process(target=_compile_child, args=(str(saved.path), str(cache_dir)))
+    proc = mp.get_context("spawn").Process(target=_compile_child,
+                                           args=(str(saved.path), str(cache_dir), dataclasses.asdict(cc)))
     proc.start()
     proc.join()
     if proc.exitcode != 0:
         raise RuntimeError(f"compiling {saved.dataset}/{saved.name} failed (exit code {proc.exitcode})")
 
 
-def _compile_child(model_path: str, cache_dir: str) -> None:
-    saved = registry._read(Path(model_path))
-    compile_model(saved, saved.config.compile, Path(cache_dir))
+def _compile_child(model_path: str, cache_dir: str, settings: dict) -> None:
+    compile_model(registry._read(Path(model_path)), CompileConfig(**settings), Path(cache_dir))
 
 
 def _key_set_footprint(compiled: CompiledModel, server: FHEServer, warm_ct: bytes, warm_keys: bytes) -> int:
@@ -255,27 +262,41 @@ class Service:
 
     def host(self, saved: registry.SavedModel, say: Callable[[str], None] = lambda _m: None,
              compiled: CompiledModel | None = None) -> HostedCircuit:
+        """Host ``saved``'s circuit (and, with ``batch_size`` > 1, its batched twin)."""
         with self._hosting:
-            if compiled is None:
-                if not is_cached(saved, saved.config.compile, self.cache_dir):
-                    say(f"compiling {saved.dataset}/{saved.name} (in a separate process)")
-                    _compile_apart(saved, self.cache_dir)
-                compiled = compile_model(saved, saved.config.compile, self.cache_dir, say)
-            cid = compiled.report.cache_key
-            if cid in self.circuits:
-                return self.circuits[cid]
-            say(f"warming {saved.dataset}/{saved.name} ({cid})")
-            warm = warmup_material(compiled)
-            server = FHEServer(compiled.deployment_dir, library=warm.library)
-            zip_digest = hashlib.sha256((compiled.deployment_dir / "server.zip").read_bytes()).hexdigest()
-            footprint = _key_set_footprint(compiled, server, warm.ciphertext, warm.evaluation_keys)
-            c = HostedCircuit(cid, saved.dataset, saved.name, saved.hash, compiled, server, warm,
-                              warm.key_bytes, len(warm.ciphertext), footprint, zip_digest,
-                              saved.config.model.input_pool)
-            if isinstance(self.runner, DaskRunner):
-                self.runner.add_circuit(c)
-            self.circuits[cid] = c
+            c = self._host(saved, compiled or self._compiled(saved, saved.config.compile, say), say)
+            if self.config.batch_size > 1:
+                cc = dataclasses.replace(saved.config.compile, batch_size=self.config.batch_size)
+                self._host(saved, self._compiled(saved, cc, say), say, pair=c)
             return c
+
+    def _compiled(self, saved: registry.SavedModel, cc: CompileConfig, say) -> CompiledModel:
+        if not is_cached(saved, cc, self.cache_dir):
+            say(f"compiling {saved.dataset}/{saved.name} for {cc.batch_size} image(s) per call (in a separate process)")
+            _compile_apart(saved, self.cache_dir, cc)
+        return compile_model(saved, cc, self.cache_dir, say)
+
+    def _host(self, saved: registry.SavedModel, compiled: CompiledModel, say, pair: HostedCircuit | None = None) -> HostedCircuit:
+        cid = compiled.report.cache_key
+        if cid in self.circuits:
+            return self.circuits[cid]
+        say(f"warming {saved.dataset}/{saved.name} ({cid}, {compiled.batch_size} image(s) per call)")
+        warm = warmup_material(compiled)
+        server = FHEServer(compiled.deployment_dir, library=warm.library)
+        zip_digest = hashlib.sha256((compiled.deployment_dir / "server.zip").read_bytes()).hexdigest()
+        if pair is not None:  # runs with the pair's key sets: no memory of its own to measure
+            if warm.key_bytes != pair.key_bytes:
+                raise ValueError(f"{cid}: its keys differ from those of {pair.id}")
+            footprint = pair.footprint
+        else:
+            footprint = _key_set_footprint(compiled, server, warm.ciphertext, warm.evaluation_keys)
+        c = HostedCircuit(cid, saved.dataset, saved.name, saved.hash, compiled, server, warm,
+                          warm.key_bytes, len(warm.ciphertext), footprint, zip_digest,
+                          saved.config.model.input_pool, keys_from=pair.id if pair else "")
+        if isinstance(self.runner, DaskRunner):
+            self.runner.add_circuit(c)
+        self.circuits[cid] = c
+        return c
 
     def refresh(self) -> None:
         """Host models saved since start-up (called when a client names an unknown circuit)."""
@@ -336,7 +357,7 @@ class Service:
         except BaseException:
             self.store.release(c.footprint)
             raise
-        self.store.put(key_id, keys, c.footprint, owner=cid)
+        self.store.put(key_id, keys, c.footprint, owner=c.key_owner)
         del body
         release_memory()  # the upload's buffers and the preparation's scratch go back to the system
         return key_id
@@ -350,7 +371,7 @@ class Service:
         except Exception as exc:  # noqa: BLE001
             raise BadRequest(f"malformed ciphertext ({type(exc).__name__})") from None
         entry = self.store.acquire(key_id or "")
-        if entry is None or entry.owner != cid:
+        if entry is None or entry.owner != c.key_owner:
             if entry is not None:
                 self.store.unpin(entry)
             raise NotFound("unknown or evicted key id: upload the evaluation keys again")

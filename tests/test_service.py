@@ -316,6 +316,37 @@ def test_two_replicas_behind_one_client(tiny_saved, models_dir, cache_dir, feats
             r1.stop()
 
 
+def test_batched_twin_runs_with_the_keys_of_the_single_circuit(tiny_saved, models_dir, cache_dir, feats, predictor,
+                                                                 tmp_path):
+    """``serve --batch-size 3``: each model also has a circuit for 3 images per request, which
+    runs with the key set registered for the 1-image circuit (one upload serves both)."""
+    s = RunningService(config(models_dir, cache_dir, batch_size=3, key_grace_s=0.0))
+    try:
+        listed = [c for c in httpx.get(f"{s.url}/circuits").json() if c["model_hash"] == tiny_saved.hash]
+        single = next(c for c in listed if c["batch_size"] == 1)
+        batched = next(c for c in listed if c["batch_size"] == 3)
+        assert batched["keys_from"] == single["keys_from"] == single["id"] != batched["id"]
+        assert batched["input_shape"] == [3, single["input_shape"][1]]
+
+        one = EncryptedClient.download(HTTPTransport(s.url), single["id"], tmp_path)
+        first, ex_one = one.predict(feats[:1])
+        many = one.twin(batched["id"], tmp_path)
+        a, ex_a = many.predict(feats[1:4])
+        b, _ = many.predict(feats[4:6])  # 2 images, padded to 3
+        assert one.uploads == 1 and many.uploads == 0  # the twin used the same key id
+        assert len(ex_a.ciphertext) == batched["ciphertext_bytes"] > single["ciphertext_bytes"]
+        assert np.allclose(np.concatenate([first, a, b]), predictor.compiled.run_clear(feats[:6]))  # exact rounding
+
+        key_id = next(iter(one.key_ids.values()))
+        wrong = httpx.post(f"{s.url}/circuits/{batched['id']}/predict", content=ex_one.ciphertext,
+                           headers={"X-Key-Id": key_id, "Content-Type": "application/octet-stream"})
+        assert wrong.status_code in (400, 422, 413) and "error" in wrong.json()  # a 1-image ciphertext
+        again, _ = many.predict(feats[1:4])
+        assert np.allclose(again, a)  # and the service keeps serving
+    finally:
+        s.stop()
+
+
 def test_dask_backend_equals_local_pool(tiny_saved, models_dir, cache_dir, feats, predictor, monkeypatch):
     from dask.distributed import LocalCluster
 
