@@ -347,6 +347,13 @@ def test_batched_twin_runs_with_the_keys_of_the_single_circuit(tiny_saved, model
         s.stop()
 
 
+def test_batched_twins_need_the_local_backend():
+    with pytest.raises(ValueError, match="local backend"):
+        ServiceConfig(backend="dask", scheduler="tcp://127.0.0.1:8786", batch_size=2)
+    with pytest.raises(ValueError, match="batch size"):
+        ServiceConfig(batch_size=0)
+
+
 def test_dask_backend_equals_local_pool(tiny_saved, models_dir, cache_dir, feats, predictor, monkeypatch):
     from dask.distributed import LocalCluster
 
