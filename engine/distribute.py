@@ -1,10 +1,11 @@
 """Run encrypted inference for a batch across processes or a Dask cluster (joblib).
 
-The client encrypts every image (or every ``batch_size`` images, for a circuit compiled to take
-several per call: see ``CompileConfig.batch_size``), the calls are cut into one chunk per worker, and each worker
-(a loky process here, a ``dask.distributed`` worker elsewhere) receives only ``server.zip``,
-the serialized evaluation keys and ciphertexts. A worker process loads the server once and keeps
-the deserialized evaluation keys, then answers every chunk it gets. The client decrypts.
+The client encrypts the images one call at a time (one image per call, or ``batch_size``
+images for a circuit compiled to take several: see ``CompileConfig.batch_size``) and hands each
+call to a worker as soon as it is encrypted, so encryption overlaps the workers' runs. A worker
+(a loky process here, a ``dask.distributed`` worker elsewhere) receives only ``server.zip``, the
+serialized evaluation keys and ciphertexts; it loads the server once and keeps the deserialized
+evaluation keys for every later call. The client decrypts.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class BatchResult:
     n_workers: int
     wall_s: float = 0.0  # first encryption to last decryption
 
+
 @contextmanager
 def backend_context(backend: str = "local", scheduler: str | None = None, n_jobs: int = 2):
     """joblib configuration for ``local`` (loky processes) or ``dask`` (a distributed cluster)."""
@@ -82,36 +84,6 @@ def backend_context(backend: str = "local", scheduler: str | None = None, n_jobs
             client.close()
     else:
         raise ValueError(f"Unknown backend '{backend}': use local or dask")
-
-
-def encrypt_batch(client: FHEClient, features: np.ndarray) -> tuple[list[bytes], np.ndarray]:
-    """Client side: one serialized ciphertext per call (``client.batch_size`` images each), with
-    the seconds each image took (a call's time shared by its images)."""
-    cts, secs, b = [], [], client.batch_size
-    for i in range(0, len(features), b):
-        t0 = time.perf_counter()
-        cts.append(client.encrypt(features[i : i + b]))
-        n = min(b, len(features) - i)
-        secs += [(time.perf_counter() - t0) / n] * n
-    return cts, np.array(secs)
-
-
-def serve_batch(server_zip: Path, evaluation_keys: bytes, ciphertexts: list[bytes], backend: str = "local",
-                scheduler: str | None = None, n_jobs: int = 2, warm: bool = False) -> tuple[list[bytes], np.ndarray, float, int]:
-    """Server side, spread over workers: results, seconds per call, wall seconds, workers.
-
-    ``warm``: first give every worker one call (circuit loaded, keys deserialized and prepared),
-    outside the clock, so the wall time is the steady state's."""
-    zip_bytes = Path(server_zip).read_bytes()
-    with backend_context(backend, scheduler, n_jobs) as workers:
-        if warm and ciphertexts:
-            Parallel()(delayed(serve_chunk)(zip_bytes, evaluation_keys, ciphertexts[:1]) for _ in range(workers))
-        t0 = time.perf_counter()
-        chunks = [c.tolist() for c in np.array_split(np.arange(len(ciphertexts)), min(workers, len(ciphertexts))) if len(c)]
-        parts = Parallel()(delayed(serve_chunk)(zip_bytes, evaluation_keys, [ciphertexts[i] for i in c]) for c in chunks)
-        wall = time.perf_counter() - t0
-    flat = [r for part in parts for r in part]
-    return [r for r, _ in flat], np.array([s for _, s in flat]), wall, workers
 
 
 def run_batch(client: FHEClient, server_zip: Path, features: np.ndarray, backend: str = "local",

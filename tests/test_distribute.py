@@ -3,50 +3,47 @@
 import numpy as np
 import pytest
 
-from engine.distribute import encrypt_batch, serve_batch
+from engine.distribute import run_batch
 
 
 @pytest.fixture(scope="module")
-def batch(predictor, test_split):
+def four(predictor, test_split):
+    return predictor.features(test_split.images[:4])
+
+
+@pytest.fixture(scope="module")
+def server_zip(predictor):
+    return predictor.compiled.deployment_dir / "server.zip"
+
+
+def test_local_processes_match_in_process_server(predictor, four, server_zip):
     client = predictor.ensure_client()
-    cts, _ = encrypt_batch(client, predictor.features(test_split.images[:4]))
-    return client, cts
-
-
-def decrypt_all(client, results):
-    return np.concatenate([client.decrypt(r) for r in results])
-
-
-def test_local_processes_match_in_process_server(predictor, batch):
-    client, cts = batch
     key_id = predictor.ensure_server().register(client.evaluation_keys())
-    reference = decrypt_all(client, [predictor.server.run(ct, key_id) for ct in cts])
-    results, server_s, wall, workers = serve_batch(predictor.compiled.deployment_dir / "server.zip",
-                                                   client.evaluation_keys(), cts, "local", n_jobs=2)
-    assert workers == 2 and len(server_s) == 4 and (server_s > 0).all() and wall > 0
-    assert np.array_equal(decrypt_all(client, results), reference)
+    reference = np.concatenate([client.decrypt(predictor.server.run(client.encrypt(four[i : i + 1]), key_id))
+                                for i in range(4)])
+    b = run_batch(client, server_zip, four, "local", n_jobs=2)
+    assert b.n_workers == 2 and len(b.server_s) == 4 and (b.server_s > 0).all() and b.wall_s >= b.server_wall_s > 0
+    assert b.sizes["images_per_call"] == 1 and len(b.encrypt_s) == len(b.decrypt_s) == 4
+    assert np.array_equal(b.logits, reference)  # exact rounding: identical results in every process
 
 
-def test_dask_local_cluster_equals_local_run(predictor, batch, monkeypatch):
+def test_dask_local_cluster_equals_local_run(predictor, four, server_zip, monkeypatch):
     from dask.distributed import LocalCluster
 
     from conftest import REPO
 
     monkeypatch.setenv("PYTHONPATH", str(REPO))
-    client, cts = batch
-    zip_path = predictor.compiled.deployment_dir / "server.zip"
-    local, *_ = serve_batch(zip_path, client.evaluation_keys(), cts, "local", n_jobs=2)
+    client = predictor.ensure_client()
+    local = run_batch(client, server_zip, four, "local", n_jobs=2)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        remote, server_s, _, workers = serve_batch(zip_path, client.evaluation_keys(), cts, "dask",
-                                                   scheduler=cluster.scheduler_address)
-    assert workers == 2 and len(server_s) == 4
-    assert np.array_equal(decrypt_all(client, remote), decrypt_all(client, local))
+        remote = run_batch(client, server_zip, four, "dask", scheduler=cluster.scheduler_address)
+    assert remote.n_workers == 2 and len(remote.server_s) == 4
+    assert np.array_equal(remote.logits, local.logits)
 
 
-def test_dask_needs_a_scheduler(predictor, batch):
-    client, cts = batch
+def test_dask_needs_a_scheduler(predictor, four, server_zip):
     with pytest.raises(ValueError, match="--scheduler"):
-        serve_batch(predictor.compiled.deployment_dir / "server.zip", client.evaluation_keys(), cts, "dask")
+        run_batch(predictor.ensure_client(), server_zip, four, "dask")
 
 
 def test_batches_of_several_images_per_call(predictor, test_split):
