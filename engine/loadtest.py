@@ -30,7 +30,8 @@ from .data import load_samples, to_features
 def _circuit_for(transport: HTTPTransport, dataset: str | None, model: str | None) -> dict:
     listed = transport.circuits()
     for c in listed:
-        if (dataset is None or c["dataset"] == dataset) and (model is None or c["model"] == model):
+        if (dataset is None or c["dataset"] == dataset) and (model is None or c["model"] == model) \
+                and c.get("batch_size", 1) == 1:  # one image per request (not a batched twin)
             return c
     raise ServiceUnavailable(f"no circuit for dataset={dataset} model={model} at {transport.describe()}")
 
