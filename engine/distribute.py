@@ -35,21 +35,17 @@ def _server_for(server_zip: bytes) -> FHEServer:
     return _SERVERS[digest]
 
 
-def serve_chunk(server_zip: bytes, evaluation_keys: "bytes | np.ndarray", ciphertexts: list[bytes],
-                key_id: str | None = None) -> list[tuple[bytes, float]]:
-    """Worker side: run the circuit on each ciphertext; returns (result, seconds) pairs.
+def serve_call(server_zip: bytes, evaluation_keys: np.ndarray, ciphertext: bytes, key_id: str) -> tuple[bytes, float]:
+    """Worker side: run the circuit on one call's ciphertext; returns (result, seconds).
 
-    ``key_id`` (the keys' :meth:`FHEServer.register` id): skip the keys when this worker holds
-    them already. Keys as a uint8 array reach loky workers as one shared memory map."""
+    The keys (a uint8 array: loky workers get one shared memory map) are deserialized once per
+    worker; later calls find them by ``key_id`` (:meth:`FHEServer.key_id`)."""
     server = _server_for(server_zip)
-    if key_id is None or not server.holds(key_id):
-        key_id = server.register(bytes(evaluation_keys))
-    out = []
-    for ct in ciphertexts:
-        t0 = time.perf_counter()
-        res = server.run(ct, key_id)
-        out.append((res, time.perf_counter() - t0))
-    return out
+    if not server.holds(key_id):
+        server.register(bytes(evaluation_keys))
+    t0 = time.perf_counter()
+    result = server.run(ciphertext, key_id)
+    return result, time.perf_counter() - t0
 
 
 @dataclass
@@ -104,24 +100,24 @@ def run_batch(client: FHEClient, server_zip: Path, features: np.ndarray, backend
             cts.append(client.encrypt(features[i : i + b]))
             n = min(b, len(features) - i)
             enc_s.extend([(time.perf_counter() - t0) / n] * n)
-            yield delayed(serve_chunk)(zip_bytes, keys, [cts[-1]], key_id)
+            yield delayed(serve_call)(zip_bytes, keys, cts[-1], key_id)
 
     with backend_context(backend, scheduler, n_jobs) as workers:
         if warm and len(features):
             ct = client.encrypt(features[:b])
-            Parallel()(delayed(serve_chunk)(zip_bytes, keys, [ct], key_id) for _ in range(workers))
+            Parallel()(delayed(serve_call)(zip_bytes, keys, ct, key_id) for _ in range(workers))
         t0 = time.perf_counter()
         parts = Parallel(batch_size=1)(calls())
         server_wall = time.perf_counter() - t0
         logits, dec_s, server_s = [], [], []
-        for k, ((res, call_s),) in enumerate(parts):
+        for k, (res, call_s) in enumerate(parts):
             n = min(b, len(features) - k * b)
             t1 = time.perf_counter()
-            logits.append(np.asarray(client.decrypt(res), dtype=np.float64).reshape(b, -1)[:n])
+            logits.append(client.decrypt(res, n))
             dec_s += [(time.perf_counter() - t1) / n] * n
             server_s += [call_s / n] * n
         wall = time.perf_counter() - t0
-    sizes = {"ciphertext_bytes": len(cts[0]) if cts else 0, "result_bytes": len(parts[0][0][0]) if parts else 0,
+    sizes = {"ciphertext_bytes": len(cts[0]) if cts else 0, "result_bytes": len(parts[0][0]) if parts else 0,
              "eval_key_bytes": len(eval_keys), "images_per_call": b}
     return BatchResult(np.concatenate(logits) if logits else np.zeros((0, 0)), np.array(enc_s), np.array(server_s),
                        np.array(dec_s), sizes, server_wall, workers, wall)

@@ -385,9 +385,11 @@ class FHEClient:
             x = np.concatenate([x, np.zeros((self.batch_size - len(x), *x.shape[1:]), x.dtype)])
         return self._client.quantize_encrypt_serialize(x)
 
-    def decrypt(self, result: bytes) -> np.ndarray:
-        """Serialized encrypted output -> dequantized logits (batch_size, C)."""
-        return self._client.deserialize_decrypt_dequantize(result)
+    def decrypt(self, result: bytes, n: int | None = None) -> np.ndarray:
+        """Serialized encrypted output -> dequantized logits (n, C): the first ``n`` images of the
+        call (all ``batch_size`` by default; the rest are padding)."""
+        logits = np.asarray(self._client.deserialize_decrypt_dequantize(result), dtype=np.float64)
+        return logits.reshape(self.batch_size, -1)[:n]
 
 
 def secret_only_keyset(keyset_bytes: bytes) -> bytes:

@@ -77,6 +77,7 @@ class Predictor:
     transport: object | None = None  # engine.client transport; None: an in-process service
     remote: EncryptedClient | None = None
     keep_evaluation_keys: bool = True  # False: only the secret keys stay after the upload
+    batched: dict = field(default_factory=dict, repr=False)  # batch size -> (circuit, client) for it
 
     @classmethod
     def open(cls, dataset: str, name: str | None = None, models_dir: Path | None = None, **kw) -> "Predictor":
@@ -187,10 +188,12 @@ class Predictor:
         client.keygen()
         compiled = self.ensure_compiled()
         if batch_size > 1:
-            compiled = compile_model(self.saved, dataclasses.replace(self.compile_config or self.saved.config.compile, batch_size=batch_size),
-                                     self.cache_dir, self.progress_text)
-            batched = FHEClient(compiled)
-            batched.share_keys(client)
+            if batch_size not in self.batched:  # compiled (or loaded from the cache) once per size
+                cc = dataclasses.replace(self.compile_config or self.saved.config.compile, batch_size=batch_size)
+                circuit = compile_model(self.saved, cc, self.cache_dir, self.progress_text)
+                self.batched[batch_size] = (circuit, FHEClient(circuit))
+            compiled, batched = self.batched[batch_size]
+            batched.share_keys(client)  # this predictor's current keys
             client = batched
         batch = run_batch(client, compiled.deployment_dir / "server.zip", self.features(images),
                           backend, scheduler, n_jobs, warm)

@@ -44,8 +44,7 @@ class WorkPool:
         self._queues: OrderedDict[str, deque] = OrderedDict()  # rotation order of waiting clients
         self._background: OrderedDict[str, deque] = OrderedDict()
         self._waiting = 0
-        self._running = 0
-        self._busy: set[str] = set()  # owners with a job running
+        self._busy: set[str] = set()  # owners with a job running (at most one each)
         self._cond = threading.Condition()
         self._closed = False
         self._mean_run_s = 0.3  # running estimate, for Retry-After
@@ -60,7 +59,7 @@ class WorkPool:
 
     @property
     def running(self) -> int:
-        return self._running
+        return len(self._busy)
 
     def submit(self, owner: str, fn: Callable[..., Any], *args, background: bool = False) -> Future:
         fut: Future = Future()
@@ -100,7 +99,6 @@ class WorkPool:
                     return
                 lane, owner = ready
                 fut, fn, args, queued_at = self._next(lane, owner)
-                self._running += 1
                 self._busy.add(owner)
             if fut.set_running_or_notify_cancel():
                 start = time.perf_counter()
@@ -110,7 +108,6 @@ class WorkPool:
                     fut.set_exception(exc)
                 self._mean_run_s = 0.8 * self._mean_run_s + 0.2 * (time.perf_counter() - start)
             with self._cond:
-                self._running -= 1
                 self._busy.discard(owner)
                 self._cond.notify_all()  # this owner's next job, or closing, may now proceed
 
