@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import CompileConfig
 from .fhe import FHEClient
 
 
@@ -183,9 +184,10 @@ def find_circuit(transport, dataset: str, model_hash: str, compile_settings: dic
     """The service's circuit for a saved model (by content hash), with its own compile settings
     unless ``compile_settings`` says which."""
     listed = transport.circuits()
+    wanted = None if compile_settings is None else CompileConfig.settings(compile_settings)
     for c in listed:
-        if c["dataset"] == dataset and c["model_hash"] == model_hash and \
-                (compile_settings is None or c["compile"] == compile_settings):
+        if c["dataset"] == dataset and c["model_hash"] == model_hash and c.get("batch_size", 1) == 1 and \
+                (wanted is None or CompileConfig.settings(c["compile"]) == wanted):
             return c
     served = ", ".join(f"{c['dataset']}/{c['model']}" for c in listed) or "none"
     raise ServiceUnavailable(f"the service at {transport.describe()} does not serve this model with these compile "

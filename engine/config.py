@@ -116,6 +116,13 @@ class CompileConfig:
         if not 1 <= self.batch_size <= self.inputset_size:
             raise ValueError("batch_size must be between 1 and inputset_size")
 
+    @classmethod
+    def settings(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` as a complete settings dict: fields a writer did not know yet (a cache
+        entry or a service from before ``batch_size``) take their defaults, so two
+        descriptions of one circuit compare equal."""
+        return dataclasses.asdict(_build(cls, values))
+
 
 @dataclass(frozen=True)
 class ServiceConfig:

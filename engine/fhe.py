@@ -156,6 +156,7 @@ def load_entry(path: Path) -> CompiledModel:
     """Load and verify a cache entry; raise :class:`CacheError` if anything is off."""
     try:
         report = CircuitReport(**json.loads((path / "report.json").read_text()))
+        report.compile = CompileConfig.settings(report.compile)  # entries from before batch_size
         for rel in ENTRY_FILES:
             if _sha256(path / rel) != report.files.get(rel):
                 raise CacheError(f"{path / rel}: checksum mismatch")

@@ -1,5 +1,6 @@
 """Real Concrete ML on a tiny 784-8-2 circuit: compile, cache, keys, four modes."""
 
+import json
 import shutil
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from joblib import Parallel, delayed
 
 from engine.config import CompileConfig
-from engine.fhe import FHEClient, FHEServer, compile_model
+from engine.fhe import FHEClient, FHEServer, compile_model, load_entry
 
 
 def test_compile_report(predictor, tiny_saved, tmp_path):
@@ -83,6 +84,19 @@ def _corrupt_and_recompile(tiny_saved, cache_dir, damage):
     assert any("rebuilding" in m for m in messages)
     assert compile_model(tiny_saved, cc, cache_dir).report.from_cache
     return again
+
+
+def test_entries_from_before_batching_load_as_one_image_circuits(predictor, tmp_path):
+    """A cache entry written before ``batch_size`` existed has no such field in its report: it
+    loads as the 1-image circuit it is, with complete settings (services and dashboards compare them)."""
+    old = tmp_path / predictor.compiled.path.name
+    shutil.copytree(predictor.compiled.path, old)
+    report = json.loads((old / "report.json").read_text())
+    del report["compile"]["batch_size"]
+    (old / "report.json").write_text(json.dumps(report))
+    loaded = load_entry(old)
+    assert loaded.report.compile == predictor.compiled.report.compile
+    assert loaded.report.compile["batch_size"] == 1 and loaded.batch_size == 1
 
 
 def test_corrupt_cache_entries_are_rebuilt(tiny_saved, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.client import EncryptedClient, HTTPTransport, InProcessTransport
+from engine.client import EncryptedClient, HTTPTransport, InProcessTransport, find_circuit
 from engine.config import ServiceConfig
 from engine.hosting import Service
 
@@ -336,6 +336,12 @@ def test_batched_twin_runs_with_the_keys_of_the_single_circuit(tiny_saved, model
         assert one.uploads == 1 and many.uploads == 0  # the twin used the same key id
         assert len(ex_a.ciphertext) == batched["ciphertext_bytes"] > single["ciphertext_bytes"]
         assert np.allclose(np.concatenate([first, a, b]), predictor.compiled.run_clear(feats[:6]))  # exact rounding
+
+        # A dashboard or CLI looking for the model's circuit by its settings finds the 1-image
+        # one, also when the settings come from before batch_size existed.
+        old_style = {k: v for k, v in tiny_saved.config.compile.__dict__.items() if k != "batch_size"}
+        for settings_ in (None, old_style, {**old_style, "batch_size": 1}):
+            assert find_circuit(HTTPTransport(s.url), tiny_saved.dataset, tiny_saved.hash, settings_)["id"] == single["id"]
 
         key_id = next(iter(one.key_ids.values()))
         wrong = httpx.post(f"{s.url}/circuits/{batched['id']}/predict", content=ex_one.ciphertext,
