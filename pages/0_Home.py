@@ -6,21 +6,18 @@ import ui
 from engine.data import gallery_split
 
 st.title("Encrypted medical image classification")
+# Few elements, and plain Markdown: with a room full of visitors opening the page at once on a
+# small machine, each element is work for every browser (a graphviz chart took about 4 s to
+# render here; five bordered boxes and three metric cards cost more than the text they held).
 st.markdown(
     "A hospital keeps its images private while still using a third party's model. **The client** "
     "(hospital) quantizes and encrypts an image with its own secret key; **the server** runs a "
     "quantization-aware neural network compiled to a TFHE circuit *directly on the ciphertext*; "
-    "only the client can decrypt the prediction. The server never sees the image or the result."
+    "only the client can decrypt the prediction. The server never sees the image or the result.\n\n"
+    "**Image** (stays at the hospital) → **client: quantize + encrypt** (the secret key stays here) → "
+    "**server: FHE circuit** (ciphertext and evaluation keys only) → **client: decrypt** (only the "
+    "secret key opens the result) → **prediction** (seen by the hospital only)"
 )
-# The flow as plain elements: a graphviz chart took about 4 s to render in a headless browser
-# here, on every rerun, and held back everything below it.
-steps = [("Image", "stays at the hospital"), ("Client: quantize + encrypt", "the secret key stays here"),
-         ("Server: FHE circuit", "computes on the ciphertext with evaluation keys only"),
-         ("Client: decrypt", "only the secret key opens the result"), ("Prediction", "seen by the hospital only")]
-for col, (head, note) in zip(st.columns(len(steps)), steps):
-    with col.container(border=True):
-        st.markdown(f"**{head}**")
-        st.caption(note)
 
 saved = ui.select_model()
 if saved is None:
@@ -29,17 +26,16 @@ cc = saved.config.compile
 info = ui.dataset_info(saved.dataset)
 ui.prepare_keys(saved)  # key generation starts now, in the background
 
-col1, col2, col3 = st.columns(3)
 m = saved.metrics
-col1.metric("Model", saved.name, help=f"{saved.dataset}, hidden {list(saved.config.model.hidden)}")
-col1.caption(f"Validation accuracy {100 * m['val']['accuracy']:.1f}% · test {100 * m['test']['accuracy']:.1f}% (float)")
 remote = ui.session_remote(saved, wait=False)
-col2.metric("Server", "ready", help=ui.service_url())
-col2.caption(f"Runs at {ui.service_url()} · {ui.service_origin()}")
-col3.metric("This session's keys", "generated" if remote is not None else "generating…")
-if remote is not None:
-    col3.caption(f"Evaluation keys uploaded once ({remote.evaluation_key_bytes / 2**20:.1f} MiB); "
-                 "this session now holds only its secret keys.")
+keys = (f"generated; evaluation keys uploaded once ({remote.evaluation_key_bytes / 2**20:.1f} MiB), "
+        "this session now holds only its secret keys" if remote is not None else "generating…")
+st.markdown(
+    f"**Model** {saved.name} ({saved.dataset}, hidden {list(saved.config.model.hidden)}): validation accuracy "
+    f"{100 * m['val']['accuracy']:.1f}%, test {100 * m['test']['accuracy']:.1f}% (float)  \n"
+    f"**Server** {ui.service_url()} ({ui.service_origin()})  \n"
+    f"**This session's keys** {keys}"
+)
 
 st.subheader("Try it: encrypted prediction on a sample image")
 split, source = gallery_split(ui.data_config(saved.dataset))
@@ -50,9 +46,13 @@ left.image(img, caption=f"true: {ui.label_text(info, split.targets[int(idx)])}",
            width=160, clamp=True)
 if right.button("Encrypt and classify", icon=":material/lock:", type="primary", key="home_run"):
     try:
-        with st.spinner("Encrypting, sending the ciphertext to the server, decrypting the answer…"):
-            p = ui.predictor(saved, cc)
-            st.session_state["home_result"] = (saved.hash, int(idx), p.run(img[None], ["fhe"]))
+        # Static text, not st.spinner: with a room full of visitors on a small machine, every
+        # animation frame in every open page costs the CPU that the encrypted runs need.
+        working = right.empty()
+        working.caption("Encrypting, sending the ciphertext to the server, decrypting the answer…")
+        p = ui.predictor(saved, cc)
+        st.session_state["home_result"] = (saved.hash, int(idx), p.run(img[None], ["fhe"]))
+        working.empty()
         if remote is None:
             st.rerun()  # the status row above still says "generating…"
     except Exception as exc:  # noqa: BLE001 - shown to the user, never a traceback
@@ -63,7 +63,9 @@ if last and last[0] == saved.hash and last[1] == int(idx):
     fhe = results["fhe"]
     right.success(f"Encrypted prediction: **{ui.label_text(info, fhe.predictions[0])}** "
                   f"({1000 * fhe.latency_s[0]:.0f} ms end to end)")
-    right.table(ui.results_table(results, info).drop(columns="image").set_index("mode"))  # static: cheap to draw
+    # Markdown rather than st.table / st.code: a fresh browser session would otherwise fetch and
+    # compile about 2.4 MB of JavaScript (Arrow reader, syntax highlighter) before showing the answer.
+    right.markdown(ui.markdown_table(ui.results_table(results, info).drop(columns="image").set_index("mode")))
     right.caption(ui.sizes_text(results))
     w = fhe.wire
     with st.container(border=True):
@@ -71,7 +73,7 @@ if last and last[0] == saved.hash and last[1] == int(idx):
                     f"received {w['received_bytes']:,} bytes of encrypted result"
                     + (f"; evaluation keys uploaded {w['key_uploads']} time(s) for this request" if w["key_uploads"] else "")
                     + ".")
-        st.code(f"ciphertext  {w['ciphertext_hex']} …\nresult      {w['result_hex']} …", language=None)
+        st.markdown(f"ciphertext `{w['ciphertext_hex']} …`  \nresult `{w['result_hex']} …`")
         st.caption("The server saw only these bytes and the evaluation keys; it cannot decrypt either.")
         if st.button("Decrypt the same result with another key", key="home_wrong_key"):
             try:

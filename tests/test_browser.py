@@ -121,7 +121,7 @@ def test_encrypted_prediction_in_browser(server, browser):
     result.wait_for(timeout=180_000)
     text = result.inner_text()
     assert any(lbl in text for lbl in ("normal", "pneumonia")) and "ms end to end" in text
-    page.locator('[data-testid="stTable"]').first.wait_for(timeout=30_000)
+    page.locator("table").get_by_text("Encrypted (FHE)").first.wait_for(timeout=30_000)
     wire = page.get_by_text("What crossed the wire")
     wire.wait_for(timeout=30_000)
     if external:
