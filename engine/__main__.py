@@ -189,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-store-bytes", type=_byte_size, default=ServiceConfig.key_store_bytes,
                    help="memory bound of the registered key sets, e.g. 1GiB or 1073741824 (default 4GiB)")
     p.add_argument("--key-ttl", type=float, default=0.0, help="drop key sets idle this many seconds (0: never)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="FHE runs in flight (default 1: one Concrete run already uses every core)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="FHE runs in flight (default 0: one per core; a lone run spreads over every core, "
+                        "runs side by side use one core each)")
     p.add_argument("--max-queue", type=int, default=64, help="runs waiting before the service answers 429")
     p.add_argument("--backend", choices=["local", "dask"], default="local")
     p.add_argument("--scheduler", default="", help="dask scheduler address for --backend dask")

@@ -92,6 +92,14 @@ class TrainConfig:
         return bool(self.augment_shift or self.augment_rotate or self.augment_scale)
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class CompileConfig:
     rounding_threshold_bits: int = 6
@@ -134,7 +142,9 @@ class ServiceConfig:
     key_ttl_s: float = 0.0  # idle time-to-live of a key set (0: none)
     key_grace_s: float = 30.0  # a new key set is not evicted before its first use within this time
     key_wait_s: float = 30.0  # an upload waits this long for room in the key store, then 429
-    workers: int = 1  # FHE runs in flight (one Concrete run already uses every core)
+    # FHE runs in flight; 0: one per core. A run alone spreads over every core; runs side by
+    # side use one core each (engine.workpool), so the CPU is never oversubscribed.
+    workers: int = 0
     max_queue: int = 64  # runs waiting, over all clients; past it: 429
     backend: str = "local"  # or "dask"
     scheduler: str = ""  # dask scheduler address for backend "dask"
@@ -147,8 +157,8 @@ class ServiceConfig:
             raise ValueError(f"Unknown backend '{self.backend}': use local or dask")
         if self.backend == "dask" and not self.scheduler:
             raise ValueError("--backend dask needs --scheduler tcp://HOST:PORT")
-        if self.key_store_bytes <= 0 or self.workers < 1 or self.max_queue < 1:
-            raise ValueError("key-store bytes, workers and queue size must be positive")
+        if self.key_store_bytes <= 0 or self.workers < 0 or self.max_queue < 1:
+            raise ValueError("key-store bytes and queue size must be positive, workers 0 (one per core) or more")
         if self.batch_size < 1:
             raise ValueError("batch size must be at least 1")
         if self.batch_size > 1 and self.backend == "dask":

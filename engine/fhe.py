@@ -27,7 +27,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -425,6 +425,34 @@ def _evaluation_keys_for(keyset, program_info) -> bytes:
     secrets = {i: k for i, k in enumerate(keyset.get_client_keys().get_secret_keys())}
     full = Keyset(program_info, None, 0, 0, 0, 0, secrets)
     return fhe.EvaluationKeys(full.get_server_keys()).serialize()
+
+
+@lru_cache(maxsize=1)
+def _openmp():
+    """The OpenMP runtime that Concrete's compiled circuits run their loops on (None if absent)."""
+    import ctypes
+    import glob
+
+    import concrete
+
+    for root in concrete.__path__:
+        for path in sorted(glob.glob(str(Path(root).parent / "concrete_python.libs" / "libomp*.so*"))):
+            return ctypes.CDLL(path)  # the library already loaded by Concrete: the same handle
+    return None
+
+
+def set_run_threads(n: int) -> int:
+    """Threads that Concrete runs started from the calling thread may use; returns the setting
+    in force (0 if Concrete's OpenMP runtime is not found).
+
+    OpenMP keeps this per thread. One run spread over 2 cores takes 0.30 s of wall time and
+    0.59 s of CPU; on one core, 0.44 s and 0.44 s (shipped PneumoniaMNIST circuit). Spreading a
+    lone run answers sooner; runs side by side, one core each, answer more per second."""
+    omp = _openmp()
+    if omp is None:
+        return 0
+    omp.omp_set_num_threads(max(1, int(n)))
+    return int(omp.omp_get_max_threads())
 
 
 def release_memory() -> None:

@@ -27,8 +27,9 @@ from typing import Callable
 import psutil
 
 from . import registry
-from .config import CompileConfig, ServiceConfig, default_cache_dir, default_models_dir
-from .fhe import CompiledModel, FHEServer, WarmUp, compile_model, is_cached, release_memory, warmup_material
+from .config import CompileConfig, ServiceConfig, cpu_cores, default_cache_dir, default_models_dir
+from .fhe import (CompiledModel, FHEServer, WarmUp, compile_model, is_cached, release_memory, set_run_threads,
+                  warmup_material)
 from .keystore import KeyStore, StoreFull
 from .workpool import QueueFull, WorkPool
 
@@ -242,8 +243,10 @@ class Service:
         self.models_dir = Path(c.models_dir) if c.models_dir else default_models_dir()
         self.cache_dir = Path(c.cache_dir) if c.cache_dir else default_cache_dir()
         self.runner = DaskRunner(c.scheduler) if c.backend == "dask" else LocalRunner()
-        workers = self.runner.threads if c.backend == "dask" else c.workers
-        self.pool = WorkPool(workers, c.max_queue)
+        if c.backend == "dask":  # the runs happen in the Dask workers, with their own threads
+            self.pool = WorkPool(self.runner.threads, c.max_queue)
+        else:
+            self.pool = WorkPool(c.workers or cpu_cores(), c.max_queue, threads=set_run_threads)
         self.store = KeyStore(c.key_store_bytes, ttl_s=c.key_ttl_s or None, grace_s=c.key_grace_s,
                               on_evict=lambda key_id, _e: self.runner.drop(key_id))
         self.circuits: dict[str, HostedCircuit] = {}

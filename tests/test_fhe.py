@@ -189,3 +189,27 @@ def test_batch_size_must_fit_the_inputset():
         CompileConfig(batch_size=0)
     with pytest.raises(ValueError, match="batch_size"):
         CompileConfig(batch_size=600, inputset_size=512)
+
+
+def test_run_threads_are_set_per_thread_and_runs_agree(predictor, test_split):
+    """Concrete's OpenMP setting is per thread: a worker limited to one core does not limit
+    another thread, and a run on one core computes what a run on every core does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.fhe import set_run_threads
+
+    client = predictor.ensure_client()
+    client.keygen()
+    server = FHEServer(predictor.compiled.deployment_dir)
+    key_id = server.register(client.evaluation_keys())
+    ct = client.encrypt(predictor.features(test_split.images[:1]))
+
+    def run_with(n: int):
+        return set_run_threads(n), client.decrypt(server.run(ct, key_id), 1)
+
+    with ThreadPoolExecutor(1) as one, ThreadPoolExecutor(1) as other:
+        (n1, y1), (n2, y2) = one.submit(run_with, 1).result(), other.submit(run_with, 2).result()
+        assert one.submit(lambda: set_run_threads(1)).result() == 1
+    assert (n1, n2) == (1, 2)
+    assert np.array_equal(y1, y2)
+

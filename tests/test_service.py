@@ -245,6 +245,28 @@ def test_a_client_never_has_two_runs_at_once():
 
 
 
+def test_a_lone_run_spreads_over_every_core_runs_side_by_side_use_one_each():
+    """Each job is told its threads before it runs: every core when nothing else runs or waits,
+    one when the workers are shared."""
+    from engine.workpool import WorkPool
+
+    told = threading.local()
+    pool = WorkPool(workers=2, max_queue=100, threads=lambda n: setattr(told, "n", n))
+
+    def job(hold: float = 0.0) -> int:
+        time.sleep(hold)
+        return told.n
+
+    assert pool.run("a", job)[0] == 2  # alone
+    crowd = [pool.submit("c0", job, 0.3)]
+    time.sleep(0.1)  # c0 has started, alone
+    crowd += [pool.submit(f"c{i}", job, 0.2) for i in range(1, 4)]
+    threads = [f.result(timeout=10)[0] for f in crowd]
+    assert threads[0] == 2 and threads[1:] == [1, 1, 1]  # the first started alone; the rest shared
+    assert pool.run("a", job)[0] == 2  # alone again
+    pool.close()
+
+
 def test_two_interleaved_clients_decrypt_only_their_own(svc, circuit, feats, tmp_path):
     a, b = new_client(svc, circuit, tmp_path / "a"), new_client(svc, circuit, tmp_path / "b")
     outs = []
