@@ -41,13 +41,14 @@ class QueueFull(Exception):
 
 class WorkPool:
     def __init__(self, workers: int = 1, max_queue: int = 64, name: str = "fhe",
-                 threads: Callable[[int], Any] | None = None):
-        """``threads(n)``, called in a worker before each job: let the job use ``n`` threads
-        (``workers`` if it runs alone, else 1)."""
+                 threads: Callable[[int], Any] | None = None, cores: int | None = None):
+        """``threads(n)``, called in a worker before each job: let the job use ``n`` threads,
+        every one of the ``cores`` if it runs alone, else its share of them (at least 1)."""
         if workers < 1 or max_queue < 1:
             raise ValueError("workers and max_queue must be at least 1")
         self.workers = workers
         self._threads_for = threads
+        self.cores = cores or workers
         self.max_queue = max_queue
         self._queues: OrderedDict[str, deque] = OrderedDict()  # rotation order of waiting clients
         self._background: OrderedDict[str, deque] = OrderedDict()
@@ -110,7 +111,7 @@ class WorkPool:
                 alone = not self._busy and not self._waiting
                 self._busy.add(owner)
             if self._threads_for is not None:
-                self._threads_for(self.workers if alone else 1)
+                self._threads_for(self.cores if alone else max(1, self.cores // self.workers))
             if fut.set_running_or_notify_cancel():
                 start = time.perf_counter()
                 try:

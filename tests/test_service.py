@@ -265,6 +265,10 @@ def test_a_lone_run_spreads_over_every_core_runs_side_by_side_use_one_each():
     assert threads[0] == 2 and threads[1:] == [1, 1, 1]  # the first started alone; the rest shared
     assert pool.run("a", job)[0] == 2  # alone again
     pool.close()
+    one = WorkPool(workers=1, max_queue=100, threads=lambda n: setattr(told, "n", n), cores=2)
+    crowd = [one.submit(f"c{i}", job, 0.05) for i in range(3)]
+    assert [f.result(timeout=10)[0] for f in crowd] == [2, 2, 2]  # one worker: every run has both cores
+    one.close()
 
 
 def test_two_interleaved_clients_decrypt_only_their_own(svc, circuit, feats, tmp_path):
