@@ -70,6 +70,16 @@ def cpu_seconds(proc: psutil.Process) -> dict:
     return {"browser": total(browser), "streamlit": total([proc]), "service_and_key_makers": total(proc.children(recursive=True))}
 
 
+def machine_seconds() -> dict:
+    """The whole machine's CPU time so far from /proc/stat: busy, idle, and stolen by the host."""
+    try:
+        f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    return {"busy": (f[0] + f[1] + f[2] + f[5] + f[6]) / tick, "idle": (f[3] + f[4]) / tick, "steal": f[7] / tick}
+
+
 async def measure(url: str, sessions: int, proc: psutil.Process, settle_s: float = 60) -> dict:
     from playwright.async_api import async_playwright
 
@@ -82,9 +92,9 @@ async def measure(url: str, sessions: int, proc: psutil.Process, settle_s: float
         rss_before = proc.memory_info().rss
         alone = await one_session(browser, url)
         await asyncio.sleep(25)
-        cpu0 = cpu_seconds(proc)
+        cpu0, m0 = cpu_seconds(proc), machine_seconds()
         crowd = await asyncio.gather(*[one_session(browser, url, 300_000) for _ in range(sessions)])
-        cpu1 = cpu_seconds(proc)
+        cpu1, m1 = cpu_seconds(proc), machine_seconds()
         rss_after = proc.memory_info().rss
         for s in [alone, *crowd]:
             await s["context"].close()
@@ -103,6 +113,7 @@ async def measure(url: str, sessions: int, proc: psutil.Process, settle_s: float
         "crowd_page_ready_s": [round(s["page_ready_s"], 3) for s in crowd],
         "crowd_load_event_s": [round(s["load_event_s"], 3) for s in crowd],
         "crowd_cpu_seconds": {k: round(cpu1[k] - cpu0[k], 2) for k in cpu0},
+        "crowd_machine_seconds": {k: round(m1[k] - m0[k], 2) for k in m0},  # every process, both cores
         "streamlit_rss_before_bytes": rss_before,
         "streamlit_rss_after_bytes": rss_after,
         "streamlit_rss_per_session_bytes": per_session,

@@ -9,7 +9,7 @@ Reproduce (2 cores; each command prints its own figures):
     python -m engine loadtest --server http://127.0.0.1:8801 --clients 8 --requests 10 --json RUNS/c8.json
     python -m engine serve --port 8802 --key-store-bytes 1GiB &
     python -m engine loadtest --server http://127.0.0.1:8802 --clients 32 --requests 2 --json RUNS/c32.json
-    python bench/dashboard_sessions.py --sessions 8 --json RUNS/dashboard.json
+    python bench/dashboard_sessions.py --sessions 8 --json RUNS/dashboard.json    # and again: dashboard_2.json, ...
     python bench/dashboard_sessions.py --sessions 8 --settle 5 --app bench/hello_app.py --json RUNS/dashboard_baseline.json
     python bench/serve_report.py RUNS
 """
@@ -29,7 +29,7 @@ from engine.loadtest import markdown  # noqa: E402
 GIB = 2**30
 
 
-def targets(inproc: dict, runs: dict[int, dict], dash: dict | None, base: dict | None = None) -> list[dict]:
+def targets(inproc: dict, runs: dict[int, dict], dashes: list[dict], base: dict | None = None) -> list[dict]:
     rows = []
     one = runs.get(1)
     e2e = inproc["modes"]["fhe"]["latency_median_s"]
@@ -54,21 +54,26 @@ def targets(inproc: dict, runs: dict[int, dict], dash: dict | None, base: dict |
                      "re-uploads)", r["errors"] == 0))
         rows.append(("32 clients, key store 1 GiB: server RSS <= 1.5 GiB", f"{r['server_rss_peak_bytes'] / GIB:.2f} GiB",
                      r["server_rss_peak_bytes"] <= 1.5 * GIB))
-    if dash:
-        a = dash["fresh_session_alone_answer_after_load_s"]
+    if dashes:
+        runs_ = f" in each of {len(dashes)} runs" if len(dashes) > 1 else ""
+        after = [d["fresh_session_alone_answer_after_load_s"] for d in dashes]
         extra = f"; baseline one-button app: {base['fresh_session_alone_answer_after_load_s']:.2f} s" if base else ""
         rows.append(("dashboard: fresh session's first encrypted answer within 2 s of page load",
-                     f"{a:.2f} s after the browser's load event ({dash['fresh_session_alone_first_answer_s']:.2f} s from "
-                     f"navigation start{extra})", a <= 2.0))
-        per = dash["streamlit_rss_per_session_bytes"]
-        rows.append(("dashboard: at most 60 MB of the Streamlit process per session", f"{per / 1e6:.1f} MB", per <= 60e6))
-        worst = dash["crowd_first_answer_max_s"]
-        cpu = dash.get("crowd_cpu_seconds", {})
+                     ", ".join(f"{a:.2f}" for a in after) + " s after the browser's load event ("
+                     + ", ".join(f"{d['fresh_session_alone_first_answer_s']:.2f}" for d in dashes)
+                     + f" s from navigation start{extra})", max(after) <= 2.0))
+        per = max(d["streamlit_rss_per_session_bytes"] for d in dashes)
+        rows.append(("dashboard: at most 60 MB of the Streamlit process per session",
+                     f"{per / 1e6:.1f} MB" + (f" (the largest of {len(dashes)} runs)" if len(dashes) > 1 else ""), per <= 60e6))
+        worst = [d["crowd_first_answer_max_s"] for d in dashes]
+        cpu = [d.get("crowd_cpu_seconds", {}) for d in dashes]
         extra = f"; baseline one-button app: slowest {base['crowd_first_answer_max_s']:.1f} s" if base else ""
-        rows.append((f"dashboard: {dash['sessions']} fresh sessions at once all answered, none over 15 s",
-                     f"{len(dash['crowd_first_answer_s'])} answered, slowest {worst:.1f} s from navigation start{extra}; "
-                     f"CPU on the 2 shared cores: browser {cpu.get('browser', 0):.0f} s, Streamlit {cpu.get('streamlit', 0):.0f} s, "
-                     f"service and key makers {cpu.get('service_and_key_makers', 0):.0f} s", worst <= 15.0))
+        rows.append((f"dashboard: {dashes[0]['sessions']} fresh sessions at once all answered, none over 15 s",
+                     f"all answered{runs_}; slowest " + ", ".join(f"{w:.1f}" for w in worst)
+                     + f" s from navigation start{extra}; CPU on the 2 shared cores (browser / Streamlit / service and "
+                     "key makers): " + ", ".join(f"{c.get('browser', 0):.0f} / {c.get('streamlit', 0):.0f} / "
+                                                 f"{c.get('service_and_key_makers', 0):.0f} s" for c in cpu),
+                     max(worst) <= 15.0 and all(len(d["crowd_first_answer_s"]) == d["sessions"] for d in dashes)))
     return [{"target": t, "measured": m, "met": bool(ok)} for t, m, ok in rows]
 
 
@@ -80,15 +85,17 @@ def main(folder: str) -> int:
         p = runs_dir / f"c{n}.json"
         if p.exists():
             runs[n] = json.loads(p.read_text())
-    dash_path = runs_dir / "dashboard.json"
-    dash = json.loads(dash_path.read_text()) if dash_path.exists() else None
+    # dashboard.json, dashboard_2.json, ...: repeated runs of bench/dashboard_sessions.py (a target is
+    # met only if every run meets it: the machine's speed drifts between runs)
+    dashes = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("dashboard*.json")) if "baseline" not in p.name]
+    dash = dashes[0] if dashes else None
     base_path = runs_dir / "dashboard_baseline.json"  # bench/dashboard_sessions.py --app <one-button app>
     base = json.loads(base_path.read_text()) if base_path.exists() else None
     report = {"dataset": "pneumoniamnist", "model": runs[1]["model"] if 1 in runs else None,
               "in_process": {"fhe_latency_median_s": inproc["modes"]["fhe"]["latency_median_s"],
                              "server_median_s": inproc["modes"]["fhe"].get("server_median_s"), "n": inproc["n"]},
-              "loadtest": [runs[n] for n in sorted(runs)], "dashboard": dash, "dashboard_baseline": base,
-              "targets": targets(inproc, runs, dash, base),
+              "loadtest": [runs[n] for n in sorted(runs)], "dashboard": dash, "dashboard_runs": dashes,
+              "dashboard_baseline": base, "targets": targets(inproc, runs, dashes, base),
               "machine": machine_info()}
     out = REPO / "bench" / "results"
     (out / "serve_pneumoniamnist.json").write_text(json.dumps(report, indent=2))
@@ -97,12 +104,16 @@ def main(folder: str) -> int:
              f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores. In-process end to end "
              f"(same client API, no HTTP): {ms(report['in_process']['fhe_latency_median_s'])} median over "
              f"{report['in_process']['n']} test images.", "", markdown(report["loadtest"])]
-    if dash:
-        lines += ["", f"Dashboard (`{dash['command']}`): one fresh session alone, navigation start to encrypted answer "
-                  f"{dash['fresh_session_alone_first_answer_s']:.2f} s; {dash['sessions']} fresh sessions at once: "
-                  + ", ".join(f"{s:.1f}" for s in dash["crowd_first_answer_s"]) + " s; Streamlit process RSS "
-                  f"{dash['streamlit_rss_before_bytes'] / 2**20:.0f} MiB before, {dash['streamlit_rss_after_bytes'] / 2**20:.0f} "
-                  f"MiB after ({dash['streamlit_rss_per_session_bytes'] / 1e6:.1f} MB per session).", ""]
+    for i, d in enumerate(dashes, 1):
+        busy = d.get("crowd_machine_seconds", {})
+        lines += ["", f"Dashboard run {i} of {len(dashes)} (`{d['command']}`): one fresh session alone, navigation start to "
+                  f"encrypted answer {d['fresh_session_alone_first_answer_s']:.2f} s; {d['sessions']} fresh sessions at once: "
+                  + ", ".join(f"{s:.1f}" for s in d["crowd_first_answer_s"]) + " s; Streamlit process RSS "
+                  f"{d['streamlit_rss_before_bytes'] / 2**20:.0f} MiB before, {d['streamlit_rss_after_bytes'] / 2**20:.0f} "
+                  f"MiB after ({d['streamlit_rss_per_session_bytes'] / 1e6:.1f} MB per session)"
+                  + (f"; the machine during the crowd: {busy['busy']:.0f} CPU-s busy, {busy['idle']:.0f} idle, "
+                     f"{busy['steal']:.1f} stolen by the host" if busy else "") + "."]
+    lines += [""]
     lines += ["| target | measured | met |", "| --- | --- | --- |"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in report["targets"]]
     (out / "serve_pneumoniamnist.md").write_text("\n".join(lines) + "\n")
