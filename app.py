@@ -5,7 +5,9 @@
 
 import streamlit as st
 
-st.set_page_config(page_title="Encrypted MedMNIST", page_icon=":material/lock:", layout="wide")
+import ui
+
+st.set_page_config(page_title="Encrypted MedMNIST", page_icon=ui.FAVICON, layout="wide")
 
 PAGES = {
     "Try it": [

@@ -36,6 +36,11 @@ from engine.metrics import label_text
 # ends, Python's own) costs milliseconds, not 0.12 s with the GIL held.
 gc.freeze()
 
+# The browser tab's icon, served by Streamlit itself: a Material icon as page_icon makes every
+# visitor's browser fetch it from fonts.gstatic.com (a third party learns of each visit; offline
+# it fails). The icons in the navigation are drawn from a font Streamlit serves.
+FAVICON = str(Path(__file__).resolve().parent / "assets" / "favicon.png")
+
 REFERENCE = {"plaintext_accuracy": 0.882, "encrypted_accuracy": 0.875, "latency_s": 0.150}
 MODE_LABELS = {"float": "Float (PyTorch)", "quantized": "Quantized clear", "simulate": "FHE simulation", "fhe": "Encrypted (FHE)"}
 
@@ -71,11 +76,11 @@ def select_model(container=None) -> registry.SavedModel | None:
     return models[names.index(name)]
 
 
-def model_page(page_title: str, icon: str, title: str):
+def model_page(page_title: str, title: str):
     """Page header + sidebar pickers: (saved model, compile config, dataset info); stops the
     page when no model exists yet. Encrypted runs use the circuit the service serves: the
     model's own compile settings. Key generation for this session starts in the background."""
-    st.set_page_config(page_title=page_title, page_icon=icon, layout="wide")
+    st.set_page_config(page_title=page_title, page_icon=FAVICON, layout="wide")
     st.title(title)
     saved = select_model()
     if saved is None:

@@ -11,7 +11,7 @@ from engine.data import DataError, locate
 from engine.recipes import recipe
 from engine.train import train
 
-st.set_page_config(page_title="Train", page_icon=":material/model_training:", layout="wide")
+st.set_page_config(page_title="Train", page_icon=ui.FAVICON, layout="wide")
 st.title("Train a quantization-aware model")
 
 if ui.read_only():

@@ -4,7 +4,7 @@ import streamlit as st
 
 import ui
 
-st.set_page_config(page_title="Compile", page_icon=":material/memory:", layout="wide")
+st.set_page_config(page_title="Compile", page_icon=ui.FAVICON, layout="wide")
 st.title("Compile to an FHE circuit")
 st.markdown(
     "Compilation turns the quantized network into a TFHE circuit. Each hidden neuron becomes one "

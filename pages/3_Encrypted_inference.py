@@ -6,7 +6,7 @@ import streamlit as st
 import ui
 from engine.data import gallery_split
 
-saved, cc, info = ui.model_page("Encrypted inference", ":material/enhanced_encryption:", "Encrypted inference: four modes side by side")
+saved, cc, info = ui.model_page("Encrypted inference", "Encrypted inference: four modes side by side")
 split, source = gallery_split(ui.data_config(saved.dataset))
 truth = [ui.label_text(info, split.targets[i]) for i in range(len(split))]
 st.caption(f"Gallery: {source}")

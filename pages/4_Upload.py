@@ -7,7 +7,7 @@ import ui
 from engine import guard as guards
 from engine.images import EXTENSIONS, ImageError
 
-saved, cc, info = ui.model_page("Upload", ":material/upload:", "Classify your own images, encrypted")
+saved, cc, info = ui.model_page("Upload", "Classify your own images, encrypted")
 size, channels = saved.config.data.size, info.n_channels
 st.markdown(
     f"Model **{saved.name}** expects {size}×{size} {'grayscale' if channels == 1 else 'RGB'} "

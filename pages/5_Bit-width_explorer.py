@@ -9,7 +9,7 @@ from engine import explore
 from engine.config import CompileConfig, ModelConfig, PipelineConfig, TrainConfig
 from engine.data import DataError
 
-st.set_page_config(page_title="Bit-width explorer", page_icon=":material/tune:", layout="wide")
+st.set_page_config(page_title="Bit-width explorer", page_icon=ui.FAVICON, layout="wide")
 st.title("Accuracy against bit-width")
 st.markdown(
     "Each point trains the model's recipe with weights, activations and inputs at one bit-width, "

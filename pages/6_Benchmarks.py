@@ -8,7 +8,7 @@ import streamlit as st
 import ui
 from engine.evaluate import load_reports, report_rows, results_dir, target_rows
 
-st.set_page_config(page_title="Benchmarks", page_icon=":material/speed:", layout="wide")
+st.set_page_config(page_title="Benchmarks", page_icon=ui.FAVICON, layout="wide")
 st.title("Benchmarks")
 ref = ui.REFERENCE
 st.markdown(
