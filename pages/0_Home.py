@@ -12,7 +12,7 @@ st.title("Encrypted medical image classification")
 st.markdown(
     "A hospital keeps its images private while still using a third party's model. **The client** "
     "(hospital) quantizes and encrypts an image with its own secret key; **the server** runs a "
-    "quantization-aware neural network compiled to a TFHE circuit *directly on the ciphertext*; "
+    "quantization-aware neural network compiled to a TFHE circuit **directly on the ciphertext**; "
     "only the client can decrypt the prediction. The server never sees the image or the result.\n\n"
     "**Image** (stays at the hospital) → **client: quantize + encrypt** (the secret key stays here) → "
     "**server: FHE circuit** (ciphertext and evaluation keys only) → **client: decrypt** (only the "
