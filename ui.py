@@ -31,9 +31,10 @@ from engine.fhe import compile_model, release_memory
 from engine.infer import MODES, Predictor  # noqa: F401
 from engine.metrics import label_text
 
-# What the imports above loaded (torch, concrete, pandas: about 260,000 objects) lives as long as
-# the process: move it out of the collector's sight, so a full collection (ours when a session
-# ends, Python's own) costs milliseconds, not 0.12 s with the GIL held.
+# What the imports above loaded (torch, pandas, streamlit; concrete follows with the first circuit,
+# see _shared_circuit) lives as long as the process: move it out of the collector's sight, so a
+# full collection (ours when a session ends, Python's own) takes about 0.1 ms, not 0.12 s with
+# the GIL held.
 gc.freeze()
 
 # The browser tab's icon, served by Streamlit itself: a Material icon as page_icon makes every
@@ -345,19 +346,6 @@ def results_table(results: dict, info, labels_true=None) -> pd.DataFrame:
                     row[f"{stage[:-2]} (ms)"] = round(1000 * float(r.stages[stage][i]), 2)
             rows.append(row)
     return pd.DataFrame(rows)
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    """``df`` as a Markdown table, for ``st.markdown``. A browser draws it with the Markdown code
-    every page loads anyway; ``st.table`` would fetch and compile Streamlit's Arrow reader
-    (about 0.9 MB of JavaScript) in every fresh session."""
-    def cell(v) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    head = [df.index.name or ""] + [cell(c) for c in df.columns]
-    rows = [[cell(i)] + [cell(v) for v in row] for i, row in zip(df.index, df.itertuples(index=False))]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def agreement_text(results: dict) -> str:

@@ -88,13 +88,12 @@ def main(folder: str) -> int:
     # dashboard.json, dashboard_2.json, ...: repeated runs of bench/dashboard_sessions.py (a target is
     # met only if every run meets it: the machine's speed drifts between runs)
     dashes = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("dashboard*.json")) if "baseline" not in p.name]
-    dash = dashes[0] if dashes else None
     base_path = runs_dir / "dashboard_baseline.json"  # bench/dashboard_sessions.py --app <one-button app>
     base = json.loads(base_path.read_text()) if base_path.exists() else None
     report = {"dataset": "pneumoniamnist", "model": runs[1]["model"] if 1 in runs else None,
               "in_process": {"fhe_latency_median_s": inproc["modes"]["fhe"]["latency_median_s"],
                              "server_median_s": inproc["modes"]["fhe"].get("server_median_s"), "n": inproc["n"]},
-              "loadtest": [runs[n] for n in sorted(runs)], "dashboard": dash, "dashboard_runs": dashes,
+              "loadtest": [runs[n] for n in sorted(runs)], "dashboard_runs": dashes,
               "dashboard_baseline": base, "targets": targets(inproc, runs, dashes, base),
               "machine": machine_info()}
     out = REPO / "bench" / "results"

@@ -246,7 +246,8 @@ class Service:
         if c.backend == "dask":  # the runs happen in the Dask workers, with their own threads
             self.pool = WorkPool(self.runner.threads, c.max_queue)
         else:
-            self.pool = WorkPool(c.workers or cpu_cores(), c.max_queue, threads=set_run_threads, cores=cpu_cores())
+            cores = cpu_cores()
+            self.pool = WorkPool(c.workers or cores, c.max_queue, threads=set_run_threads, cores=cores)
         self.store = KeyStore(c.key_store_bytes, ttl_s=c.key_ttl_s or None, grace_s=c.key_grace_s,
                               on_evict=lambda key_id, _e: self.runner.drop(key_id))
         self.circuits: dict[str, HostedCircuit] = {}

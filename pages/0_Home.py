@@ -8,7 +8,7 @@ from engine.data import gallery_split
 st.title("Encrypted medical image classification")
 # Few elements, and plain Markdown: with a room full of visitors opening the page at once on a
 # small machine, each element is work for every browser (a graphviz chart took about 4 s to
-# render here; five bordered boxes and three metric cards cost more than the text they held).
+# render here; bordered boxes and metric cards each cost a browser about 0.1 s of CPU here).
 st.markdown(
     "A hospital keeps its images private while still using a third party's model. **The client** "
     "(hospital) quantizes and encrypts an image with its own secret key; **the server** runs a "
@@ -65,7 +65,7 @@ if last and last[0] == saved.hash and last[1] == int(idx):
                   f"({1000 * fhe.latency_s[0]:.0f} ms end to end)")
     # Markdown rather than st.table / st.code: a fresh browser session would otherwise fetch and
     # compile about 2.4 MB of JavaScript (Arrow reader, syntax highlighter) before showing the answer.
-    right.markdown(ui.markdown_table(ui.results_table(results, info).drop(columns="image").set_index("mode")))
+    right.markdown(ui.results_table(results, info).drop(columns="image").set_index("mode").to_markdown())
     right.caption(ui.sizes_text(results))
     w = fhe.wire
     with st.container(border=True):
