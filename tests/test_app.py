@@ -54,7 +54,8 @@ def test_home_encrypted_prediction(app_env):
     at.button(key="home_run").click().run()
     ok(at)
     assert any("Encrypted prediction:" in s.value for s in at.success)
-    table = markdown_rows(next(m.value for m in at.markdown if m.value.startswith("| mode |")))
+    table = markdown_rows(next(m.value for m in at.markdown
+                               if m.value.startswith("|") and m.value.split("|")[1].strip() == "mode"))
     assert [r["mode"] for r in table] == ["Encrypted (FHE)"] and float(table[0]["server (ms)"]) > 0
     assert "network (ms)" in table[0] and "queue (ms)" in table[0]
     status = next(m.value for m in at.markdown if "**This session's keys**" in m.value)
