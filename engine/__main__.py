@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", type=int, default=None, help="random shifts of up to N pixels during training")
     g.add_argument("--rotate", type=float, default=None, help="random rotations of up to N degrees during training")
     g.add_argument("--scale", type=float, default=None, help="random zoom by a factor in [1-S, 1+S] during training")
+    g.add_argument("--stretch", type=float, default=None,
+                   help="squeeze or stretch one axis by a factor in [1/(1+S), 1+S] during training (uploads squeezed to a square)")
+    g.add_argument("--upload-augment", type=float, default=None,
+                   help="share of training images given an upload's round trips each epoch (exposure, resize filters, blur, JPEG)")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--lr", type=float, default=None)
@@ -269,6 +273,8 @@ def cmd_train(a) -> int:
                           lr=pick(a.lr, bt.lr), seed=a.seed, class_weighting=not a.no_class_weighting,
                           limit_train=a.limit_train, augment_shift=pick(a.augment, bt.augment_shift),
                           augment_rotate=pick(a.rotate, bt.augment_rotate), augment_scale=pick(a.scale, bt.augment_scale),
+                          augment_stretch=pick(a.stretch, bt.augment_stretch),
+                          augment_upload=pick(a.upload_augment, bt.augment_upload),
                           distill=pick(a.distill, bt.distill), teacher_epochs=pick(a.teacher_epochs, bt.teacher_epochs),
                           rounding_noise=pick(a.rounding_noise, bt.rounding_noise)),
         compile=_compile_cfg(a, base["compile"]),

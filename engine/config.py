@@ -78,6 +78,12 @@ class TrainConfig:
     augment_shift: int = 0  # random translations of up to this many pixels each epoch (0: off)
     augment_rotate: float = 0.0  # random rotations of up to this many degrees (0: off)
     augment_scale: float = 0.0  # random zoom by a factor in [1 - s, 1 + s] (0: off)
+    # squeeze or stretch one axis by a factor in [1 / (1 + s), 1 + s] (0: off): uploads resized
+    # to a square without keeping their aspect ratio
+    augment_stretch: float = 0.0
+    # share of the training images that go through an upload's round trips each epoch (other
+    # exposure, resize filters, blur, JPEG: engine.augment; 0: off)
+    augment_upload: float = 0.0
     # Knowledge distillation: weight of a clear CNN teacher's soft labels in the loss (0: off).
     distill: float = 0.0
     distill_temperature: float = 4.0
@@ -89,7 +95,8 @@ class TrainConfig:
 
     @property
     def augments(self) -> bool:
-        return bool(self.augment_shift or self.augment_rotate or self.augment_scale)
+        return bool(self.augment_shift or self.augment_rotate or self.augment_scale or self.augment_stretch
+                    or self.augment_upload)
 
 
 def cpu_cores() -> int:

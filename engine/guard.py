@@ -203,8 +203,18 @@ def _fit_temperature(logits: np.ndarray, labels: np.ndarray, multi_label: bool) 
 
 
 def fit(train_images: np.ndarray, val_images: np.ndarray, val_logits: np.ndarray, val_labels: np.ndarray,
-        channels: int, multi_label: bool, components: int = COMPONENTS) -> Guard:
-    """Fit the subspace on training images, the thresholds and the temperature on validation."""
+        channels: int, multi_label: bool, components: int = COMPONENTS,
+        shifted: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, grainy: np.ndarray | None = None) -> Guard:
+    """Fit the subspace on training images, the thresholds and the temperature on validation.
+
+    ``shifted`` (images, logits, labels): upload-like copies of the validation images
+    (:func:`engine.augment.upload_copies`). Each threshold is then the higher of its quantile
+    over the validation images and over their copies, so an image of the right kind passes however it was
+    framed and resized; the temperature is fitted on the copies, so the confidence is that of
+    an upload, not of MedMNIST's own crops (on which the model is surer than on anything else).
+    ``grainy``: edge-enhanced copies, for the graininess threshold alone (a real scan resized
+    from a sharp original is grainier than MedMNIST's images; sharpening would loosen the
+    structure thresholds until another kind of scan passes)."""
     x = Guard._vectors(train_images)
     mean = x.mean(axis=0)
     _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
@@ -214,28 +224,40 @@ def fit(train_images: np.ndarray, val_images: np.ndarray, val_logits: np.ndarray
     icov = np.linalg.inv(np.cov(st, rowvar=False) + 1e-6 * np.eye(st.shape[1]))
     g = Guard(mean.astype(np.float32), vt[:k].astype(np.float32), variances.astype(np.float32), 1.0, 1.0,
               st.mean(axis=0), icov, 1.0, 1.0, channels, multi_label, 0.0)
-    stats, maha, recon = g.distances(val_images)
-    g.stats_threshold = float(np.quantile(stats, VAL_QUANTILE))
-    g.maha_threshold = float(np.quantile(maha, VAL_QUANTILE))
-    g.recon_threshold = float(np.quantile(recon, VAL_QUANTILE))
-    g.texture_threshold = float(np.quantile(Guard.texture(val_images), VAL_QUANTILE))
+    # each threshold: the quantile over the validation images, or over their copies if higher
+    sets = [val_images] if shifted is None else [val_images, shifted[0]]
+    q = np.max([[np.quantile(d, VAL_QUANTILE) for d in g.distances(im)] for im in sets], axis=0)
+    g.stats_threshold, g.maha_threshold, g.recon_threshold = (float(v) for v in q)
+    g.texture_threshold = float(max(np.quantile(Guard.texture(im), VAL_QUANTILE)
+                                    for im in sets + ([grainy] if grainy is not None else [])))
     g.val_pass_rate = float(g.passes(val_images).mean())
-    g.temperature = _fit_temperature(val_logits, val_labels, multi_label)
+    logits, labels = (val_logits, val_labels) if shifted is None else shifted[1:]
+    g.temperature = _fit_temperature(logits, labels, multi_label)
     return g
 
 
+SHIFTED_COPIES = 4  # upload-like copies of each validation image the guard is fitted on
+
+
 def fit_for(saved, data_cfg=None) -> Guard:
-    """Fit and store the guard of a saved model from its dataset's train and validation splits."""
+    """Fit and store the guard of a saved model from its dataset's train and validation splits
+    (and upload-like copies of the validation images)."""
     import torch
 
+    from .augment import upload_copies
     from .data import load_split, to_features
 
     cfg = data_cfg or saved.config.data
     train, val = load_split(cfg, "train"), load_split(cfg, "val")
     model = saved.load_torch()
+    copies = upload_copies(val.images, SHIFTED_COPIES)
     with torch.no_grad():
-        logits = model(torch.from_numpy(to_features(val.images, saved.config.model.input_pool))).numpy()
-    g = fit(train.images, val.images, logits, val.labels, val.info.n_channels, val.info.multi_label)
+        logits = model(torch.from_numpy(to_features(np.concatenate([val.images, copies]),
+                                                    saved.config.model.input_pool))).numpy()
+    n = len(val)
+    shifted = (copies, logits[n:], np.concatenate([val.labels] * SHIFTED_COPIES))
+    g = fit(train.images, val.images, logits[:n], val.labels, val.info.n_channels, val.info.multi_label,
+            shifted=shifted, grainy=upload_copies(val.images, 1, seed=1, sharpen=1.0))
     g.save(saved.path)
     return g
 

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from . import metrics
-from .config import PipelineConfig
+from .augment import random_affine, upload_like
+from .config import PipelineConfig, TrainConfig
 from .data import Split, load_split, to_features
 from .model import QATFCNN, build_model
 from .teacher import teacher_logits
@@ -54,23 +55,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def random_affine(images: np.ndarray, shift: float, rotate: float, scale: float, rng: np.random.Generator) -> np.ndarray:
-    """Random translation (up to ``shift`` pixels), rotation (up to ``rotate`` degrees) and zoom
-    (factor in ``[1 - scale, 1 + scale]``) of each image, edges extended; float32, same shape."""
-    x = torch.from_numpy(np.asarray(images, dtype=np.float32))
-    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
-    n, _, h, w = x.shape
-    angle = torch.from_numpy(np.deg2rad(rng.uniform(-rotate, rotate, n))).float()
-    zoom = torch.from_numpy(rng.uniform(1 - scale, 1 + scale, n)).float()
-    move = torch.from_numpy(rng.uniform(-shift, shift, (n, 2)) * 2 / np.array([w, h])).float()
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1] = angle.cos() / zoom, -angle.sin() / zoom
-    theta[:, 1, 0], theta[:, 1, 1] = angle.sin() / zoom, angle.cos() / zoom
-    theta[:, :, 2] = move
-    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-    y = torch.nn.functional.grid_sample(x, grid, padding_mode="border", align_corners=False)
-    y = y[:, 0] if np.ndim(images) == 3 else y.permute(0, 2, 3, 1)
-    return y.numpy()
+def augment(images: np.ndarray, tc: TrainConfig, rng: np.random.Generator) -> np.ndarray:
+    """One epoch's random copy of ``images`` (float32 0..255): framing, then an upload's round trips."""
+    moved = random_affine(images, tc.augment_shift, tc.augment_rotate, tc.augment_scale, rng, tc.augment_stretch)
+    if tc.augment_upload:
+        moved = upload_like(moved, rng, tc.augment_upload)
+    return moved
 
 
 def class_weights(split: Split) -> torch.Tensor | None:
@@ -217,7 +207,7 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
         model.train()
         moved = train_split.images
         if tc.augments:
-            moved = random_affine(train_split.images, tc.augment_shift, tc.augment_rotate, tc.augment_scale, aug_rng)
+            moved = augment(train_split.images, tc, aug_rng)
             x_train = torch.from_numpy(to_features(moved, pool))
         if teacher is not None and (soft is None or tc.augments):  # unmoved images: their logits once
             soft = teacher_logits(teacher, moved)
