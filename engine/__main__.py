@@ -118,12 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     _server_arg(p)
     p.add_argument("--json", default=None)
 
-    p = sub.add_parser("evaluate", help="accuracy, AUC, agreement and latency per mode on a split")
+    p = sub.add_parser("evaluate", help="accuracy, AUC, agreement and latency per mode on a split or on your own labelled images")
     _data_args(p)
     _model_args(p)
     _compile_args(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
+    p.add_argument("--images", default=None,
+                   help="a folder or .zip with one subfolder per class (named after the label or its index): "
+                        "validate on your own labelled images through the upload path instead of a split")
+    p.add_argument("--label-map", default=None,
+                   help="with --images: folder names to label indices, e.g. NORMAL=0,PNEUMONIA=1")
     _modes_arg(p, "float,quantized,simulate")
     _server_arg(p)
     p.add_argument("--json", default=None, help="write the report to this file")
@@ -437,6 +442,10 @@ def cmd_evaluate(a) -> int:
     from .data import load_split
     from .evaluate import evaluate, table, write_json
 
+    if a.images:
+        return _validate_images(a)
+    if a.label_map:
+        raise UserError("--label-map goes with --images")
     p = _predictor(a)
     split = load_split(_data_cfg(a), a.split).head(a.limit)
     bar, update = _bar("evaluating")
@@ -450,6 +459,28 @@ def cmd_evaluate(a) -> int:
         d = report["distributed"]
         print(f"encrypted batch: {d['throughput_img_per_s']:.2f} img/s over {d['workers']} {d['backend']} workers, "
               f"{d['images_per_call']} image(s) per call")
+    if a.json:
+        write_json(report, Path(a.json))
+        print(f"wrote {a.json}")
+    return 0
+
+
+def _validate_images(a) -> int:
+    from . import guard as guards
+    from . import validate
+    from .evaluate import write_json
+
+    if a.backend or a.batch_size > 1:
+        raise UserError("--images runs the upload path one image at a time: drop --backend and --batch-size")
+    p = _predictor(a)
+    files = validate.read_labelled(Path(a.images), p.info, validate.parse_label_map(a.label_map))
+    guard = guards.for_model(p.saved, _data_cfg(a))
+    if guard is None:
+        _say("no input check and no calibration: the model has no guard file and its dataset is not on this machine")
+    bar, update = _bar("validating")
+    report = validate.validate(p, guard, files, a.modes, progress=update, source=a.images)
+    bar.close()
+    print(validate.table(report))
     if a.json:
         write_json(report, Path(a.json))
         print(f"wrote {a.json}")

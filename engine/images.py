@@ -6,7 +6,11 @@ Conversions, each reported in ``LoadedImage.notes``:
 - 16-bit or float data: rescaled to 0..255 by its own min and max;
 - animated GIF/TIFF/APNG: the first frame is used;
 - non-square: center-cropped to a square (as MedMNIST did), then resized (Lanczos);
-- RGB for a grayscale dataset: luminance; grayscale for an RGB dataset: replicated.
+- RGB for a grayscale dataset: luminance; grayscale for an RGB dataset: replicated;
+- DICOM (read with pydicom): the modality rescale and the file's VOI LUT or window applied,
+  MONOCHROME1 inverted, 12- or 16-bit values mapped to 0..255, the first frame of a multi-frame
+  file. Only pixels leave the file: no header field (patient, study, institution) is kept,
+  noted or returned.
 Oversized, truncated, empty and non-image files raise :class:`ImageError`.
 """
 
@@ -23,7 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_BYTES = 25 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "MPO")
-EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "gif", "npy")
+EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "gif", "npy", "dcm", "dicom")
 
 
 class ImageError(Exception):
@@ -55,6 +59,8 @@ def load_image(source: Path | bytes, size: int = 28, channels: int = 1, name: st
     notes: list[str] = []
     if name.lower().endswith(".npy") or data[:6] == b"\x93NUMPY":
         arr = _from_npy(data, name, notes)
+    elif data[128:132] == b"DICM" or name.lower().endswith((".dcm", ".dicom")):
+        arr = _from_dicom(data, name, notes)
     else:
         arr = _from_pil(data, name, notes)
     original = arr
@@ -80,6 +86,53 @@ def _from_npy(data: bytes, name: str, notes: list[str]) -> np.ndarray:
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         raise ImageError(f"{name} holds {arr.dtype} values, not numbers.")
     return _to_uint8(arr.astype(np.float64) if arr.dtype == bool else arr, notes)
+
+
+def _from_dicom(data: bytes, name: str, notes: list[str]) -> np.ndarray:
+    """The pixels of a DICOM file as a radiologist's viewer shows them; nothing else."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=name.lower().endswith((".dcm", ".dicom")))
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, AttributeError):
+        raise ImageError(f"{name} is not a readable DICOM file.") from None
+    if not len(ds):
+        raise ImageError(f"{name} is not a readable DICOM file.")
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageError(f"{name} is a DICOM file without pixel data (a report or structured document?): "
+                         "export the image itself.")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - pydicom raises several kinds for undecodable pixel data
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        how = f"compressed as {syntax.name}" if syntax is not None else "encoded in a way"
+        raise ImageError(f"{name}: the DICOM pixel data is {how} that cannot be decoded here ({type(exc).__name__}). "
+                         "Export it uncompressed (Explicit VR Little Endian) or as PNG.") from None
+    if frames > 1:
+        arr = arr[0]
+        notes.append(f"DICOM with {frames} frames: used the first frame")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric.startswith("MONOCHROME"):
+        arr = apply_modality_lut(arr, ds)
+        windowed = "VOILUTSequence" in ds or "WindowCenter" in ds
+        if windowed:
+            arr = apply_voi_lut(arr, ds)
+            notes.append("DICOM: applied the file's VOI LUT" if "VOILUTSequence" in ds else "DICOM: applied the file's window")
+        arr = _to_uint8(np.asarray(arr, dtype=np.float64), notes)
+        if photometric == "MONOCHROME1":
+            arr = 255 - arr
+            notes.append("DICOM MONOCHROME1 (white is low): inverted")
+        return arr
+    if photometric.startswith("YBR"):
+        from pydicom.pixels import convert_color_space
+
+        arr = convert_color_space(arr, photometric, "RGB")
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ImageError(f"{name}: DICOM {photometric} images are not supported; export it as PNG.")
+    return _to_uint8(arr, notes)
 
 
 def _to_uint8(arr: np.ndarray, notes: list[str]) -> np.ndarray:
