@@ -89,6 +89,50 @@ def test_predict_image_warns_about_foreign_inputs(env, tmp_path, data_dir):
     assert all(f"{f}: " in out for f in files) and "confidence" in out
 
 
+def test_evaluate_images_on_a_labelled_folder(env, tmp_path, data_dir):
+    """Validation on one's own labelled images: class folders named as the user likes (mapped),
+    an unreadable file listed and counted, encryption in the last mode; a folder that matches no
+    label is one clear error naming it."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.data import DataConfig, load_split
+
+    val = load_split(DataConfig("pneumoniamnist", data_dir=str(data_dir), allow_download=False), "val")
+    root = tmp_path / "mine"
+    picks = {"Healthy": np.flatnonzero(val.labels[:, 0] == 0)[:3], "PNEUMONIA": np.flatnonzero(val.labels[:, 0] == 1)[:3]}
+    for folder, idx in picks.items():
+        (root / folder).mkdir(parents=True)
+        for i in idx:  # uploads as a clinic has them: larger, JPEG
+            Image.fromarray(val.images[i]).resize((112, 112)).save(root / folder / f"img{i}.jpg", quality=90)
+    (root / "PNEUMONIA" / "broken.png").write_bytes(b"not a png")
+    report = tmp_path / "mine.json"
+    out = run(env, "evaluate", "--dataset", "pneumoniamnist", "--model", "cli-tiny", "--images", str(root),
+              "--label-map", "healthy=0", "--modes", "quantized,fhe", "--json", str(report)).stdout
+    rep = json.loads(report.read_text())
+    assert rep["files"] == 7 and rep["n"] == 6
+    assert rep["unreadable"] == [{"file": "PNEUMONIA/broken.png", "reason": rep["unreadable"][0]["reason"]}]
+    assert "not an image" in rep["unreadable"][0]["reason"] and "unreadable: PNEUMONIA/broken.png" in out
+    assert set(rep["modes"]) == {"quantized", "fhe"} and rep["answer_mode"] == "fhe"
+    fhe = rep["modes"]["fhe"]
+    assert sum(map(sum, fhe["confusion"])) == 6 and [sum(r) for r in fhe["confusion"]] == [3, 3]
+    assert set(fhe["recall"]) == {"normal", "pneumonia"}
+    images = rep["images"]
+    assert sorted(i["file"] for i in images) == sorted(f"{f}/img{i}.jpg" for f, idx in picks.items() for i in idx)
+    for im in images:
+        assert im["label"] == (0 if im["file"].startswith("Healthy/") else 1)
+        assert isinstance(im["prediction"], int) and 0.5 <= im["confidence"] <= 1 and isinstance(im["flagged"], bool)
+    right = np.mean([im["prediction"] == im["label"] for im in images])
+    assert abs(fhe["accuracy"] - right) < 1e-9
+    assert "confusion matrix (fhe" in out and "flagged as unlike the training images" in out
+    # a folder matching no label: one clear error that names it
+    (root / "Unsure").mkdir()
+    Image.fromarray(val.images[0]).save(root / "Unsure" / "x.png")
+    p = run(env, "evaluate", "--dataset", "pneumoniamnist", "--model", "cli-tiny", "--images", str(root),
+            "--label-map", "healthy=0", "--modes", "quantized", ok=False)
+    assert p.returncode == 2 and "Folder 'Unsure'" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_train_then_evaluate_any_subset(env, tmp_path):
     from conftest import make_npz
 
