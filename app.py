@@ -14,6 +14,7 @@ PAGES = {
         st.Page("pages/0_Home.py", title="Home", icon=":material/home:", default=True),
         st.Page("pages/4_Upload.py", url_path="Upload", title="Upload", icon=":material/upload_file:"),
         st.Page("pages/3_Encrypted_inference.py", url_path="Encrypted_inference", title="Encrypted inference", icon=":material/lock:"),
+        st.Page("pages/7_Validate.py", url_path="Validate", title="Validate", icon=":material/fact_check:"),
     ],
     "Build": [
         st.Page("pages/1_Train.py", url_path="Train", title="Train", icon=":material/model_training:"),

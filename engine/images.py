@@ -157,7 +157,7 @@ def _from_pil(data: bytes, name: str, notes: list[str]) -> np.ndarray:
         if img.width * img.height > MAX_PIXELS:
             raise ImageError(f"{name} is {img.width}x{img.height} pixels; the limit is {MAX_PIXELS:,}. Downscale it first.")
         if fmt not in FORMATS:
-            raise ImageError(f"{name} is a {fmt} image; use PNG, JPEG, BMP, TIFF or .npy.")
+            raise ImageError(f"{name} is a {fmt} image; use PNG, JPEG, BMP, TIFF, DICOM or .npy.")
         if getattr(img, "n_frames", 1) > 1:
             notes.append(f"animated/multi-page ({img.n_frames} frames): used the first frame")
             img.seek(0)
@@ -167,7 +167,7 @@ def _from_pil(data: bytes, name: str, notes: list[str]) -> np.ndarray:
     except Image.DecompressionBombError:
         raise ImageError(f"{name} has more than {MAX_PIXELS:,} pixels. Downscale it first.") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name} is not an image (use PNG, JPEG, BMP, TIFF or .npy).") from None
+        raise ImageError(f"{name} is not an image (use PNG, JPEG, BMP, TIFF, DICOM or .npy).") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name} is truncated or corrupt ({exc}).") from None
     img = ImageOps.exif_transpose(img) or img

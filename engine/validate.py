@@ -219,7 +219,7 @@ def validate(predictor, guard: Guard | None, files: list[LabelledFile], modes, p
     return report
 
 
-def _pct(v) -> str:
+def pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
@@ -229,9 +229,9 @@ def table(report: dict) -> str:
              + (f" ({len(report['unreadable'])} unreadable)" if report["unreadable"] else "")]
     names = list(report["labels"].values())
     for mode, m in report["modes"].items():
-        recall = ", ".join(f"{k} {_pct(v)}" for k, v in m["recall"].items())
+        recall = ", ".join(f"{k} {pct(v)}" for k, v in m["recall"].items())
         auc = "-" if m["auc"] is None else f"{m['auc']:.3f}"
-        lines.append(f"{mode}: accuracy {_pct(m['accuracy'])}, balanced {_pct(m['balanced_accuracy'])}, AUC {auc}; "
+        lines.append(f"{mode}: accuracy {pct(m['accuracy'])}, balanced {pct(m['balanced_accuracy'])}, AUC {auc}; "
                      f"recall: {recall}")
     if "images" in report:
         m = report["modes"][report["answer_mode"]]
@@ -239,11 +239,11 @@ def table(report: dict) -> str:
         lines.append(f"confusion matrix ({report['answer_mode']}; rows: true, columns: predicted)")
         lines.append(" " * width + "".join(n[: width - 1].rjust(width) for n in names))
         lines += [n.ljust(width) + "".join(str(v).rjust(width) for v in row) for n, row in zip(names, m["confusion"])]
-        lines.append(f"flagged as unlike the training images: {_pct(report['flagged_share'])} "
-                     f"(accuracy flagged {_pct(report['accuracy_flagged'])}, passed {_pct(report['accuracy_passed'])})")
+        lines.append(f"flagged as unlike the training images: {pct(report['flagged_share'])} "
+                     f"(accuracy flagged {pct(report['accuracy_flagged'])}, passed {pct(report['accuracy_passed'])})")
         kind = "calibrated " if report["calibrated"] else "uncalibrated "
-        lines.append(f"answers at {kind}confidence >= {100 * CONFIDENT:.0f}%: {_pct(report['confident_share'])} "
-                     f"of images, {_pct(report['accuracy_confident'])} right")
+        lines.append(f"answers at {kind}confidence >= {100 * CONFIDENT:.0f}%: {pct(report['confident_share'])} "
+                     f"of images, {pct(report['accuracy_confident'])} right")
     for u in report["unreadable"]:
         lines.append(f"unreadable: {u['file']}: {u['reason']}")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ saved, cc, info = ui.model_page("Upload", "Classify your own images, encrypted")
 size, channels = saved.config.data.size, info.n_channels
 st.markdown(
     f"Model **{saved.name}** expects {size}×{size} {'grayscale' if channels == 1 else 'RGB'} "
-    f"{saved.dataset} images. Accepted: PNG, JPEG, BMP, TIFF, GIF (first frame), a `.npy` array, or a "
+    f"{saved.dataset} images. Accepted: PNG, JPEG, BMP, TIFF, GIF (first frame), DICOM (pixels only: no header field is shown, stored or sent), a `.npy` array, or a "
     "`.zip` of them; several files give one table. Non-square images are center-cropped, then resized; "
     "transparency is composited onto black; 16-bit and float data are rescaled to 0–255."
 )

@@ -195,10 +195,53 @@ def test_batch_upload_in_browser(server, browser, tmp_path, data_dir):
     page.close()
 
 
+def test_validation_from_a_zip_in_browser(server, browser, tmp_path, data_dir):
+    """A zip of class folders (one mapped, one unreadable file): encrypted validation with a
+    progress bar, the confusion heatmap, the reliability diagram, the table and the CSV."""
+    import zipfile
+
+    from engine.data import DataConfig, load_split
+
+    server, mode, _ = server
+    if mode == "ENGINE_SERVER_URL":
+        pytest.skip("the validation report does not depend on where the service runs")
+    val = load_split(DataConfig("pneumoniamnist", data_dir=str(data_dir), allow_download=False), "val")
+    path = tmp_path / "labelled.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for folder, label in (("HEALTHY", 0), ("pneumonia", 1)):
+            for i in np.flatnonzero(val.labels[:, 0] == label)[:2]:
+                z.writestr(f"clinic/{folder}/img{i}.png", _png(val.images[i]))
+        z.writestr("clinic/pneumonia/broken.png", b"not a png")
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(f"{server}/Validate")
+    page.get_by_role("heading", name="Validate on your own labelled images").wait_for(timeout=120_000)
+    mapping = page.locator('input[aria-label="Map other folder names (optional)"]')
+    mapping.wait_for(timeout=120_000)
+    mapping.fill("HEALTHY=0")
+    mapping.press("Enter")
+    page.locator('input[type="file"]').wait_for(state="attached", timeout=60_000)
+    page.locator('input[type="file"]').set_input_files(str(path))
+    page.get_by_text("5 files").wait_for(timeout=60_000)
+    page.get_by_role("button", name="Validate 5 images, encrypted").click()
+    page.get_by_text("Accuracy (encrypted)").wait_for(timeout=240_000)
+    content = page.content()
+    assert "Recall per class" in content and "Not classified: pneumonia/broken.png" in content
+    page.locator(".js-plotly-plot").nth(1).wait_for(timeout=30_000)  # confusion heatmap and reliability diagram
+    page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=30_000)
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Download CSV").click()
+    csv = Path(dl.value.path()).read_text()
+    assert csv.splitlines()[0].startswith("file,true,prediction,right,confidence") and len(csv.splitlines()) == 5
+    assert page.locator('[data-testid="stException"]').count() == 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "validate_encrypted.png"), full_page=True)
+    page.close()
+
+
 PAGES = [("", "Home", "Encrypted medical image classification"), ("Upload", "Upload", "Classify your own images"),
          ("Encrypted_inference", "Encrypted inference", "Encrypted inference"), ("Train", "Train", "Train a quantization-aware model"),
          ("Compile", "Compile", "Compile to an FHE circuit"), ("Bit-width_explorer", "Bit-width explorer", "Accuracy against bit-width"),
-         ("Benchmarks", "Benchmarks", "Benchmarks")]
+         ("Benchmarks", "Benchmarks", "Benchmarks"), ("Validate", "Validate", "Validate on your own labelled images")]
 
 
 def test_every_page_renders_with_grouped_navigation(server, browser):
