@@ -329,8 +329,18 @@ def batch_table(items, fhe, info, guard) -> pd.DataFrame:
     return pd.DataFrame(batch_rows(items, fhe.logits, fhe.predictions, lambda p: label_text(info, p), guard))
 
 
-def results_table(results: dict, info, labels_true=None) -> pd.DataFrame:
-    """One row per image and mode: prediction, probabilities, latency and FHE stage timings."""
+def confidence_text(saved: registry.SavedModel, logits) -> str:
+    """The calibrated confidence of one answer, as shown next to it ('' without a guard)."""
+    g = guard(saved)
+    if g is None:
+        return ""
+    c = g.confidence(logits)
+    return f"calibrated confidence {100 * c.top:.0f}%" + (" — **uncertain** (the top two classes are close)" if c.uncertain else "")
+
+
+def results_table(results: dict, info, labels_true=None, guard=None) -> pd.DataFrame:
+    """One row per image and mode: prediction, probabilities (calibrated with the model's guard
+    where given), latency and FHE stage timings."""
     rows = []
     for mode, r in results.items():
         for i in range(len(r.latency_s)):
@@ -338,8 +348,9 @@ def results_table(results: dict, info, labels_true=None) -> pd.DataFrame:
             if labels_true is not None:
                 row["true"] = labels_true[i]
             if not info.multi_label:
+                probs = guard.confidence(r.logits[i]).probabilities if guard is not None else r.scores[i]
                 for c, lbl in info.labels.items():
-                    row[f"P({lbl})"] = round(float(r.scores[i, c]), 4)
+                    row[f"P({lbl})" + (" calibrated" if guard is not None else "")] = round(float(probs[c]), 4)
             row["latency (ms)"] = round(1000 * float(r.latency_s[i]), 2)
             for stage in ("encrypt_s", "network_s", "queue_s", "server_s", "decrypt_s"):
                 if stage in r.stages:

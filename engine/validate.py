@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import io
 import zipfile
+from itertools import combinations
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from . import metrics
+from .evaluate import agreement
 from .data import DatasetInfo
 from .guard import Guard, Screened, screen
 from .images import EXTENSIONS, MAX_ARCHIVE_FILES, MAX_BYTES, ImageError
@@ -188,7 +190,8 @@ def validate(predictor, guard: Guard | None, files: list[LabelledFile], modes, p
     report = {"dataset": saved.dataset, "model": saved.name, "model_hash": saved.hash, "source": source,
               "labels": {int(k): v for k, v in info.labels.items()}, "files": len(items), "n": len(good),
               "unreadable": [{"file": it.name, "reason": it.error} for it in items if it.error is not None],
-              "modes": {m: class_report(labels, r.logits, info) for m, r in results.items()}}
+              "modes": {m: class_report(labels, r.logits, info) for m, r in results.items()},
+              "agreement": {f"{a}_{b}": agreement(results[a], results[b]) for a, b in combinations(results, 2)}}
     if not results:
         return report
     last = results[modes[-1]]
@@ -244,6 +247,8 @@ def table(report: dict) -> str:
         kind = "calibrated " if report["calibrated"] else "uncalibrated "
         lines.append(f"answers at {kind}confidence >= {100 * CONFIDENT:.0f}%: {pct(report['confident_share'])} "
                      f"of images, {pct(report['accuracy_confident'])} right")
+    if report.get("agreement"):
+        lines.append("agreement: " + ", ".join(f"{k} {pct(v)}" for k, v in report["agreement"].items()))
     for u in report["unreadable"]:
         lines.append(f"unreadable: {u['file']}: {u['reason']}")
     return "\n".join(lines)

@@ -61,11 +61,12 @@ last = st.session_state.get("home_result")
 if last and last[0] == saved.hash and last[1] == int(idx):
     _, _, results = last
     fhe = results["fhe"]
+    conf = ui.confidence_text(saved, fhe.logits[0])
     right.success(f"Encrypted prediction: **{ui.label_text(info, fhe.predictions[0])}** "
-                  f"({1000 * fhe.latency_s[0]:.0f} ms end to end)")
+                  f"({1000 * fhe.latency_s[0]:.0f} ms end to end)" + (f" · {conf}" if conf else ""))
     # Markdown rather than st.table / st.code: a fresh browser session would otherwise fetch and
     # compile about 2.4 MB of JavaScript (Arrow reader, syntax highlighter) before showing the answer.
-    right.markdown(ui.results_table(results, info).drop(columns="image").set_index("mode").to_markdown())
+    right.markdown(ui.results_table(results, info, guard=ui.guard(saved)).drop(columns="image").set_index("mode").to_markdown())
     right.caption(ui.sizes_text(results))
     w = fhe.wire
     with st.container(border=True):

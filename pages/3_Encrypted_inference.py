@@ -43,7 +43,7 @@ if st.button("Run", type="primary", key="inf_run", disabled=not selected or not 
 
 if "inf_results" in st.session_state:
     sel, results = st.session_state["inf_results"]
-    df = ui.results_table(results, info, [truth[i] for i in sel])
+    df = ui.results_table(results, info, [truth[i] for i in sel], guard=ui.guard(saved))
     df["image"] = [f"#{sel[i]}" for i in df["image"]]
     st.subheader("Predictions and timings")
     st.dataframe(df, hide_index=True)
