@@ -21,15 +21,16 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from engine import registry
+from engine.learn import registry
 from engine.config import CompileConfig, DataConfig, default_data_dir
 # available_datasets, present_datasets and MODES are re-exported for the pages.
-from engine.data import DataError, available_datasets, dataset_info, present_datasets  # noqa: F401
-from engine.client import EncryptedClient, HTTPTransport, KeyPool, LocalServiceProcess, find_circuit
+from engine.learn.data import DataError, available_datasets, dataset_info, present_datasets  # noqa: F401
+from engine.serve.client import EncryptedClient, HTTPTransport, KeyPool, LocalServiceProcess, find_circuit
 from engine.config import default_cache_dir, default_models_dir
-from engine.fhe import compile_model, release_memory
-from engine.infer import MODES, Predictor  # noqa: F401
-from engine.metrics import label_text
+from engine.fhe.circuit import compile_model
+from engine.fhe.threads import release_memory
+from engine.study.infer import MODES, Predictor  # noqa: F401
+from engine.learn.metrics import label_text
 
 # What the imports above loaded (torch, pandas, streamlit; concrete follows with the first circuit,
 # see _shared_circuit) lives as long as the process: move it out of the collector's sight, so a
@@ -224,7 +225,7 @@ def decrypt_with_fresh_key(saved: registry.SavedModel, result: bytes):
     """Decrypt an encrypted result with a newly generated, unrelated key: the logits it yields."""
     import numpy as np
 
-    from engine.fhe import FHEClient
+    from engine.fhe.keys import FHEClient
 
     stranger = FHEClient(compiled_circuit(saved, saved.config.compile))
     stranger.keygen()
@@ -294,7 +295,7 @@ def progress_bar(text: str):
 
 @st.cache_resource(show_spinner="Preparing the input check…")
 def _guard(dataset: str, name: str, model_hash: str):
-    from engine import guard as guards
+    from engine.learn import guard as guards
 
     return guards.for_model(registry.load(dataset, name), data_config(dataset))
 
@@ -306,7 +307,7 @@ def guard(saved: registry.SavedModel):
 
 @st.cache_data(show_spinner="Measuring stability: repeated simulations of validation images…", max_entries=64)
 def _stability(dataset: str, name: str, model_hash: str, cc_json: str):
-    from engine import stability as stab
+    from engine.study import stability as stab
 
     saved, cc = registry.load(dataset, name), CompileConfig(**json.loads(cc_json))
     return stab.check(saved, cc, data_config(dataset), compiled=compiled_circuit(saved, cc))
@@ -318,13 +319,13 @@ def stability(saved: registry.SavedModel, cc: CompileConfig):
 
 
 def nearest_stable(saved: registry.SavedModel, cc: CompileConfig):
-    from engine import stability as stab
+    from engine.study import stability as stab
 
     return stab.propose(saved, cc, data_config(saved.dataset))
 
 
 def batch_table(items, fhe, info, guard) -> pd.DataFrame:
-    from engine.guard import batch_rows
+    from engine.learn.guard import batch_rows
 
     return pd.DataFrame(batch_rows(items, fhe.logits, fhe.predictions, lambda p: label_text(info, p), guard))
 
@@ -360,7 +361,7 @@ def results_table(results: dict, info, labels_true=None, guard=None) -> pd.DataF
 
 
 def agreement_text(results: dict) -> str:
-    from engine.evaluate import agreement
+    from engine.study.evaluate import agreement
 
     modes = list(results)
     parts = [f"{MODE_LABELS[a]} vs {MODE_LABELS[b]}: {100 * agreement(results[a], results[b]):.0f}%"

@@ -23,8 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engine.evaluate import machine_info  # noqa: E402
-from engine.loadtest import markdown  # noqa: E402
+from engine.study.evaluate import machine_info  # noqa: E402
+from engine.serve.loadtest import markdown  # noqa: E402
 
 GIB = 2**30
 

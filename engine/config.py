@@ -82,7 +82,7 @@ class TrainConfig:
     # to a square without keeping their aspect ratio
     augment_stretch: float = 0.0
     # share of the training images that go through an upload's round trips each epoch (other
-    # exposure, resize filters, blur, JPEG: engine.augment; 0: off)
+    # exposure, resize filters, blur, JPEG: engine.learn.augment; 0: off)
     augment_upload: float = 0.0
     # Knowledge distillation: weight of a clear CNN teacher's soft labels in the loss (0: off).
     distill: float = 0.0
@@ -150,7 +150,7 @@ class ServiceConfig:
     key_grace_s: float = 30.0  # a new key set is not evicted before its first use within this time
     key_wait_s: float = 30.0  # an upload waits this long for room in the key store, then 429
     # FHE runs in flight; 0: one per core. A run alone spreads over every core; runs side by
-    # side use one core each (engine.workpool), so the CPU is never oversubscribed.
+    # side use one core each (engine.serve.workpool), so the CPU is never oversubscribed.
     workers: int = 0
     max_queue: int = 64  # runs waiting, over all clients; past it: 429
     backend: str = "local"  # or "dask"

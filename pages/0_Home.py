@@ -3,7 +3,7 @@
 import streamlit as st
 
 import ui
-from engine.data import gallery_split
+from engine.learn.data import gallery_split
 
 st.title("Encrypted medical image classification")
 # Few elements, and plain Markdown: with a room full of visitors opening the page at once on a

@@ -5,11 +5,11 @@ import plotly.graph_objects as go
 import streamlit as st
 
 import ui
-from engine import registry
+from engine.learn import registry
 from engine.config import ModelConfig, PipelineConfig, TrainConfig
-from engine.data import DataError, locate
-from engine.recipes import recipe
-from engine.train import train
+from engine.learn.data import DataError, locate
+from engine.learn.recipes import recipe
+from engine.learn.train import train
 
 st.set_page_config(page_title="Train", page_icon=ui.FAVICON, layout="wide")
 st.title("Train a quantization-aware model")
@@ -86,7 +86,7 @@ if submitted:
         with ui.long_job("training"):
             result = train(cfg, progress=on_epoch)
             saved = registry.save(result, name.strip() or None)
-            from engine import guard as guards
+            from engine.learn import guard as guards
 
             guards.fit_for(saved, cfg.data)  # the input check and confidence calibration, on validation
         st.session_state["model"] = (saved.dataset, saved.name)

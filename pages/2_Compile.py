@@ -69,7 +69,7 @@ if rep and rep["model_hash"] == saved.hash and rep["compile"]["rounding_threshol
                             f"{1000 * prop[2].latency_s:.0f} ms per encrypted image.", icon=":material/lightbulb:")
     if st.button("Generate this session's keys", key="keygen_btn"):
         try:
-            from engine.fhe import FHEClient
+            from engine.fhe.keys import FHEClient
 
             client = FHEClient(ui.compiled_circuit(saved, cc))  # a throwaway pair, to measure
             client.keygen()

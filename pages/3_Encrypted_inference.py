@@ -4,7 +4,7 @@ import numpy as np
 import streamlit as st
 
 import ui
-from engine.data import gallery_split
+from engine.learn.data import gallery_split
 
 saved, cc, info = ui.model_page("Encrypted inference", "Encrypted inference: four modes side by side")
 split, source = gallery_split(ui.data_config(saved.dataset))

@@ -4,8 +4,8 @@ import pandas as pd
 import streamlit as st
 
 import ui
-from engine import guard as guards
-from engine.images import EXTENSIONS, ImageError
+from engine.learn import guard as guards
+from engine.learn.images import EXTENSIONS, ImageError
 
 saved, cc, info = ui.model_page("Upload", "Classify your own images, encrypted")
 size, channels = saved.config.data.size, info.n_channels

@@ -5,9 +5,9 @@ import dataclasses
 import streamlit as st
 
 import ui
-from engine import explore
+from engine.study import explore
 from engine.config import CompileConfig, ModelConfig, PipelineConfig, TrainConfig
-from engine.data import DataError
+from engine.learn.data import DataError
 
 st.set_page_config(page_title="Bit-width explorer", page_icon=ui.FAVICON, layout="wide")
 st.title("Accuracy against bit-width")

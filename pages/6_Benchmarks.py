@@ -6,7 +6,7 @@ import plotly.express as px
 import streamlit as st
 
 import ui
-from engine.evaluate import load_reports, report_rows, results_dir, target_rows
+from engine.study.evaluate import load_reports, report_rows, results_dir, target_rows
 
 st.set_page_config(page_title="Benchmarks", page_icon=ui.FAVICON, layout="wide")
 st.title("Benchmarks")

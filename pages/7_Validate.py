@@ -4,8 +4,8 @@ import pandas as pd
 import streamlit as st
 
 import ui
-from engine import validate
-from engine.images import ImageError, load_image
+from engine.study import validate
+from engine.learn.images import ImageError, load_image
 
 saved, cc, info = ui.model_page("Validate", "Validate on your own labelled images")
 names = "; ".join(f"`{n}` ({i})" for i, n in info.labels.items())

@@ -74,8 +74,8 @@ def models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_saved(data_dir, models_dir):
-    from engine import registry
-    from engine.train import train
+    from engine.learn import registry
+    from engine.learn.train import train
 
     return registry.save(train(tiny_config(data_dir)), "tiny", models_dir)
 
@@ -87,7 +87,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def predictor(tiny_saved, cache_dir, tmp_path_factory):
-    from engine.infer import Predictor
+    from engine.study.infer import Predictor
 
     p = Predictor(saved=tiny_saved, cache_dir=cache_dir, key_dir=tmp_path_factory.mktemp("keys"))
     p.ensure_compiled()
@@ -96,6 +96,6 @@ def predictor(tiny_saved, cache_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def test_split(data_dir):
-    from engine.data import load_split
+    from engine.learn.data import load_split
 
     return load_split(DataConfig("pneumoniamnist", data_dir=str(data_dir), allow_download=False), "test")

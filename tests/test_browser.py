@@ -162,7 +162,7 @@ def test_upload_in_browser(server, browser, tmp_path):
 def test_batch_upload_in_browser(server, browser, tmp_path, data_dir):
     import zipfile
 
-    from engine.data import DataConfig, load_split
+    from engine.learn.data import DataConfig, load_split
 
     server, mode, _ = server
     if mode == "ENGINE_SERVER_URL":
@@ -200,7 +200,7 @@ def test_validation_from_a_zip_in_browser(server, browser, tmp_path, data_dir):
     progress bar, the confusion heatmap, the reliability diagram, the table and the CSV."""
     import zipfile
 
-    from engine.data import DataConfig, load_split
+    from engine.learn.data import DataConfig, load_split
 
     server, mode, _ = server
     if mode == "ENGINE_SERVER_URL":

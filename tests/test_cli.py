@@ -74,7 +74,7 @@ def test_predict_image_warns_about_foreign_inputs(env, tmp_path, data_dir):
     import numpy as np
     from PIL import Image
 
-    from engine.data import DataConfig, load_split
+    from engine.learn.data import DataConfig, load_split
 
     val = load_split(DataConfig("pneumoniamnist", data_dir=str(data_dir), allow_download=False), "val")
     Image.fromarray(val.images[0]).save(tmp_path / "xray.png")
@@ -96,7 +96,7 @@ def test_evaluate_images_on_a_labelled_folder(env, tmp_path, data_dir):
     import numpy as np
     from PIL import Image
 
-    from engine.data import DataConfig, load_split
+    from engine.learn.data import DataConfig, load_split
 
     val = load_split(DataConfig("pneumoniamnist", data_dir=str(data_dir), allow_download=False), "val")
     root = tmp_path / "mine"

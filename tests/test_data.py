@@ -6,7 +6,7 @@ from conftest import make_npz
 from medmnist import INFO
 
 from engine.config import DataConfig
-from engine.data import DataError, dataset_info, load_split, present_datasets, to_features
+from engine.learn.data import DataError, dataset_info, load_split, present_datasets, to_features
 
 
 def cfg(folder, flag="pneumoniamnist", **kw):

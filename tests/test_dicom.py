@@ -13,8 +13,8 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid
 
 from conftest import REPO
-from engine import guard as guards
-from engine.images import ImageError, load_image
+from engine.learn import guard as guards
+from engine.learn.images import ImageError, load_image
 
 PATIENT = "Doe^Jane"
 PATIENT_ID = "PID-314159"
@@ -29,7 +29,7 @@ def xray() -> np.ndarray:
     if real:
         a = np.asarray(Image.open(real[0]).convert("L")).astype(np.float64)
     else:
-        from engine.data import load_samples
+        from engine.learn.data import load_samples
 
         a = load_samples("pneumoniamnist").images[0].astype(np.float64)
     return np.round((a - a.min()) / (a.max() - a.min()) * 255).astype(np.uint8)

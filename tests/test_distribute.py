@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from engine.distribute import run_batch
+from engine.serve.distribute import run_batch
 
 
 @pytest.fixture(scope="module")

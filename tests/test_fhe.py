@@ -8,7 +8,9 @@ import pytest
 from joblib import Parallel, delayed
 
 from engine.config import CompileConfig
-from engine.fhe import FHEClient, FHEServer, compile_model, load_entry
+from engine.fhe.keys import FHEClient
+from engine.fhe.runtime import FHEServer
+from engine.fhe.circuit import compile_model, load_entry
 
 
 def test_compile_report(predictor, tiny_saved, tmp_path):
@@ -130,7 +132,7 @@ def test_two_sessions_share_a_server_concurrently(predictor, test_split):
     """Two clients (own keys) on one shared server, in threads as Streamlit runs sessions."""
     import threading
 
-    from engine.infer import Predictor
+    from engine.study.infer import Predictor
 
     imgs = test_split.images[:3]
     expected = predictor.run(imgs, "simulate")["simulate"].predictions
@@ -196,7 +198,7 @@ def test_run_threads_are_set_per_thread_and_runs_agree(predictor, test_split):
     another thread, and a run on one core computes what a run on every core does."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from engine.fhe import set_run_threads
+    from engine.fhe.threads import set_run_threads
 
     client = predictor.ensure_client()
     client.keygen()

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from engine import guard as guards
-from engine import registry
-from engine.data import DataConfig, load_split
+from engine.learn import guard as guards
+from engine.learn import registry
+from engine.learn.data import DataConfig, load_split
 
 
 def foreign_inputs(size: int = 28) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -85,7 +85,7 @@ def test_batch_upload_with_a_zip_gives_one_row_per_file(tiny_saved, predictor, d
 
 
 def test_a_zip_without_images_is_refused_clearly():
-    from engine.images import ImageError, expand_uploads
+    from engine.learn.images import ImageError, expand_uploads
 
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as z:
@@ -97,9 +97,9 @@ def test_a_zip_without_images_is_refused_clearly():
 
 
 def test_stability_report_on_an_unstable_and_a_stable_setting(tiny_saved, cache_dir, data_dir):
-    from engine import stability
+    from engine.study import stability
     from engine.config import CompileConfig
-    from engine.infer import Predictor
+    from engine.study.infer import Predictor
 
     val = load_split(DataConfig("pneumoniamnist", data_dir=str(data_dir), allow_download=False), "val").head(300)
     shaky = CompileConfig(rounding_threshold_bits=3, rounding_method="approximate", p_error=0.05, inputset_size=128)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.images import ImageError, load_image
+from engine.learn.images import ImageError, load_image
 
 
 def png(img: Image.Image, fmt="PNG", **kw) -> bytes:

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from engine.keystore import KeyStore, StoreFull
+from engine.serve.keystore import KeyStore, StoreFull
 
 
 class Clock:

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.client import EncryptedClient, HTTPTransport, InProcessTransport, find_circuit
+from engine.serve.client import EncryptedClient, HTTPTransport, InProcessTransport, find_circuit
 from engine.config import ServiceConfig
-from engine.hosting import Service
+from engine.serve.hosting import Service
 
 
 def free_port() -> int:
@@ -24,12 +24,12 @@ def free_port() -> int:
 
 
 class RunningService:
-    """``engine.service`` under uvicorn in a thread, on a free loopback port."""
+    """``engine.serve.api`` under uvicorn in a thread, on a free loopback port."""
 
     def __init__(self, config: ServiceConfig):
         import uvicorn
 
-        from engine.service import create_app
+        from engine.serve.api import create_app
 
         self.service = Service(config)
         self.port = free_port()
@@ -191,7 +191,7 @@ def test_full_queue_answers_429_with_retry_after(tiny_saved, models_dir, cache_d
 
 
 def test_fair_queue_serves_clients_in_turn():
-    from engine.workpool import WorkPool
+    from engine.serve.workpool import WorkPool
 
     pool = WorkPool(workers=1, max_queue=100)
     gate, order = threading.Event(), []
@@ -206,7 +206,7 @@ def test_fair_queue_serves_clients_in_turn():
 
 
 def test_background_work_waits_for_predictions():
-    from engine.workpool import WorkPool
+    from engine.serve.workpool import WorkPool
 
     pool = WorkPool(workers=1, max_queue=100)
     gate, order = threading.Event(), []
@@ -223,7 +223,7 @@ def test_background_work_waits_for_predictions():
 def test_a_client_never_has_two_runs_at_once():
     """Two workers: one client's jobs run one after the other (concurrent Concrete runs on one
     key set can crash the process), while another client's job uses the second worker."""
-    from engine.workpool import WorkPool
+    from engine.serve.workpool import WorkPool
 
     pool = WorkPool(workers=2, max_queue=100)
     lock, running, spans = threading.Lock(), {}, []
@@ -248,7 +248,7 @@ def test_a_client_never_has_two_runs_at_once():
 def test_a_lone_run_spreads_over_every_core_runs_side_by_side_use_one_each():
     """Each job is told its threads before it runs: every core when nothing else runs or waits,
     one when the workers are shared."""
-    from engine.workpool import WorkPool
+    from engine.serve.workpool import WorkPool
 
     told = threading.local()
     pool = WorkPool(workers=2, max_queue=100, threads=lambda n: setattr(told, "n", n))
@@ -414,7 +414,7 @@ def test_dask_backend_equals_local_pool(tiny_saved, models_dir, cache_dir, feats
 
 
 def test_key_pool_hands_each_user_fresh_ready_keys(svc, circuit, predictor, feats, tmp_path):
-    from engine.client import KeyPool
+    from engine.serve.client import KeyPool
 
     transport = HTTPTransport(svc.url)
     pool = KeyPool(lambda: transport, circuit["id"], tmp_path, spares=1, makers=1)

@@ -1,7 +1,7 @@
 """The search's choice rule and Pareto front, on hand-made points (the measured ones come from
 ``test_cli.test_search_scores_points_and_chooses_a_stable_one``)."""
 
-from engine.sweep import choose, pareto_front
+from engine.study.sweep import choose, pareto_front
 
 
 def point(hidden, rounding, score, agreement, latency_ms):
@@ -39,7 +39,7 @@ def test_points_differing_only_in_compile_settings_share_one_trained_model(data_
 
     from conftest import tiny_config
 
-    from engine.sweep import trained
+    from engine.study.sweep import trained
 
     cfg = tiny_config(data_dir, epochs=1, limit_train=128)
     a = trained(cfg, tmp_path)
@@ -58,8 +58,8 @@ def test_framing_shift_scores_every_point_on_the_same_moved_validation_images(da
     import numpy as np
     from conftest import tiny_config
 
-    from engine.data import load_split
-    from engine.sweep import SHIFT_COPIES, add_shifted, score, shifted_validation
+    from engine.learn.data import load_split
+    from engine.study.sweep import SHIFT_COPIES, add_shifted, score, shifted_validation
 
     cfg = tiny_config(data_dir, epochs=1, limit_train=256)
     a, la, _ = shifted_validation(cfg.data)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from conftest import make_npz, tiny_config
 
-from engine import registry
+from engine.learn import registry
 from engine.config import ModelConfig
-from engine.train import train
+from engine.learn.train import train
 
 
 def test_tiny_model_learns_pneumonia(tiny_saved):
@@ -71,8 +71,8 @@ def test_registry_default_is_newest_and_roundtrips(tiny_saved, models_dir):
 
 
 def test_affine_augmentation_is_bounded(data_dir):
-    from engine.data import DataConfig, load_split
-    from engine.train import random_affine
+    from engine.learn.data import DataConfig, load_split
+    from engine.learn.train import random_affine
 
     images = load_split(DataConfig("pneumoniamnist", data_dir=str(data_dir)), "val").images[:64]
     rng = np.random.default_rng(0)
@@ -96,8 +96,8 @@ def test_affine_augmentation_is_bounded(data_dir):
 
 
 def test_class_weighted_training_selects_on_balanced_accuracy(data_dir):
-    from engine.metrics import balanced_accuracy
-    from engine.data import dataset_info
+    from engine.learn.metrics import balanced_accuracy
+    from engine.learn.data import dataset_info
 
     info = dataset_info("pneumoniamnist")
     y = np.array([0, 0, 0, 1])
@@ -112,7 +112,7 @@ def test_class_weighted_training_selects_on_balanced_accuracy(data_dir):
 def test_distill_loss_is_zero_only_when_the_student_matches_the_teacher():
     import torch
 
-    from engine.train import distill_loss
+    from engine.learn.train import distill_loss
 
     t = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
     assert float(distill_loss(t.clone(), t, 4.0, multi_label=False)) == pytest.approx(0.0, abs=1e-6)
@@ -129,8 +129,8 @@ def test_distillation_trains_a_cached_cnn_teacher_once(data_dir, tmp_path, monke
     assert len(teachers) == 1
     stamp = teachers[0].stat().st_mtime_ns
     # The teacher is a real classifier, well above the majority class (74% of validation).
-    from engine.data import load_split
-    from engine.teacher import TeacherCNN, teacher_logits
+    from engine.learn.data import load_split
+    from engine.learn.teacher import TeacherCNN, teacher_logits
     import torch
 
     teacher = TeacherCNN(1, 2)
@@ -146,7 +146,7 @@ def test_distillation_trains_a_cached_cnn_teacher_once(data_dir, tmp_path, monke
 def test_rounding_noise_is_bounded_and_training_only(data_dir):
     import torch
 
-    from engine.train import RoundingNoise
+    from engine.learn.train import RoundingNoise
 
     model = train(tiny_config(data_dir, epochs=1, limit_train=128)).model
     layer, last = model.linears()[0], model.linears()[-1]

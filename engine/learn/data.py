@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from medmnist import INFO
 
-from .config import DataConfig
+from ..config import DataConfig
 
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)

@@ -208,7 +208,7 @@ def fit(train_images: np.ndarray, val_images: np.ndarray, val_logits: np.ndarray
     """Fit the subspace on training images, the thresholds and the temperature on validation.
 
     ``shifted`` (images, logits, labels): upload-like copies of the validation images
-    (:func:`engine.augment.upload_copies`). Each threshold is then the higher of its quantile
+    (:func:`engine.learn.augment.upload_copies`). Each threshold is then the higher of its quantile
     over the validation images and over their copies, so an image of the right kind passes however it was
     framed and resized; the temperature is fitted on the copies, so the confidence is that of
     an upload, not of MedMNIST's own crops (on which the model is surer than on anything else).

@@ -13,7 +13,7 @@ from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerTensorFloat
 from torch import nn
 from torch.nn.utils import prune
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 class QATFCNN(nn.Module):

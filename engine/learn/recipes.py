@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import REPO_ROOT, CompileConfig, ModelConfig, TrainConfig
+from ..config import REPO_ROOT, CompileConfig, ModelConfig, TrainConfig
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import PipelineConfig, default_models_dir
+from ..config import PipelineConfig, default_models_dir
 
 if TYPE_CHECKING:
     import torch

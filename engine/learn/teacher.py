@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import default_cache_dir
+from ..config import default_cache_dir
 
 
 class TeacherCNN(nn.Module):

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import metrics
 from .augment import random_affine, upload_like
-from .config import PipelineConfig, TrainConfig
+from ..config import PipelineConfig, TrainConfig
 from .data import Split, load_split, to_features
 from .model import QATFCNN, build_model
 from .teacher import teacher_logits

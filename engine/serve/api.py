@@ -1,4 +1,4 @@
-"""HTTP in front of :class:`engine.hosting.Service` (FastAPI + uvicorn), with Prometheus metrics.
+"""HTTP in front of :class:`engine.serve.hosting.Service` (FastAPI + uvicorn), with Prometheus metrics.
 
 ``python -m engine serve`` runs it. Binary bodies are ``application/octet-stream``; errors are
 ``{"error": "..."}`` with a 4xx status; ``/health`` answers 200 only once every circuit is
@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from .config import ServiceConfig
+from ..config import ServiceConfig
 from .hosting import Busy, Service, ServiceError, TooLarge
 
 OCTET = "application/octet-stream"

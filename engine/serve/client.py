@@ -1,12 +1,12 @@
 """One client API, two transports: the encrypted-inference service in-process or over HTTP.
 
 :class:`EncryptedClient` is the data owner's side of one circuit: its keys (an
-:class:`engine.fhe.FHEClient`), encryption, the call to the service, decryption. It uploads the
+:class:`engine.fhe.keys.FHEClient`), encryption, the call to the service, decryption. It uploads the
 evaluation keys once, then keeps only the secret keys; when a service answers that it does not
 know the key (404: evicted, restarted, another replica), it derives fresh evaluation keys from
 the same secret keys, uploads them and retries, without the caller noticing.
 
-Transports: :class:`InProcessTransport` (a :class:`engine.hosting.Service` in this process) and
+Transports: :class:`InProcessTransport` (a :class:`engine.serve.hosting.Service` in this process) and
 :class:`HTTPTransport` (one or several replicas' URLs, taken in turn, skipping one that does
 not answer). Pages, the CLI and the load test use the same calls with either.
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import CompileConfig
-from .fhe import FHEClient
+from ..config import CompileConfig
+from ..fhe.keys import FHEClient
 
 
 class ServiceUnavailable(Exception):
@@ -333,7 +333,7 @@ class LocalServiceProcess:
 
         import httpx
 
-        from .config import REPO_ROOT
+        from ..config import REPO_ROOT
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -371,107 +371,3 @@ class LocalServiceProcess:
                 self.proc.wait(timeout=20)
             except Exception:  # noqa: BLE001
                 self.proc.kill()
-
-
-class KeyPool:
-    """Spare clients of one circuit, keys generated and uploaded ahead of demand.
-
-    A visitor's first encrypted answer should not wait for key generation (about 3 s) and the
-    first run with new keys (about 1.5 s): the pool keeps ``spares`` clients whose keys are
-    generated, uploaded and warmed by the service, each holding only its secret keys (about
-    40 KB). :meth:`take` hands one out (each set goes to exactly one user, never back) and a
-    background thread makes the next one.
-    """
-
-    def __init__(self, transport_factory, circuit_id: str, folder: Path, spares: int = 4, makers: int = 2,
-                 quiet_s: float = 20.0, apart: bool | None = None):
-        import threading
-
-        self._factory = transport_factory
-        # Over HTTP, keys are made in key-maker processes (engine.keymaker): key generation then
-        # never holds this process's GIL, and the evaluation keys go to the service from there.
-        probe = transport_factory()
-        self._urls = list(getattr(probe, "urls", []) or [])
-        self.apart = bool(self._urls) if apart is None else apart
-        self._makers = []
-        if self.apart:
-            from .keymaker import KeyMakerProcess
-
-            self._makers = [KeyMakerProcess() for _ in range(makers)]
-        self.circuit_id = circuit_id
-        self.folder = Path(folder)
-        self.spares = spares
-        self._ready: list[EncryptedClient] = []
-        self._cond = threading.Condition()
-        self._wanted = 0
-        self._making = 0
-        self.quiet_s = quiet_s  # refill only this long after the last hand-out, unless someone waits
-        self._last_take = 0.0
-        self.error: str | None = None
-        # Two makers: key generation runs on one core each, uploads and warm-ups overlap.
-        self._threads = [threading.Thread(target=self._fill, args=(i,), name=f"key-pool-{i}", daemon=True)
-                         for i in range(makers)]
-        for t in self._threads:
-            t.start()
-
-    def _make(self, i: int) -> EncryptedClient:
-        if not self.apart:
-            client = EncryptedClient.download(self._factory(), self.circuit_id, self.folder)
-            client.register()  # generates keys, uploads them, keeps only the secret keys
-            return client
-        made = self._makers[i].make(self._urls, self.circuit_id, self.folder)
-        client = EncryptedClient.download(self._factory(), self.circuit_id, self.folder)
-        client.fhe.adopt_secret_keys(made["secret_keyset"], made["keygen_s"])
-        client.key_ids = dict(made["key_ids"])
-        client.uploads, client.upload_s = 1, made["upload_s"]
-        client.uploaded_bytes = client.evaluation_key_bytes = made["evaluation_key_bytes"]
-        return client
-
-    def close(self) -> None:
-        for m in self._makers:
-            m.stop()
-
-    def _fill(self, i: int) -> None:
-        while True:
-            with self._cond:
-                while True:
-                    enough = len(self._ready) + self._making >= self.spares + self._wanted
-                    # A visitor who just got keys is about to ask for a prediction: key generation
-                    # and the service's warm-up would compete with it for the cores.
-                    busy = not self._wanted and time.monotonic() - self._last_take < self.quiet_s
-                    if not enough and not busy:
-                        break
-                    self._cond.wait(timeout=0.5 if busy else None)
-                self._making += 1
-            try:
-                client = self._make(i)
-                self.error = None
-            except Exception as exc:  # noqa: BLE001 - reported to whoever takes
-                self.error = f"{type(exc).__name__}: {exc}"
-                client = None
-            with self._cond:
-                self._making -= 1
-                if client is not None:
-                    self._ready.append(client)
-                self._cond.notify_all()
-            if client is None:
-                time.sleep(2.0)
-
-    def take(self, timeout_s: float = 300.0) -> EncryptedClient:
-        """A client with fresh keys of its own, waiting for one if none is spare."""
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            self._wanted += 1
-            self._cond.notify_all()
-            try:
-                while not self._ready:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise ServiceUnavailable(f"no keys ready in {timeout_s:.0f} s" + (f": {self.error}" if self.error else ""))
-                    self._cond.wait(min(left, 1.0))
-                client = self._ready.pop(0)
-                self._last_take = time.monotonic()
-            finally:
-                self._wanted -= 1
-            self._cond.notify_all()
-        return client

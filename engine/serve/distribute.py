@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from joblib import Parallel, delayed, parallel_config
 
-from .fhe import FHEClient, FHEServer
+from ..fhe.keys import FHEClient
+from ..fhe.runtime import FHEServer
 
 _SERVERS: dict[str, FHEServer] = {}  # per worker process: server.zip digest -> loaded server
 

@@ -2,7 +2,7 @@
 
 :class:`Service` hosts the compiled circuit of every saved model. It holds server artifacts
 only (``server.zip``), the evaluation keys clients upload, and ciphertexts; it never loads a
-client's secret key. ``engine.service`` puts HTTP in front of it; ``engine.client`` reaches it
+client's secret key. ``engine.serve.api`` puts HTTP in front of it; ``engine.serve.client`` reaches it
 in-process or over HTTP through the same client API.
 
 - Keys are checked (exact size for the circuit, a byte-exact round trip), made ready for
@@ -26,10 +26,11 @@ from typing import Callable
 
 import psutil
 
-from . import registry
-from .config import CompileConfig, ServiceConfig, cpu_cores, default_cache_dir, default_models_dir
-from .fhe import (CompiledModel, FHEServer, WarmUp, compile_model, is_cached, release_memory, set_run_threads,
-                  warmup_material)
+from ..learn import registry
+from ..config import CompileConfig, ServiceConfig, cpu_cores, default_cache_dir, default_models_dir
+from ..fhe.circuit import CompiledModel, compile_model, is_cached
+from ..fhe.runtime import FHEServer, WarmUp, warmup_material
+from ..fhe.threads import release_memory, set_run_threads
 from .keystore import KeyStore, StoreFull
 from .workpool import QueueFull, WorkPool
 

@@ -1,12 +1,12 @@
 """Key generation in a process of its own, for a client that must stay responsive (the dashboard).
 
 Generating a key set holds one core and Python's GIL for about 3 s: inside the Streamlit process
-it stalls every visitor's page. ``python -m engine.keymaker`` reads one JSON request per line on
+it stalls every visitor's page. ``python -m engine.serve.keymaker`` reads one JSON request per line on
 stdin (``{"urls": [...], "circuit": "...", "folder": "..."}``), generates keys for that circuit,
 uploads the evaluation keys to the service itself (the ~56 MB never pass through the caller),
 and answers one JSON line on stdout with the key id and only the secret keys (about 40 KB,
 base64). It runs at a lower CPU priority than the pages it serves. :class:`KeyMakerProcess`
-is the caller's side; :class:`engine.client.KeyPool` uses it for HTTP services.
+is the caller's side; :class:`KeyPool` (below) uses it for HTTP services.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+
+from .client import EncryptedClient, HTTPTransport, ServiceUnavailable
 
 
 def make(urls: list[str], circuit_id: str, folder: str) -> dict:
     """Generate, upload, keep the secret keys only: what the caller needs to rebuild the client."""
-    from .client import EncryptedClient, HTTPTransport
-
     transport = HTTPTransport(urls)
     try:
         client = EncryptedClient.download(transport, circuit_id, Path(folder))
@@ -52,7 +53,7 @@ def main() -> int:
 
 
 class KeyMakerProcess:
-    """One ``python -m engine.keymaker`` child; restarted if it dies. Calls are serialized."""
+    """One ``python -m engine.serve.keymaker`` child; restarted if it dies. Calls are serialized."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -61,10 +62,10 @@ class KeyMakerProcess:
     def _start(self) -> subprocess.Popen:
         import atexit
 
-        from .config import REPO_ROOT
+        from ..config import REPO_ROOT
 
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-        proc = subprocess.Popen([sys.executable, "-m", "engine.keymaker"], cwd=REPO_ROOT, env=env, text=True,
+        proc = subprocess.Popen([sys.executable, "-m", "engine.serve.keymaker"], cwd=REPO_ROOT, env=env, text=True,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         atexit.register(self.stop)
         return proc
@@ -96,3 +97,105 @@ class KeyMakerProcess:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+class KeyPool:
+    """Spare clients of one circuit, keys generated and uploaded ahead of demand.
+
+    A visitor's first encrypted answer should not wait for key generation (about 3 s) and the
+    first run with new keys (about 1.5 s): the pool keeps ``spares`` clients whose keys are
+    generated, uploaded and warmed by the service, each holding only its secret keys (about
+    40 KB). :meth:`take` hands one out (each set goes to exactly one user, never back) and a
+    background thread makes the next one.
+    """
+
+    def __init__(self, transport_factory, circuit_id: str, folder: Path, spares: int = 4, makers: int = 2,
+                 quiet_s: float = 20.0, apart: bool | None = None):
+        import threading
+
+        self._factory = transport_factory
+        # Over HTTP, keys are made in key-maker processes (:class:`KeyMakerProcess`): key generation then
+        # never holds this process's GIL, and the evaluation keys go to the service from there.
+        probe = transport_factory()
+        self._urls = list(getattr(probe, "urls", []) or [])
+        self.apart = bool(self._urls) if apart is None else apart
+        self._makers = []
+        if self.apart:
+            self._makers = [KeyMakerProcess() for _ in range(makers)]
+        self.circuit_id = circuit_id
+        self.folder = Path(folder)
+        self.spares = spares
+        self._ready: list[EncryptedClient] = []
+        self._cond = threading.Condition()
+        self._wanted = 0
+        self._making = 0
+        self.quiet_s = quiet_s  # refill only this long after the last hand-out, unless someone waits
+        self._last_take = 0.0
+        self.error: str | None = None
+        # Two makers: key generation runs on one core each, uploads and warm-ups overlap.
+        self._threads = [threading.Thread(target=self._fill, args=(i,), name=f"key-pool-{i}", daemon=True)
+                         for i in range(makers)]
+        for t in self._threads:
+            t.start()
+
+    def _make(self, i: int) -> EncryptedClient:
+        if not self.apart:
+            client = EncryptedClient.download(self._factory(), self.circuit_id, self.folder)
+            client.register()  # generates keys, uploads them, keeps only the secret keys
+            return client
+        made = self._makers[i].make(self._urls, self.circuit_id, self.folder)
+        client = EncryptedClient.download(self._factory(), self.circuit_id, self.folder)
+        client.fhe.adopt_secret_keys(made["secret_keyset"], made["keygen_s"])
+        client.key_ids = dict(made["key_ids"])
+        client.uploads, client.upload_s = 1, made["upload_s"]
+        client.uploaded_bytes = client.evaluation_key_bytes = made["evaluation_key_bytes"]
+        return client
+
+    def close(self) -> None:
+        for m in self._makers:
+            m.stop()
+
+    def _fill(self, i: int) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    enough = len(self._ready) + self._making >= self.spares + self._wanted
+                    # A visitor who just got keys is about to ask for a prediction: key generation
+                    # and the service's warm-up would compete with it for the cores.
+                    busy = not self._wanted and time.monotonic() - self._last_take < self.quiet_s
+                    if not enough and not busy:
+                        break
+                    self._cond.wait(timeout=0.5 if busy else None)
+                self._making += 1
+            try:
+                client = self._make(i)
+                self.error = None
+            except Exception as exc:  # noqa: BLE001 - reported to whoever takes
+                self.error = f"{type(exc).__name__}: {exc}"
+                client = None
+            with self._cond:
+                self._making -= 1
+                if client is not None:
+                    self._ready.append(client)
+                self._cond.notify_all()
+            if client is None:
+                time.sleep(2.0)
+
+    def take(self, timeout_s: float = 300.0) -> EncryptedClient:
+        """A client with fresh keys of its own, waiting for one if none is spare."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._wanted += 1
+            self._cond.notify_all()
+            try:
+                while not self._ready:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ServiceUnavailable(f"no keys ready in {timeout_s:.0f} s" + (f": {self.error}" if self.error else ""))
+                    self._cond.wait(min(left, 1.0))
+                client = self._ready.pop(0)
+                self._last_take = time.monotonic()
+            finally:
+                self._wanted -= 1
+            self._cond.notify_all()
+        return client

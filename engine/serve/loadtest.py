@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from .client import EncryptedClient, HTTPTransport, ServiceUnavailable
-from .data import load_samples, to_features
+from ..learn.data import load_samples, to_features
 
 
 def _circuit_for(transport: HTTPTransport, dataset: str | None, model: str | None) -> dict:

@@ -14,9 +14,10 @@ from typing import Callable
 
 import numpy as np
 
-from .data import load_split
+from ..learn.data import load_split
 from .evaluate import latency_stats, machine_info, results_dir, summarize, write_json
-from .fhe import FHEClient, compile_model
+from ..fhe.keys import FHEClient
+from ..fhe.circuit import compile_model
 from .infer import Predictor
 
 BATCH_SIZE = 32  # images per call for the batch throughput (per image: 185 ms at 32, 190 at 16, 205 at 4)
@@ -28,10 +29,10 @@ def _defaults_worker(model_dir: str, n_images: int, queue) -> None:
     import torch
     from concrete.ml.torch.compile import compile_brevitas_qat_model
 
-    from .fhe import _thread_tag_stack
-    from .registry import _read
+    from ..fhe.simulate import thread_tag_stack
+    from ..learn.registry import _read
 
-    _thread_tag_stack()
+    thread_tag_stack()
     saved = _read(Path(model_dir))
     t0 = time.perf_counter()
     qm = compile_brevitas_qat_model(saved.load_torch(), torch.from_numpy(saved.calibration_features(512)))
@@ -85,9 +86,9 @@ def _fresh_process_worker(model_dir: str, compile_settings: dict, cache_dir: str
     Reports each phase's seconds (wall clock, ``time.time``, to include the interpreter start)."""
     t = {"interpreter_s": time.time() - spawned_at}
     t0 = time.perf_counter()
-    from .config import CompileConfig
+    from ..config import CompileConfig
     from .infer import Predictor
-    from .registry import _read
+    from ..learn.registry import _read
 
     t["import_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics
-from .data import Split
+from ..learn import metrics
+from ..learn.data import Split
 from .infer import ModeResult, Predictor, ProgressFn
 
 

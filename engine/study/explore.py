@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import REPO_ROOT
+from ..config import REPO_ROOT
 from .sweep import iter_grid, pareto_figure, sweep_cells
 from .sweep import sweep_configs as sweep_points  # noqa: F401 - (label, config) per point, for the page
 

@@ -5,7 +5,7 @@
 - ``simulate``: the TFHE circuit in simulation (same integers, simulated PBS noise);
 - ``fhe``: real encryption: client quantizes + encrypts, the service runs the circuit on the
   ciphertext with evaluation keys only, client decrypts + dequantizes. The service is reached
-  through a transport (:mod:`engine.client`): in this process by default, or over HTTP.
+  through a transport (:mod:`engine.serve.client`): in this process by default, or over HTTP.
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from . import metrics, registry
-from .client import EncryptedClient, find_circuit
-from .config import CompileConfig, ServiceConfig
-from .data import to_features
-from .fhe import CompiledModel, FHEClient, FHEServer, compile_model
+from ..learn import metrics, registry
+from ..serve.client import EncryptedClient, find_circuit
+from ..config import CompileConfig, ServiceConfig
+from ..learn.data import to_features
+from ..fhe.circuit import CompiledModel, compile_model
+from ..fhe.keys import FHEClient
+from ..fhe.runtime import FHEServer
 
 if TYPE_CHECKING:
-    from .distribute import BatchResult
+    from ..serve.distribute import BatchResult
 
 MODES = ("float", "quantized", "simulate", "fhe")
 ProgressFn = Callable[[int, int, str], None]
@@ -60,7 +62,7 @@ class ModeResult:
 class Predictor:
     """A saved model with its compiled circuit, a client (keys) and a service, built lazily.
 
-    Encrypted runs go through ``transport`` (:mod:`engine.client`): by default an in-process
+    Encrypted runs go through ``transport`` (:mod:`engine.serve.client`): by default an in-process
     service hosting this one circuit; the dashboard and ``--server URL`` pass an HTTP
     transport. The dashboard shares ``compiled`` across sessions and gives each session its own
     ``client`` (keys); the CLI and tests use one of each.
@@ -74,7 +76,7 @@ class Predictor:
     client: FHEClient | None = None
     server: FHEServer | None = None
     progress_text: Callable[[str], None] | None = None
-    transport: object | None = None  # engine.client transport; None: an in-process service
+    transport: object | None = None  # engine.serve.client transport; None: an in-process service
     remote: EncryptedClient | None = None
     keep_evaluation_keys: bool = True  # False: only the secret keys stay after the upload
     batched: dict = field(default_factory=dict, repr=False)  # batch size -> (circuit, client) for it
@@ -85,7 +87,7 @@ class Predictor:
 
     @property
     def info(self):
-        from .data import dataset_info
+        from ..learn.data import dataset_info
 
         return dataset_info(self.saved.dataset)
 
@@ -113,8 +115,8 @@ class Predictor:
         if self.remote is None:
             compiled = self.ensure_compiled()
             if self.transport is None:
-                from .client import InProcessTransport
-                from .hosting import Service
+                from ..serve.client import InProcessTransport
+                from ..serve.hosting import Service
 
                 service = Service(ServiceConfig(cache_dir=str(self.cache_dir or "")))
                 service.host(self.saved, compiled=compiled)
@@ -182,7 +184,7 @@ class Predictor:
 
         ``batch_size`` > 1: send that many images per encrypted call, through the circuit
         compiled for it, with this predictor's own keys (the key parameters are the same)."""
-        from .distribute import run_batch
+        from ..serve.distribute import run_batch
 
         client = self.ensure_client()
         client.keygen()

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from .config import CompileConfig
+from ..config import CompileConfig
 
 STABLE = 0.995
 RUNS = 4  # simulations per check: 6 pairs
@@ -58,7 +58,7 @@ def measure(predictor, images: np.ndarray, runs: int = RUNS, first=None) -> Stab
 
 def validation_images(data_cfg, n: int = 300) -> np.ndarray:
     """The first ``n`` validation images: what stability is measured on (never the test split)."""
-    from .data import load_split
+    from ..learn.data import load_split
 
     return load_split(data_cfg, "val").head(n).images
 

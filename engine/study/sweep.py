@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from joblib import Memory
 
-from .config import PipelineConfig, default_cache_dir
+from ..config import PipelineConfig, default_cache_dir
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -28,13 +28,13 @@ def _memory(cache_dir: Path | None) -> Memory:
 
 
 def trained(cfg: PipelineConfig, cache_dir: Path | None = None):
-    """The model ``cfg`` trains (a :class:`~engine.registry.SavedModel`), trained once per data,
+    """The model ``cfg`` trains (a :class:`~engine.learn.registry.SavedModel`), trained once per data,
     model and training settings: points that differ only in compile settings share it."""
     import hashlib
 
-    from . import registry
-    from .config import CompileConfig
-    from .train import train
+    from ..learn import registry
+    from ..config import CompileConfig
+    from ..learn.train import train
 
     # Noise-aware training reads the rounding bits: then the compile settings are part of the key.
     key_cfg = cfg if cfg.train.rounding_noise else cfg.replace(compile=CompileConfig())
@@ -49,8 +49,9 @@ def trained(cfg: PipelineConfig, cache_dir: Path | None = None):
 def measure(cfg: PipelineConfig, n_val: int, n_fhe: int, cache_dir: str | None) -> dict:
     """Train ``cfg`` (or reuse its trained model), compile it, and measure validation accuracy
     and encrypted latency."""
-    from . import metrics, stability
-    from .data import load_split
+    from ..learn import metrics
+    from . import stability
+    from ..learn.data import load_split
     from .infer import Predictor
 
     saved = trained(cfg, Path(cache_dir) if cache_dir else None)
@@ -100,8 +101,8 @@ SHIFT_COPIES = 3
 
 def shifted_validation(data_cfg, copies: int = SHIFT_COPIES, seed: int = 0):
     """(uint8 images, labels, info): ``copies`` framing-shifted copies of the validation split."""
-    from .data import load_split
-    from .train import random_affine
+    from ..learn.data import load_split
+    from ..learn.train import random_affine
 
     val = load_split(data_cfg, "val")
     rng = np.random.default_rng(seed)
@@ -111,7 +112,7 @@ def shifted_validation(data_cfg, copies: int = SHIFT_COPIES, seed: int = 0):
 
 def measure_shifted(cfg: PipelineConfig, cache_dir: str | None) -> dict:
     """Accuracy and balanced accuracy in FHE simulation on the framing-shifted validation images."""
-    from . import metrics
+    from ..learn import metrics
     from .infer import Predictor
 
     saved = trained(cfg, Path(cache_dir) if cache_dir else None)

@@ -17,11 +17,11 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from . import metrics
+from ..learn import metrics
 from .evaluate import agreement
-from .data import DatasetInfo
-from .guard import Guard, Screened, screen
-from .images import EXTENSIONS, MAX_ARCHIVE_FILES, MAX_BYTES, ImageError
+from ..learn.data import DatasetInfo
+from ..learn.guard import Guard, Screened, screen
+from ..learn.images import EXTENSIONS, MAX_ARCHIVE_FILES, MAX_BYTES, ImageError
 
 CONFIDENT = 0.9  # answers at this calibrated confidence or more are counted apart
 RELIABILITY_BINS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)

@@ -1,0 +1,263 @@
+"""Model work: train, compile, predict, list models."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..config import ModelConfig, PipelineConfig, TrainConfig
+from .args import (UserError, compile_args, compile_cfg, data_args, data_cfg, model_args, modes_arg, predictor, progress_bar, say, server_arg)
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a QAT FCNN and save it to the registry")
+    data_args(p)
+    p.add_argument("--name", default=None, help="model name (default: derived from the architecture and time)")
+    g = p.add_argument_group("recipe (default: the search's choice for the dataset, else a generic recipe; "
+                             "`python -m engine train --dataset X --show-recipe` prints it)")
+    g.add_argument("--hidden", type=int, nargs="*", default=None, help="hidden widths, e.g. --hidden 32 16 (none: linear)")
+    g.add_argument("--weight-bits", type=int, default=None)
+    g.add_argument("--act-bits", type=int, default=None)
+    g.add_argument("--input-bits", type=int, default=None)
+    g.add_argument("--max-active-inputs", type=int, default=None, help="prune to this many inputs per neuron (0: off)")
+    g.add_argument("--input-pool", type=int, default=None, help="average-pool the image by this factor on the client")
+    g.add_argument("--augment", type=int, default=None, help="random shifts of up to N pixels during training")
+    g.add_argument("--rotate", type=float, default=None, help="random rotations of up to N degrees during training")
+    g.add_argument("--scale", type=float, default=None, help="random zoom by a factor in [1-S, 1+S] during training")
+    g.add_argument("--stretch", type=float, default=None,
+                   help="squeeze or stretch one axis by a factor in [1/(1+S), 1+S] during training (uploads squeezed to a square)")
+    g.add_argument("--upload-augment", type=float, default=None,
+                   help="share of training images given an upload's round trips each epoch (exposure, resize filters, blur, JPEG)")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--distill", type=float, default=None,
+                   help="weight of a clear CNN teacher's soft labels in the loss, 0-1 (0: off; the teacher is cached)")
+    g.add_argument("--teacher-epochs", type=int, default=None, help="epochs of the CNN teacher")
+    g.add_argument("--rounding-noise", type=float, default=None,
+                   help="noise-aware training: uniform noise of up to this many rounding steps on hidden pre-activations")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit-train", type=int, default=0, help="use only the first N training images")
+    p.add_argument("--show-recipe", action="store_true", help="print the settings that would be used and exit")
+    p.add_argument("--recipe", choices=["auto", "generic"], default="auto",
+                   help="auto: the search's choice for the dataset where there is one; generic: the generic recipe")
+    p.add_argument("--no-class-weighting", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")
+    compile_args(p)
+
+
+def cmd_train(a) -> int:
+    from tqdm import tqdm
+
+    from ..learn import registry
+    from ..learn.train import train
+
+    from ..learn.data import dataset_info
+
+    from ..learn.recipes import GENERIC, recipe
+
+    dataset_info(a.dataset)
+    base, source = recipe(a.dataset) if a.recipe == "auto" else (dict(GENERIC), "the generic recipe (--recipe generic)")
+    bm, bt = base["model"], base["train"]
+
+    def pick(value, default):
+        return default if value is None else value
+
+    cfg = PipelineConfig(
+        data=data_cfg(a),
+        model=ModelConfig(tuple(pick(a.hidden, list(bm.hidden))), pick(a.weight_bits, bm.weight_bits),
+                          pick(a.act_bits, bm.act_bits), pick(a.input_bits, bm.input_bits),
+                          pick(a.max_active_inputs, bm.max_active_inputs), pick(a.input_pool, bm.input_pool)),
+        train=TrainConfig(epochs=pick(a.epochs, bt.epochs), batch_size=pick(a.batch_size, bt.batch_size),
+                          lr=pick(a.lr, bt.lr), seed=a.seed, class_weighting=not a.no_class_weighting,
+                          limit_train=a.limit_train, augment_shift=pick(a.augment, bt.augment_shift),
+                          augment_rotate=pick(a.rotate, bt.augment_rotate), augment_scale=pick(a.scale, bt.augment_scale),
+                          augment_stretch=pick(a.stretch, bt.augment_stretch),
+                          augment_upload=pick(a.upload_augment, bt.augment_upload),
+                          distill=pick(a.distill, bt.distill), teacher_epochs=pick(a.teacher_epochs, bt.teacher_epochs),
+                          rounding_noise=pick(a.rounding_noise, bt.rounding_noise)),
+        compile=compile_cfg(a, base["compile"]),
+    )
+    a.epochs = cfg.train.epochs
+    say(f"recipe: {source}; overridden by the flags given")
+    if a.show_recipe:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    if a.epochs < 1:
+        raise UserError("--epochs must be at least 1")
+    from ..learn.data import locate
+
+    locate(cfg.data)  # a missing file fails here, before the progress bar starts
+    bar = tqdm(total=a.epochs, desc="training", unit="epoch", file=sys.stderr, disable=None)
+
+    def on_epoch(r):
+        bar.update(1)
+        bar.set_postfix(loss=f"{r.train_loss:.3f}", val_acc=f"{r.val_accuracy:.3f}")
+
+    result = train(cfg, progress=on_epoch)
+    bar.close()
+    saved = registry.save(result, a.name, a.models_dir, overwrite=a.overwrite)
+    from ..learn import guard as guards
+
+    g = guards.fit_for(saved, cfg.data)
+    m = result.metrics
+    print(f"saved {saved.dataset}/{saved.name} (best epoch {m['best_epoch']}) to {saved.path}")
+    print(f"val accuracy {m['val']['accuracy']:.4f}  test accuracy {m['test']['accuracy']:.4f}  test AUC {m['test']['auc'] or float('nan'):.4f}")
+    print(f"input check fitted: {100 * g.val_pass_rate:.1f}% of validation images pass; confidence temperature {g.temperature:.3f}")
+    return 0
+
+
+def add_compile(sub) -> None:
+    p = sub.add_parser("compile", help="compile a saved model to a TFHE circuit (cached)")
+    p.add_argument("--stability-images", type=int, default=300,
+                   help="validation images for the stability check (repeated simulations; 0: skip)")
+    data_args(p)
+    model_args(p)
+    compile_args(p)
+    p.add_argument("--force", action="store_true", help="recompile even if cached")
+    p.add_argument("--keygen", action="store_true", help="also generate keys and report their size and time")
+    p.add_argument("--json", default=None, help="write the compile report to this file")
+
+
+def cmd_compile(a) -> int:
+    from ..study.evaluate import circuit_line
+
+    p = predictor(a)
+    if a.force:
+        from ..fhe.circuit import compile_model
+
+        p.compiled = compile_model(p.saved, p.compile_config, p.cache_dir, say, force=True)
+    compiled = p.ensure_compiled()
+    report = compiled.report.to_dict()
+    report.pop("files", None)
+    if a.keygen:
+        client = p.ensure_client()
+        client.keygen()
+        report.update(keygen_s=client.keygen_s, eval_key_bytes=len(client.evaluation_keys()))
+    print(f"{p.saved.dataset}/{p.saved.name} -> {compiled.path}")
+    print(circuit_line(report))
+    if a.stability_images:
+        from ..study import stability
+        from ..learn.data import DataError
+
+        cc = p.compile_config or p.saved.config.compile
+        try:
+            current = stability.check(p.saved, cc, data_cfg(a), a.stability_images, compiled, p.cache_dir)
+        except DataError as exc:
+            say(f"stability not measured: {exc}")
+        else:
+            proposal = None
+            if not current.stable:
+                proposal = stability.propose(p.saved, cc, data_cfg(a), a.stability_images, p.cache_dir, say)
+            for line in stability.report_lines(current, proposal, tried=not current.stable):
+                print(line)
+            report["stability"] = current.to_dict()
+            report["nearest_stable"] = proposal.to_dict() if proposal else None
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="classify images in one or more modes")
+    data_args(p)
+    model_args(p)
+    compile_args(p)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--index", type=int, nargs="+", default=[0], help="image indices in the split")
+    p.add_argument("--image", nargs="+", default=None, help="image files (PNG, JPEG, BMP, TIFF, .npy) instead of --index")
+    modes_arg(p, "all")
+    server_arg(p)
+    p.add_argument("--json", default=None)
+
+
+def cmd_predict(a) -> int:
+    import numpy as np
+
+    from ..learn.data import load_split
+    from ..learn.images import load_image
+    from ..learn.metrics import label_text
+
+    sub = None
+    if not a.image:
+        split = load_split(data_cfg(a), a.split)
+        bad = [i for i in a.index if not 0 <= i < len(split)]
+        if bad:
+            raise UserError(f"index {bad[0]} out of range: the {a.split} split has {len(split)} images (0..{len(split) - 1})")
+        sub = split.subset(a.index)
+    from ..learn import guard as guards
+
+    p = predictor(a)
+    info = p.info
+    guard = guards.for_model(p.saved, data_cfg(a))
+    verdicts = {}
+    if a.image:
+        loaded = [load_image(Path(f), p.saved.config.data.size, info.n_channels) for f in a.image]
+        images = np.stack([im.array for im in loaded])
+        names, truth = list(a.image), [None] * len(a.image)
+        if guard is None:
+            say("no input check: the model has no guard file and its dataset is not on this machine")
+        else:
+            for name, im in zip(names, loaded):
+                v = guard.check(im.array, im.original)
+                verdicts[name] = v
+                if v.foreign:
+                    print(f"warning: {name} does not look like a {p.saved.dataset} image: {v.message}")
+    else:
+        images, names = sub.images, [f"{a.split}[{i}]" for i in a.index]
+        truth = [label_text(info, t) for t in sub.targets]
+    bar, update = progress_bar("predicting")
+    results = p.run(images, a.modes, progress=update)
+    bar.close()
+    out = []
+    for i, name in enumerate(names):
+        row = {"image": name, "true": truth[i]}
+        for mode, r in results.items():
+            row[mode] = {"label": label_text(info, r.predictions[i]), "probabilities": np.round(r.scores[i], 4).tolist(),
+                         "latency_s": round(float(r.latency_s[i]), 5)}
+            for k, v in r.stages.items():
+                row[mode][k] = round(float(v[i]), 5)
+        conf_text = ""
+        if guard is not None:
+            last = results[list(results)[-1]]
+            c = guard.confidence(last.logits[i])
+            row["confidence"] = round(c.top, 4)
+            row["uncertain"] = c.uncertain
+            conf_text = f"  confidence {100 * c.top:.0f}%" + (" (uncertain)" if c.uncertain else "")
+        if name in verdicts:
+            row["foreign_input"] = verdicts[name].foreign
+            row["warning"] = verdicts[name].message
+        out.append(row)
+        truth_text = f"true={row['true']}  " if row["true"] is not None else ""
+        print(f"{name}: {truth_text}" + "  ".join(f"{m}={row[m]['label']} ({row[m]['latency_s'] * 1000:.1f} ms)" for m in results)
+              + conf_text)
+    if "fhe" in results:
+        fhe = results["fhe"]
+        print(f"fhe sizes: ciphertext {fhe.sizes['ciphertext_bytes']:,} B, result {fhe.sizes['result_bytes']:,} B, "
+              f"evaluation keys {fhe.sizes['eval_key_bytes']:,} B; keygen {p.client.keygen_s:.2f} s")
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+def add_models(sub) -> None:
+    p = sub.add_parser("models", help="list saved models")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--models-dir", default=None)
+
+
+def cmd_models(a) -> int:
+    from ..learn import registry
+
+    models = registry.list_models(a.dataset, a.models_dir)
+    if not models:
+        print("no saved models")
+    for m in models:
+        s = m.summary()
+        print(f"{s['dataset']:<16} {s['name']:<44} hidden={s['hidden']} bits={s['bits (w/a/in)']} "
+              f"val_acc={s['val_accuracy'] or 0:.4f} test_acc={s['test_accuracy'] or 0:.4f} {s['created']}")
+    return 0
+
+
+COMMANDS = {"train": (add_train, cmd_train), "compile": (add_compile, cmd_compile), "predict": (add_predict, cmd_predict), "models": (add_models, cmd_models)}

@@ -1,0 +1,1 @@
+"""Clear machine learning: MedMNIST and uploaded images to a trained, saved model."""

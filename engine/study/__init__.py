@@ -1,0 +1,1 @@
+"""Measurement: the four modes, evaluation, benchmarks, sweeps, stability, validation."""
