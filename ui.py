@@ -25,7 +25,8 @@ from engine.learn import registry
 from engine.config import CompileConfig, DataConfig, default_data_dir
 # available_datasets, present_datasets and MODES are re-exported for the pages.
 from engine.learn.data import DataError, available_datasets, dataset_info, present_datasets  # noqa: F401
-from engine.serve.client import EncryptedClient, HTTPTransport, KeyPool, LocalServiceProcess, find_circuit
+from engine.serve.client import EncryptedClient, HTTPTransport, LocalServiceProcess, find_circuit
+from engine.serve.keymaker import KeyPool
 from engine.config import default_cache_dir, default_models_dir
 from engine.fhe.circuit import compile_model
 from engine.fhe.threads import release_memory
