@@ -193,7 +193,8 @@ def cmd_predict(a) -> int:
     guard = guards.for_model(p.saved, data_cfg(a))
     verdicts = {}
     if a.image:
-        loaded = [load_image(Path(f), p.saved.config.data.size, info.n_channels) for f in a.image]
+        sharpness = guard.texture_median if guard is not None else None
+        loaded = [load_image(Path(f), p.saved.config.data.size, info.n_channels, sharpness=sharpness) for f in a.image]
         images = np.stack([im.array for im in loaded])
         names, truth = list(a.image), [None] * len(a.image)
         if guard is None:
