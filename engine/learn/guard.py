@@ -14,7 +14,7 @@ The client owns the image, so it can check it before encrypting (the server neve
   checks on the uploaded file add what resizing hides: a very elongated or tiny original, or a
   colour image for a greyscale model.
 * **Sharpness.** The training images' median graininess is stored too: an upload shrunk to the
-  model's size from a sharper original is softened to it (:func:`engine.images.load_image`).
+  model's size from a sharper original is softened to it (:func:`engine.learn.images.load_image`).
 * **Calibrated confidence.** Temperature scaling of the model's logits (Guo et al., 2017),
   fitted on upload-like copies of the validation images, then raised until answers at 90% or
   more are right at least 95% of the time on them; a prediction whose top two calibrated probabilities are within
