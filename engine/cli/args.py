@@ -40,6 +40,13 @@ def server_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=None,
                    help="run the fhe mode through this service (URL; several, comma separated, are replicas); "
                         "default: an in-process service")
+    tenant_args(p)
+
+
+def tenant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", default=None, help="the tenant's bearer token for the service (default: $ENGINE_TOKEN)")
+    p.add_argument("--ca-file", default=None,
+                   help="CA certificate that signed an https:// service's certificate (default: $ENGINE_CA_FILE)")
 
 
 def byte_size(text: str) -> int:
@@ -99,5 +106,5 @@ def predictor(a):
     if getattr(a, "server", None):
         from ..serve.client import HTTPTransport
 
-        p.transport = HTTPTransport(a.server)
+        p.transport = HTTPTransport(a.server, token=a.token, ca_file=a.ca_file)
     return p

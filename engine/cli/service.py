@@ -1,11 +1,12 @@
-"""The service: serve, loadtest."""
+"""The service: serve, loadtest, token."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..config import ServiceConfig
-from .args import byte_size, say
+from .args import UserError, byte_size, say, tenant_args
 
 
 def add_serve(sub) -> None:
@@ -25,6 +26,16 @@ def add_serve(sub) -> None:
     p.add_argument("--scheduler", default="", help="dask scheduler address for --backend dask")
     p.add_argument("--batch-size", type=int, default=1,
                    help="also serve each model for this many images per request (same keys; local backend)")
+    g = p.add_argument_group("tenants (python -m engine token --tokens FILE NAME makes a token)")
+    g.add_argument("--tokens", default=None,
+                   help="tokens file: every route but /health and /metrics then needs Authorization: Bearer TOKEN")
+    g.add_argument("--insecure-open", action="store_true",
+                   help="listen beyond loopback without --tokens (anyone who reaches the port may use the service)")
+    g.add_argument("--max-key-sets", type=int, default=0, help="key sets per tenant unless its token says (0: no limit)")
+    g.add_argument("--rps", type=float, default=0.0, help="requests per second per tenant unless its token says (0: no limit)")
+    g.add_argument("--audit-log", default=None, help="one JSON line per request (no payloads, keys or tokens), rotated")
+    g.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
+    g.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
 
 
 def cmd_serve(a) -> int:
@@ -33,7 +44,42 @@ def cmd_serve(a) -> int:
     cfg = ServiceConfig(models_dir=a.models_dir or "", cache_dir=a.cache_dir or "", key_store_bytes=a.key_store_bytes,
                         key_ttl_s=a.key_ttl, workers=a.workers, max_queue=a.max_queue, backend=a.backend,
                         scheduler=a.scheduler, batch_size=a.batch_size)
-    serve(cfg, a.host, a.port, say=say)
+    import ipaddress
+
+    from ..serve.tenants import Tenants, audit_logger, read_tokens
+
+    try:
+        loopback = a.host == "localhost" or ipaddress.ip_address(a.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not a.tokens and not loopback and not a.insecure_open:
+        raise UserError(f"refusing to listen on {a.host} without --tokens: anyone who reaches the port could use the "
+                        "service; give --tokens FILE (or --insecure-open)")
+    if bool(a.ssl_certfile) != bool(a.ssl_keyfile):
+        raise UserError("--ssl-certfile and --ssl-keyfile go together")
+    for f in (a.ssl_certfile, a.ssl_keyfile):
+        if f and not Path(f).exists():
+            raise UserError(f"{f} does not exist")
+    tenants = Tenants(read_tokens(Path(a.tokens)) if a.tokens else None, a.max_key_sets, a.rps)
+    serve(cfg, a.host, a.port, say=say, tenants=tenants, audit=audit_logger(Path(a.audit_log)) if a.audit_log else None,
+          ssl_certfile=a.ssl_certfile, ssl_keyfile=a.ssl_keyfile)
+    return 0
+
+
+def add_token(sub) -> None:
+    p = sub.add_parser("token", help="create a tenant's token for serve --tokens (prints it once)")
+    p.add_argument("--tokens", required=True, help="the tokens file (created if missing; stores only each token's hash)")
+    p.add_argument("name", help="the tenant's name (letters, digits, '-', '_', '.')")
+    p.add_argument("--max-key-sets", type=int, default=0, help="this tenant's key sets at most (0: the service's default)")
+    p.add_argument("--rps", type=float, default=0.0, help="this tenant's requests per second (0: the service's default)")
+
+
+def cmd_token(a) -> int:
+    from ..serve.tenants import add_token as create
+
+    token = create(Path(a.tokens), a.name, a.max_key_sets, a.rps)
+    print(f"token for '{a.name}' (only its SHA-256 is stored in {a.tokens}; keep it secret):", file=sys.stderr)
+    print(token)
     return 0
 
 
@@ -45,13 +91,14 @@ def add_loadtest(sub) -> None:
     p.add_argument("--dataset", default="pneumoniamnist")
     p.add_argument("--model", default=None)
     p.add_argument("--json", default=None, help="write the figures to this file")
+    tenant_args(p)
 
 
 def cmd_loadtest(a) -> int:
     from ..study.evaluate import write_json
     from ..serve.loadtest import run_loadtest
 
-    r = run_loadtest(a.server, a.clients, a.requests, a.dataset, a.model, say=say)
+    r = run_loadtest(a.server, a.clients, a.requests, a.dataset, a.model, say=say, token=a.token, ca_file=a.ca_file)
     ms = lambda v: "-" if v is None else f"{1000 * v:.0f} ms"  # noqa: E731
     print(f"{r['clients']} clients x {r['requests']} requests: {r['completed']} answered, {r['errors']} errors, "
           f"p50 {ms(r['latency_p50_s'])}, p95 {ms(r['latency_p95_s'])}, max {ms(r['latency_max_s'])}, "
@@ -63,4 +110,4 @@ def cmd_loadtest(a) -> int:
     return 0 if r["errors"] == 0 else 1
 
 
-COMMANDS = {"serve": (add_serve, cmd_serve), "loadtest": (add_loadtest, cmd_loadtest)}
+COMMANDS = {"serve": (add_serve, cmd_serve), "loadtest": (add_loadtest, cmd_loadtest), "token": (add_token, cmd_token)}

@@ -2,23 +2,33 @@
 
 ``python -m engine serve`` runs it. Binary bodies are ``application/octet-stream``; errors are
 ``{"error": "..."}`` with a 4xx status; ``/health`` answers 200 only once every circuit is
-loaded and warmed. The core engine never imports this module.
+loaded and warmed. With tokens (:mod:`engine.serve.tenants`) every route but ``/health`` and
+``/metrics`` needs ``Authorization: Bearer TOKEN`` (401 otherwise), a key set answers only to
+the tenant that uploaded it (404 to any other), and each tenant's key sets and requests per
+second are bounded (429 with ``Retry-After``). ``--audit-log`` writes one JSON line per request.
+``/openapi.json`` is the schema and ``/docs`` a page built from it that loads nothing from
+elsewhere. The core engine never imports this module.
 """
 
 from __future__ import annotations
 
+import html
+import json
 import threading
 import time
 import traceback
 from typing import Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from ..config import ServiceConfig
-from .hosting import Busy, Service, ServiceError, TooLarge
+from .hosting import Busy, NotFound, Service, ServiceError, TooLarge
+from .tenants import Tenant, Tenants
+
+OPEN_ROUTES = ("/health", "/metrics")  # answered without a token
 
 OCTET = "application/octet-stream"
 
@@ -31,6 +41,11 @@ class Metrics:
     def __init__(self, service: Service):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("engine_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        # tenant names come from the tokens file (plus "-" without tokens, "unauthenticated"):
+        # the label's cardinality is bounded by the operator, never by callers
+        self.tenant_requests = Counter("engine_tenant_requests", "HTTP requests by tenant and status",
+                                       ["tenant", "status"], registry=r)
+        self.tenant_fhe_seconds = Counter("engine_tenant_fhe_seconds", "FHE run time by tenant", ["tenant"], registry=r)
         self.predictions = Counter("engine_predict_requests", "predict requests (any status)", registry=r)
         self.latency = Histogram("engine_request_seconds", "request latency by route", ["route"], registry=r,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60))
@@ -63,12 +78,18 @@ async def _body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def create_app(service: Service, load: bool = True, say: Callable[[str], None] = lambda _m: None) -> FastAPI:
-    """The FastAPI app; with ``load`` the circuits load in the background (``/health`` says when)."""
-    app = FastAPI(title="Encrypted MedMNIST inference", docs_url=None, redoc_url=None)
+def create_app(service: Service, load: bool = True, say: Callable[[str], None] = lambda _m: None,
+               tenants: Tenants | None = None, audit=None) -> FastAPI:
+    """The FastAPI app; with ``load`` the circuits load in the background (``/health`` says when).
+    ``tenants``: tokens, quotas and key ownership (default: no tokens, no limits); ``audit``: a
+    logger that gets one JSON line per request."""
+    app = FastAPI(title="Encrypted MedMNIST inference", docs_url=None, redoc_url=None,
+                  description="Encrypted-inference service: circuits, evaluation keys and ciphertexts only.")
     metrics = Metrics(service)
     state = {"error": None}
     app.state.service = service
+    tenants = tenants or Tenants(None)
+    tenants.held = lambda key_id: key_id in service.store
 
     def _load() -> None:
         try:
@@ -89,17 +110,51 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
     @app.middleware("http")
     async def _observe(request: Request, call_next):
         start = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception as exc:  # noqa: BLE001 - never a traceback to the client
-            response = _error(500, f"internal error: {type(exc).__name__}")
+        tenant = None
+        if request.url.path in OPEN_ROUTES:
+            response = await _call(call_next, request)
+        else:
+            tenant = tenants.authenticate(request.headers.get("authorization"))
+            if tenant is None:
+                response = _error(401, "missing or unknown token: send Authorization: Bearer TOKEN",
+                                  {"WWW-Authenticate": "Bearer"})
+            elif (wait := tenants.limit(tenant)) > 0:
+                response = _error(429, f"tenant '{tenant.name}' is over its request rate",
+                                  {"Retry-After": str(max(1, round(wait + 0.5)))})
+            else:
+                request.state.tenant = tenant
+                response = await _call(call_next, request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
+        seconds = time.perf_counter() - start
         metrics.requests.labels(path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - start)
+        metrics.latency.labels(path).observe(seconds)
+        name = tenant.name if tenant is not None else ("unauthenticated" if request.url.path not in OPEN_ROUTES else None)
+        if name is not None:
+            metrics.tenant_requests.labels(name, str(response.status_code)).inc()
+            server_s = float(response.headers.get("x-server-seconds", 0) or 0)
+            if server_s:
+                metrics.tenant_fhe_seconds.labels(name).inc(server_s)
         if path.endswith("/predict"):
             metrics.predictions.inc()
+        if audit is not None:
+            params = request.scope.get("path_params") or {}
+            audit.info(json.dumps({
+                "time": round(time.time(), 3), "tenant": name, "method": request.method, "route": path,
+                "circuit": params.get("cid"), "status": response.status_code,
+                "bytes_in": int(request.headers.get("content-length") or 0),
+                "bytes_out": int(response.headers.get("content-length") or 0),
+                "queue_s": float(response.headers.get("x-queue-seconds", 0) or 0),
+                "server_s": float(response.headers.get("x-server-seconds", 0) or 0),
+                "seconds": round(seconds, 6)}))
         return response
+
+    def tenant_of(request: Request) -> Tenant:
+        return request.state.tenant
+
+    def mine(request: Request, key_id: str) -> None:
+        if not tenants.owns(tenant_of(request), key_id):
+            raise NotFound("unknown or evicted key id: upload the evaluation keys again")
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError):
@@ -135,6 +190,11 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
 
     @app.post("/circuits/{cid}/keys")
     async def keys(cid: str, request: Request):
+        """Upload evaluation keys (octet-stream); answers the key id to predict with."""
+        tenant = tenant_of(request)
+        if not tenants.may_add_key_set(tenant):
+            raise Busy(f"tenant '{tenant.name}' holds {tenants.key_sets(tenant)} key sets, its limit: "
+                       "delete one first", retry_after=5.0)
         c = await run_in_threadpool(service.admit, cid)  # room first: 429 before reading 56 MB
         try:
             body = await _body(request, c.max_key_body)
@@ -142,18 +202,24 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
             service.release(c)
             raise
         key_id = await run_in_threadpool(service.register, cid, body, True)
+        tenants.own(tenant, key_id)
         return {"key_id": key_id}
 
     @app.delete("/circuits/{cid}/keys/{key_id}")
-    async def forget(cid: str, key_id: str):
+    async def forget(cid: str, key_id: str, request: Request):
+        """Drop a key set (its tenant's only)."""
+        mine(request, key_id)
         gone = await run_in_threadpool(service.forget, cid, key_id)
+        tenants.disown(key_id)
         return {"removed": gone}
 
     @app.post("/circuits/{cid}/predict")
     async def predict(cid: str, request: Request):
+        """One encrypted run: the ciphertext (octet-stream) with header X-Key-Id; answers the encrypted result."""
         c = await run_in_threadpool(service.circuit, cid)
         body = await _body(request, c.max_ciphertext_body)
         key_id = request.headers.get("x-key-id", "")
+        mine(request, key_id)
         result, queued, ran = await run_in_threadpool(service.predict, cid, key_id, body)
         metrics.fhe_seconds.observe(ran)
         metrics.queue_seconds.observe(queued)
@@ -162,13 +228,44 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
 
     @app.get("/metrics")
     async def prometheus():
+        """Prometheus metrics (no token needed)."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs():
+        return HTMLResponse(docs_page(app.openapi()))
 
     return app
 
 
+async def _call(call_next, request: Request):
+    try:
+        return await call_next(request)
+    except Exception as exc:  # noqa: BLE001 - never a traceback to the client
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+
+def docs_page(schema: dict) -> str:
+    """The API's routes as one self-contained HTML page (no script, font or style from elsewhere)."""
+    rows = []
+    for path, ops in schema.get("paths", {}).items():
+        for method, op in ops.items():
+            text = op.get("description") or op.get("summary") or ""
+            auth = "no" if path in OPEN_ROUTES else "Bearer token"
+            rows.append(f"<tr><td><code>{html.escape(method.upper())}</code></td><td><code>{html.escape(path)}</code></td>"
+                        f"<td>{html.escape(text)}</td><td>{auth}</td></tr>")
+    info = schema.get("info", {})
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(info.get("title", "API"))
+            + "</title><style>body{font-family:sans-serif;margin:2em}td,th{border-bottom:1px solid #ccc;padding:.4em;"
+              "text-align:left;vertical-align:top}</style></head><body><h1>" + html.escape(info.get("title", "API"))
+            + "</h1><p>" + html.escape(info.get("description", "")) + " The schema: <a href='/openapi.json'>/openapi.json</a>."
+            "</p><table><tr><th>method</th><th>path</th><th>what it does</th><th>needs</th></tr>" + "".join(rows)
+            + "</table></body></html>")
+
+
 def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000,
-          say: Callable[[str], None] = lambda _m: None) -> None:
+          say: Callable[[str], None] = lambda _m: None, tenants: Tenants | None = None, audit=None,
+          ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
     """Run the service until interrupted."""
     import ctypes
 
@@ -179,10 +276,13 @@ def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000,
     except (OSError, AttributeError):
         pass
     service = Service(config)
-    app = create_app(service, say=say)
-    say(f"listening on http://{host}:{port} (backend {config.backend}, {service.pool.workers} worker(s), "
-        f"key store {config.key_store_bytes / 2**30:.2f} GiB)")
+    app = create_app(service, say=say, tenants=tenants, audit=audit)
+    scheme = "https" if ssl_certfile else "http"
+    who = "no tokens" if tenants is None or tenants.tokens is None else f"{len(tenants.tokens)} token(s)"
+    say(f"listening on {scheme}://{host}:{port} (backend {config.backend}, {service.pool.workers} worker(s), "
+        f"key store {config.key_store_bytes / 2**30:.2f} GiB, {who})")
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                    ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     finally:
         service.close()

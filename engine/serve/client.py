@@ -95,9 +95,18 @@ class HTTPTransport:
     """The service over HTTP (httpx, one connection pool per transport). Several base URLs are
     replicas: requests take them in turn, and one that does not answer is skipped."""
 
-    def __init__(self, urls: str | list[str], timeout: float = 300.0):
+    def __init__(self, urls: str | list[str], timeout: float = 300.0, token: str | None = None,
+                 ca_file: str | None = None):
+        """``token``: the tenant's bearer token (default ``$ENGINE_TOKEN``); ``ca_file``: the CA
+        that signed an ``https://`` service's certificate (default ``$ENGINE_CA_FILE``, else the
+        system's)."""
+        import os
+        import ssl
+
         import httpx
 
+        token = token or os.environ.get("ENGINE_TOKEN") or None
+        ca_file = ca_file or os.environ.get("ENGINE_CA_FILE") or None
         items = urls.split(",") if isinstance(urls, str) else list(urls)
         self.urls = [u.strip().rstrip("/") for u in items if u.strip()]
         if not self.urls:
@@ -105,7 +114,11 @@ class HTTPTransport:
         for u in self.urls:
             if not u.startswith(("http://", "https://")):
                 raise ValueError(f"service URL must start with http:// or https://, got '{u}'")
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0))
+        if ca_file and not os.path.exists(ca_file):
+            raise ValueError(f"CA file {ca_file} does not exist")
+        verify = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0), verify=verify, headers=headers)
         self._turn = itertools.cycle(range(len(self.urls)))
 
     def endpoints(self) -> list[str]:
@@ -127,6 +140,8 @@ class HTTPTransport:
 
     @staticmethod
     def _check(r, what: str):
+        if r.status_code == 401:
+            raise ServiceUnavailable(f"{what}: the service wants a token (--token or ENGINE_TOKEN): {_message(r)}")
         if r.status_code == 429:
             raise Retry(_message(r), float(r.headers.get("retry-after", "1")))
         if r.status_code >= 400:

@@ -38,10 +38,15 @@ def _circuit_for(transport: HTTPTransport, dataset: str | None, model: str | Non
 
 def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "pneumoniamnist",
                  model: str | None = None, say: Callable[[str], None] = lambda _m: None,
-                 max_seconds: float = 1800.0, barrier_s: float = 30.0) -> dict:
+                 max_seconds: float = 1800.0, barrier_s: float = 30.0, token: str | None = None,
+                 ca_file: str | None = None) -> dict:
     if clients < 1 or requests < 1:
         raise ValueError("--clients and --requests must be at least 1")
-    probe = HTTPTransport(url)
+
+    def transport() -> HTTPTransport:
+        return HTTPTransport(url, token=token, ca_file=ca_file)
+
+    probe = transport()
     circuit = _circuit_for(probe, dataset, model)
     samples = load_samples(circuit["dataset"])
     x = to_features(samples.images, circuit["input_pool"])  # the client's own preprocessing
@@ -51,7 +56,7 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
     made = []
     keygen_s = []
     for k in range(clients):
-        c = EncryptedClient.download(HTTPTransport(url), circuit["id"], folder, keep_evaluation_keys=True,
+        c = EncryptedClient.download(transport(), circuit["id"], folder, keep_evaluation_keys=True,
                                      max_wait_s=max_seconds)
         keygen_s.append(c.fhe.keygen())
         made.append(c)
@@ -66,7 +71,7 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
     done = threading.Event()
 
     def watch() -> None:
-        m = HTTPTransport(url)
+        m = transport()
         while not done.is_set():
             try:
                 peak["rss"] = max(peak["rss"], m.metrics().get("engine_process_rss_bytes", 0.0))
