@@ -17,10 +17,10 @@ st.markdown(
     f"{100 * ref['encrypted_accuracy']:.1f}% encrypted, {1000 * ref['latency_s']:.0f} ms per image)."
 )
 reports = load_reports()
-if not reports:
+df = pd.DataFrame(report_rows(reports))
+if df.empty:
     st.info("No stored results yet: run `python -m engine bench --dataset pneumoniamnist`.")
     st.stop()
-df = pd.DataFrame(report_rows(reports))
 rounding = df["rounding_bits"].map(lambda b: "" if pd.isna(b) else f" r{int(b)}")
 df["run"] = df["dataset"] + " / " + df["model"] + rounding + " (n=" + df["n"].astype(str) + ")"
 fig = px.bar(df, x="mode", y="accuracy", color="run", barmode="group", range_y=[0.5, 1.0], height=380,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from medmnist import INFO
 
-from ..config import DataConfig
+from ..config import REPO_ROOT, DataConfig
 
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)
@@ -229,7 +229,7 @@ def _check_split(path, info: DatasetInfo, size, split, images, labels, fix) -> N
             )
 
 
-SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
+SAMPLES_DIR = REPO_ROOT / "samples"
 
 
 def load_samples(flag: str) -> Split:

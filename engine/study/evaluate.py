@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import REPO_ROOT
 from ..learn import metrics
 from ..learn.data import Split
 from .infer import ModeResult, Predictor, ProgressFn
@@ -154,7 +155,7 @@ def circuit_line(c: dict) -> str:
     return ", ".join(parts)
 
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 
 def results_dir() -> Path:
