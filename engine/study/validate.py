@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import io
 import zipfile
-from itertools import combinations
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from ..learn import metrics
-from .evaluate import agreement
 from ..learn.data import DatasetInfo
-from ..learn.guard import Guard, Screened, screen
+from ..learn.guard import CONFIDENT, Guard, Screened, screen  # CONFIDENT: answers at this confidence are counted apart
 from ..learn.images import EXTENSIONS, MAX_ARCHIVE_FILES, MAX_BYTES, ImageError
-
-CONFIDENT = 0.9  # answers at this calibrated confidence or more are counted apart
+from .evaluate import agreement
 RELIABILITY_BINS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 IGNORED = ("__MACOSX", ".DS_Store", "Thumbs.db")
 
