@@ -145,10 +145,16 @@ class ServiceConfig:
 
     models_dir: str = ""  # empty: default_models_dir()
     cache_dir: str = ""  # empty: default_cache_dir()
-    key_store_bytes: int = 4 * 2**30
-    key_ttl_s: float = 0.0  # idle time-to-live of a key set (0: none)
-    key_grace_s: float = 30.0  # a new key set is not evicted before its first use within this time
-    key_wait_s: float = 30.0  # an upload waits this long for room in the key store, then 429
+    key_store_bytes: int = 4 * 2**30  # key sets in memory, deserialized and prepared
+    # Every key set also stays serialized (engine.serve.keyvault) in key_dir (kept across
+    # restarts) or, if empty, a temporary folder, bounded by key_disk_bytes: a key set that
+    # leaves memory is reloaded from there, and the client uploads it again only once it is gone.
+    key_dir: str = ""
+    key_disk_bytes: int = 16 * 2**30
+    key_ttl_s: float = 0.0  # idle time-to-live of a key set in memory (0: none)
+    key_grace_s: float = 0.0  # a new key set is not evicted before its first use within this time
+    key_linger_s: float = 1.0  # a key set used this recently stays in memory (its client's next request comes)
+    key_wait_s: float = 30.0  # an upload or a reload waits this long for room in memory, then 429
     # FHE runs in flight; 0: one per core. A run alone spreads over every core; runs side by
     # side use one core each (engine.serve.workpool), so the CPU is never oversubscribed.
     workers: int = 0
@@ -164,7 +170,7 @@ class ServiceConfig:
             raise ValueError(f"Unknown backend '{self.backend}': use local or dask")
         if self.backend == "dask" and not self.scheduler:
             raise ValueError("--backend dask needs --scheduler tcp://HOST:PORT")
-        if self.key_store_bytes <= 0 or self.workers < 0 or self.max_queue < 1:
+        if self.key_store_bytes <= 0 or self.key_disk_bytes <= 0 or self.workers < 0 or self.max_queue < 1:
             raise ValueError("key-store bytes and queue size must be positive, workers 0 (one per core) or more")
         if self.batch_size < 1:
             raise ValueError("batch size must be at least 1")

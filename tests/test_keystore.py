@@ -53,6 +53,21 @@ def test_pinned_and_new_entries_are_spared_and_nothing_is_evicted_for_nothing():
     store.unpin(entry)
 
 
+def test_an_entry_used_within_the_linger_time_stays_until_it_has_been_idle_that_long():
+    store, clock, evicted = filled(capacity=200, linger_s=1.0)
+    add(store, "a")
+    add(store, "b")
+    clock.t += 5
+    store.unpin(store.acquire("a"))
+    store.unpin(store.acquire("b"))  # both just used: their clients' next requests are coming
+    with pytest.raises(StoreFull):
+        store.reserve(100)
+    assert evicted == [] and not store.room_for(100)
+    clock.t += 1.5
+    store.reserve(100)
+    assert evicted == ["a"]
+
+
 def test_a_waiting_reservation_gets_the_room_an_entry_gives_up():
     store = KeyStore(200, grace_s=0.0)
     store.reserve(100)
@@ -78,3 +93,46 @@ def test_one_set_larger_than_the_store_is_refused():
     store, *_ = filled(capacity=100)
     with pytest.raises(ValueError, match="holds"):
         store.reserve(101)
+
+
+def test_key_folder_is_bounded_atomic_and_discards_what_it_cannot_trust(tmp_path):
+    """The serialized tier: least recently used key sets go past the bound (never one in
+    memory), the files are named by the key id's hash, and a restart keeps every complete key
+    set while partial or corrupt files are discarded and reported."""
+    from engine.serve.keyvault import KeyVault, name_of
+
+    reported = []
+    vault = KeyVault(tmp_path, 250, on_discard=lambda name, why: reported.append(why))
+    names = [name_of(f"key-{i}") for i in range(3)]
+    for i, n in enumerate(names[:2]):
+        assert vault.put(n, bytes([i]) * 100, "circuit", "alice") == []
+        time.sleep(0.01)
+    assert "key-0" not in "".join(p.name for p in tmp_path.iterdir())  # no key id on disk
+    vault.read(names[0])  # key-0 is now the most recently used
+    assert vault.put(names[2], b"\x02" * 100, "circuit", "bob", in_use=lambda n: False) == [names[1]]
+    assert names[1] not in vault and vault.read(names[1]) is None and vault.used_bytes == 200
+    # the least recently used one is in memory: the next one goes instead
+    assert vault.put(name_of("key-3"), b"\x03" * 100, "circuit", "bob", in_use=lambda n: n == names[2]) == [names[0]]
+    assert vault.count("bob") == 2 and vault.count("alice") == 0
+    with pytest.raises(ValueError):
+        vault.put(name_of("huge"), b"x" * 251, "circuit", "bob")
+    # restart: complete key sets are back, in the same order of use
+    again = KeyVault(tmp_path, 250)
+    assert [n for n, _ in again.recent()] == [name_of("key-3"), names[2]]
+    assert again.read(names[2])[0] == b"\x02" * 100 and again.entry(names[2]).tenant == "bob"
+    # corrupt bytes, a key file without its description, an unfinished write
+    keys = tmp_path / f"{names[2]}.keys"
+    keys.write_bytes(b"\x07" * 100)
+    (tmp_path / f"{name_of('orphan')}.keys").write_bytes(b"x")
+    (tmp_path / ".x.keys.tmp").write_bytes(b"x")
+    (tmp_path / f"{name_of('short')}.json").write_text('{"circuit": "c", "tenant": "t", "nbytes": 9, "sha256": "", "created": 0}')
+    third = KeyVault(tmp_path, 250, on_discard=lambda name, why: reported.append(why))
+    assert len(third) == 2 and third.discarded == 3
+    assert third.read(names[2]) is None and names[2] not in third and not keys.exists()
+    assert third.discarded == 4 and any("SHA-256" in r for r in reported)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{name_of('key-3')}.{ext}" for ext in ("json", "keys"))
+    temporary = KeyVault(None, 100)
+    folder = temporary.folder
+    temporary.put(name_of("k"), b"k", "c", "t")
+    temporary.close()
+    assert not folder.exists()

@@ -26,13 +26,13 @@ def free_port() -> int:
 class RunningService:
     """``engine.serve.api`` under uvicorn in a thread, on a free loopback port."""
 
-    def __init__(self, config: ServiceConfig):
+    def __init__(self, config: ServiceConfig, port: int | None = None):
         import uvicorn
 
         from engine.serve.api import create_app
 
         self.service = Service(config)
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         app = create_app(self.service)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -143,24 +143,54 @@ def test_evicted_key_is_uploaded_again_without_the_caller_noticing(svc, circuit,
     assert np.allclose(first, again)
 
 
-def test_key_store_evicts_least_recently_used(tiny_saved, models_dir, cache_dir, feats, tmp_path):
+def test_key_sets_leave_memory_and_come_back_from_the_key_folder_without_a_reupload(
+        tiny_saved, models_dir, cache_dir, feats, tmp_path):
     probe = Service(config(models_dir, cache_dir))
     c = probe.host(tiny_saved)
     probe.close()
-    # Room for two key sets: a third registration evicts the least recently used one.
-    s = RunningService(config(models_dir, cache_dir, key_store_bytes=int(2.5 * c.footprint), key_grace_s=0.0))
+    # Memory for two key sets: a third registration pushes the least recently used one out of
+    # memory; it stays serialized in the key folder and comes back from there.
+    key_dir = tmp_path / "keys"
+    cfg = config(models_dir, cache_dir, key_store_bytes=int(2.5 * c.footprint), key_linger_s=0.0, key_dir=str(key_dir))
+    s = RunningService(cfg)
     try:
         circuit = {"id": c.id}
         clients = [new_client(s, circuit, tmp_path / str(k)) for k in range(3)]
-        for cl in clients:
-            cl.predict(feats[:1])
-        assert s.service.store.evictions == 1 and len(s.service.store) == 2
-        assert clients[0].key_ids[s.url] not in s.service.store  # the oldest went
-        clients[0].predict(feats[:1])  # and comes back transparently
-        assert clients[0].uploads == 2 and s.service.store.evictions == 2
+        first = [cl.predict(feats[:1])[0] for cl in clients]
+        assert s.service.store.evictions == 1 and len(s.service.store) == 2 and len(s.service.vault) == 3
+        assert len(list(key_dir.glob("*.keys"))) == 3
+        again, _ = clients[0].predict(feats[:1])  # out of memory: reloaded by the server
+        assert np.allclose(again, first[0])
+        assert [cl.uploads for cl in clients] == [1, 1, 1] and s.service.reloads == 1
         metrics = HTTPTransport(s.url).metrics()
         assert metrics["engine_key_store_entries"] == 2 and metrics["engine_key_store_evictions"] == 2
+        assert metrics["engine_key_reloads"] == 1 and metrics["engine_key_dir_entries"] == 3
         assert metrics["engine_key_store_bytes"] == 2 * s.service.circuits[c.id].footprint and metrics["engine_process_rss_bytes"] > 0
+    finally:
+        s.stop()
+    # A restart with the same key folder: the most recent key sets are in memory before the
+    # service says it is ready, every client is answered without uploading again...
+    s = RunningService(cfg, port=s.port)
+    try:
+        assert len(s.service.store) == 2 and s.service.reloads == 2
+        for cl, expected in zip(clients, first):
+            assert np.allclose(cl.predict(feats[:1])[0], expected)
+        assert [cl.uploads for cl in clients] == [1, 1, 1]
+    finally:
+        s.stop()
+    # ...and a corrupt key file is discarded and reported, never served: its client uploads again.
+    victim = sorted(key_dir.glob("*.keys"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    (key_dir / ".half-written.keys.tmp").write_bytes(b"x" * 10)
+    s = RunningService(cfg, port=s.port)
+    try:
+        assert not (key_dir / ".half-written.keys.tmp").exists()
+        for cl, expected in zip(clients, first):
+            assert np.allclose(cl.predict(feats[:1])[0], expected)
+        assert sorted(cl.uploads for cl in clients) == [1, 1, 2]
+        assert any("SHA-256" in d for d in s.service.discards) and s.service.vault.discarded == 2
     finally:
         s.stop()
 
@@ -203,6 +233,34 @@ def test_fair_queue_serves_clients_in_turn():
     [f.result(timeout=10) for f in futures]
     pool.close()
     assert order == ["a0", "b0", "a1", "b1", "a2", "a3"]  # b does not wait behind a's burst
+
+
+def test_tenants_share_first_then_their_clients():
+    """The dashboard (one token, many sessions) gets one tenant's share, not one per session;
+    and a job whose keys must be loaded lets a ready one go first, within the patience."""
+    from engine.serve.workpool import WorkPool
+
+    pool = WorkPool(workers=1, max_queue=100, cold_patience_s=30.0)
+    gate, order = threading.Event(), []
+    pool.submit("gate", gate.wait)
+    time.sleep(0.1)
+    futures = [pool.submit(f"s{i}", order.append, f"dash-s{i}", tenant="dashboard") for i in range(4)]
+    futures += [pool.submit("h", order.append, f"hosp-{i}", tenant="hospital") for i in range(2)]
+    futures.append(pool.submit("cold", order.append, "cold", tenant="clinic", cold=True))
+    futures.append(pool.submit("warm", order.append, "warm", tenant="clinic"))
+    gate.set()
+    [f.result(timeout=10) for f in futures]
+    pool.close()
+    assert order == ["dash-s0", "hosp-0", "warm", "dash-s1", "hosp-1", "dash-s2", "dash-s3", "cold"]
+    impatient = WorkPool(workers=1, max_queue=100, cold_patience_s=0.0)
+    gate, order = threading.Event(), []
+    impatient.submit("gate", gate.wait)
+    time.sleep(0.1)
+    futures = [impatient.submit("cold", order.append, "cold", cold=True), impatient.submit("warm", order.append, "warm")]
+    gate.set()
+    [f.result(timeout=10) for f in futures]
+    impatient.close()
+    assert order == ["cold", "warm"]  # past its patience a cold job takes its turn
 
 
 def test_background_work_waits_for_predictions():

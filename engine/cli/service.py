@@ -17,7 +17,12 @@ def add_serve(sub) -> None:
     p.add_argument("--cache-dir", default=None, help="circuit cache (default: $ENGINE_CACHE_DIR, else ./.cache)")
     p.add_argument("--key-store-bytes", type=byte_size, default=ServiceConfig.key_store_bytes,
                    help="memory bound of the registered key sets, e.g. 1GiB or 1073741824 (default 4GiB)")
-    p.add_argument("--key-ttl", type=float, default=0.0, help="drop key sets idle this many seconds (0: never)")
+    p.add_argument("--key-dir", default=None,
+                   help="keep every registered key set serialized in this folder, across restarts "
+                        "(default: a temporary folder removed at exit)")
+    p.add_argument("--key-disk-bytes", type=byte_size, default=ServiceConfig.key_disk_bytes,
+                   help="bound of the serialized key sets kept (default 16GiB); past it the least recently used go")
+    p.add_argument("--key-ttl", type=float, default=0.0, help="drop key sets idle this many seconds from memory (0: never)")
     p.add_argument("--workers", type=int, default=0,
                    help="FHE runs in flight (default 0: one per core; a lone run spreads over every core, "
                         "runs side by side use one core each)")
@@ -42,7 +47,8 @@ def cmd_serve(a) -> int:
     from ..serve.api import serve
 
     cfg = ServiceConfig(models_dir=a.models_dir or "", cache_dir=a.cache_dir or "", key_store_bytes=a.key_store_bytes,
-                        key_ttl_s=a.key_ttl, workers=a.workers, max_queue=a.max_queue, backend=a.backend,
+                        key_dir=a.key_dir or "", key_disk_bytes=a.key_disk_bytes, key_ttl_s=a.key_ttl,
+                        workers=a.workers, max_queue=a.max_queue, backend=a.backend,
                         scheduler=a.scheduler, batch_size=a.batch_size)
     import ipaddress
 

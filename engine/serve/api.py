@@ -61,6 +61,13 @@ class Metrics:
         Gauge("engine_key_store_entries", "registered key sets", registry=r).set_function(lambda: len(service.store))
         Gauge("engine_key_store_evictions", "key sets evicted so far", registry=r).set_function(
             lambda: service.store.evictions)
+        Gauge("engine_key_dir_bytes", "serialized key sets kept (memory or disk)", registry=r).set_function(
+            lambda: service.vault.used_bytes)
+        Gauge("engine_key_dir_entries", "serialized key sets kept", registry=r).set_function(lambda: len(service.vault))
+        Gauge("engine_key_dir_discarded", "key files found partial or corrupt and discarded", registry=r).set_function(
+            lambda: service.vault.discarded)
+        Gauge("engine_key_reloads", "key sets loaded into memory from the key folder", registry=r).set_function(
+            lambda: service.reloads)
         Gauge("engine_process_rss_bytes", "resident memory of the service process", registry=r).set_function(
             lambda: service.stats()["rss_bytes"])
 
@@ -89,7 +96,8 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
     state = {"error": None}
     app.state.service = service
     tenants = tenants or Tenants(None)
-    tenants.held = lambda key_id: key_id in service.store
+    tenants.owner_of = service.owner_of
+    tenants.count_of = service.key_sets_of
 
     def _load() -> None:
         try:
@@ -201,8 +209,7 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
         except BaseException:
             service.release(c)
             raise
-        key_id = await run_in_threadpool(service.register, cid, body, True)
-        tenants.own(tenant, key_id)
+        key_id = await run_in_threadpool(service.register, cid, body, True, tenant.name)
         return {"key_id": key_id}
 
     @app.delete("/circuits/{cid}/keys/{key_id}")
@@ -210,7 +217,6 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
         """Drop a key set (its tenant's only)."""
         mine(request, key_id)
         gone = await run_in_threadpool(service.forget, cid, key_id)
-        tenants.disown(key_id)
         return {"removed": gone}
 
     @app.post("/circuits/{cid}/predict")
@@ -220,7 +226,7 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
         body = await _body(request, c.max_ciphertext_body)
         key_id = request.headers.get("x-key-id", "")
         mine(request, key_id)
-        result, queued, ran = await run_in_threadpool(service.predict, cid, key_id, body)
+        result, queued, ran = await run_in_threadpool(service.predict, cid, key_id, body, tenant_of(request).name)
         metrics.fhe_seconds.observe(ran)
         metrics.queue_seconds.observe(queued)
         return Response(result, media_type=OCTET,

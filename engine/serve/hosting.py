@@ -7,7 +7,13 @@ in-process or over HTTP through the same client API.
 
 - Keys are checked (exact size for the circuit, a byte-exact round trip), made ready for
   computation when they are registered (one run on a warm-up ciphertext: the first run with a
-  new key set is the slow one), and kept in a :class:`KeyStore` bounded by bytes.
+  new key set is the slow one), and kept in two tiers: prepared in memory in a
+  :class:`KeyStore` bounded by bytes (about 320 MB each), and serialized (56 MiB) in a
+  :class:`KeyVault` folder bounded by bytes. A key set pushed out of memory is reloaded from
+  the folder by the request that needs it (a *cold* run, which the work pool runs after the
+  ready ones that wait, within its patience); the client uploads again only once the folder
+  has lost it. With ``key_dir`` the folder outlives the process: a restarted service loads the
+  most recently used key sets before it reports ready, and knows every other one.
 - Every FHE run, warm-up included, goes through one fair :class:`WorkPool`.
 - ``backend="dask"``: the pool's runs execute on a Dask cluster; each worker loads a circuit
   once and receives a key set once (at registration), so one front scales over machines.
@@ -32,6 +38,7 @@ from ..fhe.circuit import CompiledModel, compile_model, is_cached
 from ..fhe.runtime import FHEServer, WarmUp, warmup_material
 from ..fhe.threads import release_memory, set_run_threads
 from .keystore import KeyStore, StoreFull
+from .keyvault import KeyVault, name_of
 from .workpool import QueueFull, WorkPool
 
 
@@ -49,6 +56,10 @@ class NotFound(ServiceError):
 
 class TooLarge(ServiceError):
     status = 413
+
+
+class NoStorage(ServiceError):
+    status = 507
 
 
 class Busy(ServiceError):
@@ -148,6 +159,17 @@ class LocalRunner:
     def load(self, c: HostedCircuit, key_id: str, body: bytes):
         return FHEServer.load_keys(body)
 
+    def reload(self, c: HostedCircuit, key_id: str, body: bytes):
+        """Keys checked at their upload, read back from the key folder (SHA-256 checked): the
+        first run prepares them."""
+        from concrete.compiler import ServerKeyset
+
+        return ServerKeyset.deserialize(body)
+
+    def prepare(self, c: HostedCircuit, key_id: str, keys) -> None:
+        """The first run with reloaded keys, on the warm-up ciphertext (a start-up's preload)."""
+        self.warm(c, key_id, keys)
+
     def warm(self, c: HostedCircuit, key_id: str, keys) -> None:
         c.server.execute(c.warm.ciphertext, keys)
 
@@ -179,6 +201,13 @@ class DaskRunner:
 
     def warm(self, c: HostedCircuit, key_id: str, body: bytes) -> None:
         self.client.run(_worker_register, c.server_zip_digest, key_id, body, c.warm.ciphertext)
+
+    def reload(self, c: HostedCircuit, key_id: str, body: bytes):
+        self.warm(c, key_id, body)  # registered on every worker, with its first run
+        return body
+
+    def prepare(self, c: HostedCircuit, key_id: str, keys) -> None:
+        pass
 
     def run(self, c: HostedCircuit, key_id: str, _keys, ciphertext: bytes) -> bytes:
         return self.client.submit(_worker_run, c.server_zip_digest, key_id, ciphertext, pure=False).result()
@@ -250,7 +279,11 @@ class Service:
             cores = cpu_cores()
             self.pool = WorkPool(c.workers or cores, c.max_queue, threads=set_run_threads, cores=cores)
         self.store = KeyStore(c.key_store_bytes, ttl_s=c.key_ttl_s or None, grace_s=c.key_grace_s,
-                              on_evict=lambda key_id, _e: self.runner.drop(key_id))
+                              on_evict=lambda name, _e: self.runner.drop(name), linger_s=c.key_linger_s)
+        self.discards: list[str] = []  # key files found partial or corrupt (reported, never served)
+        self.vault = KeyVault(c.key_dir or None, c.key_disk_bytes, on_discard=self._discarded)
+        self.reloads = 0
+        self.reload_seconds: list[float] = []  # the last cold runs: reading, deserializing, first run
         self.circuits: dict[str, HostedCircuit] = {}
         self._hosting = threading.Lock()
         self.ready = False
@@ -262,8 +295,39 @@ class Service:
         say = progress or (lambda _m: None)
         for saved in registry.list_models(None, self.models_dir):
             self.host(saved, say)
+        self.preload(say)
         self.ready = True
         return self
+
+    def _discarded(self, name: str, why: str) -> None:
+        self.discards.append(f"{name[:16]}: {why}")
+        del self.discards[:-100]
+
+    def preload(self, say: Callable[[str], None] = lambda _m: None) -> int:
+        """Load the most recently used key sets of the key folder into memory, as many as fit
+        without evicting anything (after a restart: their clients' first answers are warm)."""
+        jobs = []
+        for name, e in self.vault.recent():
+            c = self.circuits.get(e.circuit)
+            if c is None or name in self.store or not self.store.room_for(c.footprint):
+                continue
+            self.store.reserve(c.footprint)
+            jobs.append(self.pool.submit(name, self._load_cold, c, name, background=True, tenant=e.tenant))
+        if self.discards:
+            say(f"discarded {len(self.discards)} partial or corrupt key file(s) in {self.vault.folder}: "
+                + "; ".join(self.discards[:5]))
+        if jobs:
+            say(f"loading {len(jobs)} key set(s) kept from before ({len(self.vault)} in {self.vault.folder})")
+        loaded = 0
+        for j in jobs:
+            try:
+                entry = j.result()[0]
+            except Exception:  # noqa: BLE001 - a key set that does not load is reloaded (or re-uploaded) on demand
+                continue
+            if entry is not None:
+                self.store.unpin(entry)
+                loaded += 1
+        return loaded
 
     def host(self, saved: registry.SavedModel, say: Callable[[str], None] = lambda _m: None,
              compiled: CompiledModel | None = None) -> HostedCircuit:
@@ -343,31 +407,83 @@ class Service:
     def release(self, c: HostedCircuit) -> None:
         self.store.release(c.footprint)
 
-    def register(self, cid: str, body: bytes, reserved: bool = False) -> str:
-        """Check, prepare and store a client's evaluation keys; returns a new, unguessable key id."""
+    def register(self, cid: str, body: bytes, reserved: bool = False, tenant: str = "-") -> str:
+        """Check, prepare and store a client's evaluation keys (in memory and in the key folder);
+        returns a new, unguessable key id."""
         c = self.admit(cid) if not reserved else self.circuit(cid)
         key_id = secrets.token_urlsafe(24)
+        name = name_of(key_id)
         try:
             _check_body(body, c.key_bytes, c.max_key_body, c.warm.keys_fit, "evaluation keys")
             try:
-                keys = self.runner.load(c, key_id, body)
+                keys = self.runner.load(c, name, body)
             except Exception as exc:  # noqa: BLE001 - any deserialization failure is the body's fault
                 raise BadRequest(f"malformed evaluation keys ({type(exc).__name__})") from None
             try:
-                self.pool.run(key_id, self.runner.warm, c, key_id, keys, background=True)
+                self.pool.run(name, self.runner.warm, c, name, keys, background=True, tenant=tenant)
             except QueueFull as exc:
                 raise Busy(str(exc), exc.retry_after) from None
             except (ValueError, RuntimeError) as exc:  # Concrete refused to run with these keys
                 raise BadRequest(f"evaluation keys do not fit this circuit ({type(exc).__name__})") from None
+            try:
+                self.vault.put(name, body, c.key_owner, tenant, in_use=self.store.__contains__)
+            except OSError as exc:
+                raise NoStorage(f"the service cannot store the keys ({type(exc).__name__}); retry later") from None
         except BaseException:
             self.store.release(c.footprint)
             raise
-        self.store.put(key_id, keys, c.footprint, owner=c.key_owner)
+        self.store.put(name, keys, c.footprint, owner=c.key_owner)
         del body
         release_memory()  # the upload's buffers and the preparation's scratch go back to the system
         return key_id
 
-    def predict(self, cid: str, key_id: str, body: bytes) -> tuple[bytes, float, float]:
+    def owner_of(self, key_id: str) -> str | None:
+        """The tenant whose key set this is (None: the service does not have it)."""
+        e = self.vault.entry(name_of(key_id or ""))
+        return e.tenant if e is not None else None
+
+    def key_sets_of(self, tenant: str) -> int:
+        return self.vault.count(tenant)
+
+    def _load_cold(self, c: HostedCircuit, name: str, ciphertext: bytes | None = None):
+        """In a worker, with room reserved for ``c.footprint``: put the key set in memory from the
+        key folder (unless a request before this one did) and run ``ciphertext`` with it, or the
+        warm-up ciphertext. Returns the pinned entry (without a ciphertext) or the result."""
+        entry = self.store.acquire(name)
+        start = time.perf_counter()
+        if entry is not None:  # loaded meanwhile
+            self.store.release(c.footprint)
+        else:
+            got = self.vault.read(name)
+            if got is None:
+                self.store.release(c.footprint)
+                raise KeyError(name)  # gone, or found corrupt and discarded: the client uploads again
+            try:
+                keys = self.runner.reload(c, name, got[0])
+                del got
+                if ciphertext is None:
+                    self.runner.prepare(c, name, keys)
+            except BaseException:
+                self.store.release(c.footprint)
+                raise
+            self.store.put(name, keys, c.footprint, owner=c.key_owner)
+            entry = self.store.acquire(name)
+            release_memory()
+        if ciphertext is None:
+            self._count_reload(start)
+            return entry
+        try:
+            return self.runner.run(c, name, entry.value, ciphertext)
+        finally:
+            self.store.unpin(entry)
+            self._count_reload(start)
+
+    def _count_reload(self, start: float) -> None:
+        self.reloads += 1
+        self.reload_seconds.append(time.perf_counter() - start)
+        del self.reload_seconds[:-200]
+
+    def predict(self, cid: str, key_id: str, body: bytes, tenant: str = "-") -> tuple[bytes, float, float]:
         """One encrypted run: (serialized result, seconds queued, seconds computing)."""
         c = self.circuit(cid)
         _check_body(body, c.ciphertext_bytes, c.max_ciphertext_body, c.warm.ciphertext_fits, "ciphertext")
@@ -375,34 +491,57 @@ class Service:
             FHEServer.check_ciphertext(body)
         except Exception as exc:  # noqa: BLE001
             raise BadRequest(f"malformed ciphertext ({type(exc).__name__})") from None
-        entry = self.store.acquire(key_id or "")
-        if entry is None or entry.owner != c.key_owner:
-            if entry is not None:
-                self.store.unpin(entry)
+        name = name_of(key_id or "")
+        kept = self.vault.entry(name)
+        if kept is None or kept.circuit != c.key_owner:
+            raise NotFound("unknown or evicted key id: upload the evaluation keys again")
+        entry = self.store.acquire(name)
+        if entry is not None and entry.owner != c.key_owner:  # cannot happen: the folder says whose they are
+            self.store.unpin(entry)
             raise NotFound("unknown or evicted key id: upload the evaluation keys again")
         try:
-            return self.pool.run(key_id, self.runner.run, c, key_id, entry.value, body)
+            if entry is not None:
+                return self.pool.run(name, self.runner.run, c, name, entry.value, body, tenant=tenant)
+            try:  # out of memory: reload from the key folder, in the room reserved here
+                self.store.reserve(c.footprint, wait_s=self.config.key_wait_s)
+            except StoreFull as exc:
+                raise Busy(str(exc), retry_after=1.0) from None
+            try:
+                fut = self.pool.submit(name, self._load_cold, c, name, body, tenant=tenant, cold=True)
+            except QueueFull:
+                self.store.release(c.footprint)
+                raise
+            return fut.result()
         except QueueFull as exc:
             raise Busy(str(exc), exc.retry_after) from None
-        except KeyError:  # a Dask worker that does not have the key (restarted or new)
-            self.store.remove(key_id)
+        except KeyError:  # the key folder lost them, or a Dask worker does not have them
+            self.store.remove(name)
+            self.vault.remove(name)
             raise NotFound("unknown or evicted key id: upload the evaluation keys again") from None
         except (ValueError, RuntimeError) as exc:  # Concrete refused this ciphertext
             raise BadRequest(f"the ciphertext does not fit this circuit ({type(exc).__name__})") from None
         finally:
-            self.store.unpin(entry)
+            if entry is not None:
+                self.store.unpin(entry)
 
     def forget(self, cid: str, key_id: str) -> bool:
-        """Drop a client's keys (a session that ends); True if they were here."""
+        """Drop a client's keys (a session that ends), from memory and the key folder; True if
+        they were here."""
         self.circuit(cid)
-        return self.store.remove(key_id)
+        name = name_of(key_id or "")
+        in_memory = self.store.remove(name)
+        return self.vault.remove(name) or in_memory
 
     def stats(self) -> dict:
         return {"queue_depth": self.pool.depth, "running": self.pool.running, "key_store_bytes": self.store.used_bytes,
                 "key_store_capacity_bytes": self.store.capacity, "key_store_entries": len(self.store),
-                "key_store_evictions": self.store.evictions, "rss_bytes": rss_bytes(), "workers": self.pool.workers,
+                "key_store_evictions": self.store.evictions, "key_dir_bytes": self.vault.used_bytes,
+                "key_dir_capacity_bytes": self.vault.capacity, "key_dir_entries": len(self.vault),
+                "key_dir_evictions": self.vault.evictions, "key_dir_discarded": self.vault.discarded,
+                "key_reloads": self.reloads, "rss_bytes": rss_bytes(), "workers": self.pool.workers,
                 "backend": self.config.backend}
 
     def close(self) -> None:
         self.pool.close()
         self.runner.close()
+        self.vault.close()

@@ -8,7 +8,12 @@ until its first use, so a burst of new clients cannot evict a key between its up
 first prediction. A registration that finds no room waits (up to a bound) for an entry to
 become idle: uploads queue instead of being refused and sent again; past the bound
 :class:`StoreFull` tells the caller to retry later.
-An optional idle time-to-live drops entries nobody used for ``ttl_s`` seconds.
+An optional idle time-to-live drops entries nobody used for ``ttl_s`` seconds. An entry used
+within the last ``linger_s`` seconds is evicted only once it has been idle that long: a client
+between two requests (decrypting one answer, encrypting the next) keeps its keys.
+
+Under the service this is the upper tier: every key set also stays serialized in a
+:class:`engine.serve.keyvault.KeyVault`, so an entry that leaves is reloaded, not uploaded again.
 """
 
 from __future__ import annotations
@@ -37,12 +42,14 @@ class Entry:
 
 class KeyStore:
     def __init__(self, capacity_bytes: int, ttl_s: float | None = None, grace_s: float = 30.0,
-                 on_evict: Callable[[str, Entry], None] | None = None, clock: Callable[[], float] = time.monotonic):
+                 on_evict: Callable[[str, Entry], None] | None = None, clock: Callable[[], float] = time.monotonic,
+                 linger_s: float = 0.0):
         if capacity_bytes <= 0:
             raise ValueError("the key store needs a positive capacity in bytes")
         self.capacity = int(capacity_bytes)
         self.ttl_s = ttl_s
         self.grace_s = grace_s
+        self.linger_s = linger_s
         self.on_evict = on_evict
         self._clock = clock
         self._entries: OrderedDict[str, Entry] = OrderedDict()
@@ -63,6 +70,11 @@ class KeyStore:
     def __contains__(self, key_id: str) -> bool:
         with self._lock:
             return key_id in self._entries
+
+    def room_for(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` fit now without evicting anything."""
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values()) + self._reserved + nbytes <= self.capacity
 
     # -- admission
     def reserve(self, nbytes: int, wait_s: float = 0.0) -> None:
@@ -97,7 +109,7 @@ class KeyStore:
         for key_id, e in self._entries.items():
             if used + nbytes <= self.capacity:
                 break
-            if e.pins or (not e.used and now - e.created < self.grace_s):
+            if e.pins or (not e.used and now - e.created < self.grace_s) or now - e.last_used < self.linger_s:
                 continue
             victims.append(key_id)
             used -= e.nbytes

@@ -6,7 +6,8 @@ key generation is its own machine's business), uploads its evaluation keys; once
 has uploaded (or after ``barrier_s``, when the key store cannot hold every client at once), all
 send their predictions, each one after another. Throughput counts the
 predictions over that phase (uploads are timed apart, ``key_upload_s_median``; re-uploads after
-an eviction happen inside the phase and are counted). A request that the service answers 404 (key evicted) or 429
+an eviction happen inside the phase and are counted; ``server_key_reloads`` counts the key
+sets the server loaded back from its key folder instead). A request that the service answers 404 (key evicted) or 429
 (busy) is retried by the client as a user's would be; only requests that finally fail count as
 errors. ``server_rss_peak_bytes`` is the highest ``engine_process_rss_bytes`` read from
 ``/metrics`` while the clients run.
@@ -151,6 +152,7 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
         "server_rss_peak_bytes": int(max(peak["rss"], metrics.get("engine_process_rss_bytes", 0.0))),
         "server_key_store_capacity_bytes": int(metrics.get("engine_key_store_capacity_bytes", 0)),
         "server_key_store_evictions": int(metrics.get("engine_key_store_evictions", 0)),
+        "server_key_reloads": int(metrics.get("engine_key_reloads", 0)),
     }
 
 
@@ -158,11 +160,11 @@ def markdown(runs: list[dict]) -> str:
     """A table of load-test runs (the JSON of each ``loadtest --json``)."""
     ms = lambda v: "-" if v is None else f"{1000 * v:.0f} ms"  # noqa: E731
     lines = ["| clients x requests | key store | errors | p50 | p95 | max | throughput | first request | "
-             "later requests | key re-uploads | server RSS peak |", "|" + " --- |" * 11]
+             "later requests | key re-uploads | server reloads | server RSS peak |", "|" + " --- |" * 12]
     for r in runs:
         lines.append(
             f"| {r['clients']} x {r['requests']} | {r['server_key_store_capacity_bytes'] / 2**30:.2f} GiB | {r['errors']} | "
             f"{ms(r['latency_p50_s'])} | {ms(r['latency_p95_s'])} | {ms(r['latency_max_s'])} | "
             f"{r['throughput_rps']:.2f} req/s | {ms(r['first_request_latency_s'])} | {ms(r['later_request_latency_s'])} | "
-            f"{r['key_reuploads']} | {r['server_rss_peak_bytes'] / 2**20:.0f} MiB |")
+            f"{r['key_reuploads']} | {r.get('server_key_reloads', '-')} | {r['server_rss_peak_bytes'] / 2**20:.0f} MiB |")
     return "\n".join(lines) + "\n"

@@ -2,8 +2,9 @@
 
 The tokens file (JSON) holds, per tenant, a name, the SHA-256 of its token (never the token),
 and optional limits (``max_key_sets``, ``rps``); ``python -m engine token --tokens FILE NAME``
-adds one and prints the token once. A key set belongs to the tenant that uploaded it: another
-tenant's requests with its id get 404, as if it did not exist. Requests per second are a token
+adds one and prints the token once. A key set belongs to the tenant that uploaded it (the
+service's key folder records whose it is, across restarts): another tenant's requests with its
+id get 404, as if it did not exist. Requests per second are a token
 bucket per tenant. The audit log is one JSON line per request (Python's rotating file handler),
 with no payload, key or token in it.
 """
@@ -22,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 ANONYMOUS = "-"  # the tenant of a service without tokens
 
@@ -103,8 +105,9 @@ class Tenants:
     def __init__(self, tokens: dict[str, Tenant] | None, max_key_sets: int = 0, rps: float = 0.0):
         self.tokens = tokens  # None: no authentication (loopback or --insecure-open)
         self.max_key_sets, self.rps = max_key_sets, rps
-        self._owner: dict[str, str] = {}  # key id -> tenant name
-        self.held = lambda key_id: True  # whether the service still holds a key set (set by the app)
+        # where key sets are kept says whose they are (set by the app: the service's key folder)
+        self.owner_of: Callable[[str], str | None] = lambda _key_id: None
+        self.count_of: Callable[[str], int] = lambda _tenant: 0
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
 
@@ -135,28 +138,16 @@ class Tenants:
             return bucket.take()
 
     def key_sets(self, tenant: Tenant) -> int:
-        """Key sets of the tenant the service still holds (evicted ones are forgotten here)."""
-        with self._lock:
-            for key_id in [k for k in self._owner if not self.held(k)]:
-                del self._owner[key_id]
-            return sum(1 for owner in self._owner.values() if owner == tenant.name)
+        """Key sets of the tenant the service still holds (in memory or in its key folder)."""
+        return self.count_of(tenant.name)
 
     def may_add_key_set(self, tenant: Tenant) -> bool:
         cap = tenant.max_key_sets or self.max_key_sets
         return cap <= 0 or self.key_sets(tenant) < cap
 
-    def own(self, tenant: Tenant, key_id: str) -> None:
-        with self._lock:
-            self._owner[key_id] = tenant.name
-
     def owns(self, tenant: Tenant, key_id: str) -> bool:
         """Whether ``key_id`` is the tenant's (a key id nobody registered is nobody's)."""
-        with self._lock:
-            return self._owner.get(key_id) == tenant.name
-
-    def disown(self, key_id: str) -> None:
-        with self._lock:
-            self._owner.pop(key_id, None)
+        return self.owner_of(key_id) == tenant.name
 
 
 def audit_logger(path: Path | None, max_bytes: int = 10 * 2**20, backups: int = 5) -> logging.Logger | None:

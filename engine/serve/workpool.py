@@ -1,7 +1,15 @@
-"""A bounded pool of FHE runs, fair between clients.
+"""A bounded pool of FHE runs, fair between tenants, then between each tenant's clients.
 
-Each client (a key id) has its own first-in first-out queue; the workers serve the clients in
-turn, one job each, so one client sending a burst cannot starve the others. The total number
+Each client (a key set) has its own first-in first-out queue, and each tenant (a token) a
+rotation of its clients: the workers serve the tenants in turn and, within a tenant, its
+clients in turn, one job each. One client sending a burst cannot starve the others, and a
+tenant with many key sets (the dashboard: one token, many sessions) gets the share of one
+tenant, not of all its sessions.
+
+A job marked ``cold`` must first load its keys (from their serialized form: deserializing and
+preparing them costs several runs). While a job whose keys are ready waits, a cold one is
+passed over for up to ``cold_patience_s``: the ready one finishes in a fraction of the time,
+and its keys are then free to leave memory for the cold one. The total number
 of waiting jobs is bounded: past it :meth:`WorkPool.submit` raises :class:`QueueFull` and the
 service answers 429.
 
@@ -41,7 +49,8 @@ class QueueFull(Exception):
 
 class WorkPool:
     def __init__(self, workers: int = 1, max_queue: int = 64, name: str = "fhe",
-                 threads: Callable[[int], Any] | None = None, cores: int | None = None):
+                 threads: Callable[[int], Any] | None = None, cores: int | None = None,
+                 cold_patience_s: float = 2.0):
         """``threads(n)``, called in a worker before each job: let the job use ``n`` threads,
         every one of the ``cores`` if it runs alone, else its share of them (at least 1)."""
         if workers < 1 or max_queue < 1:
@@ -50,8 +59,10 @@ class WorkPool:
         self._threads_for = threads
         self.cores = cores or workers
         self.max_queue = max_queue
-        self._queues: OrderedDict[str, deque] = OrderedDict()  # rotation order of waiting clients
-        self._background: OrderedDict[str, deque] = OrderedDict()
+        # lane -> tenant -> client -> jobs; dict order is the rotation order
+        self._queues: OrderedDict[str, OrderedDict[str, deque]] = OrderedDict()
+        self._background: OrderedDict[str, OrderedDict[str, deque]] = OrderedDict()
+        self.cold_patience_s = cold_patience_s
         self._waiting = 0
         self._busy: set[str] = set()  # owners with a job running (at most one each)
         self._cond = threading.Condition()
@@ -70,7 +81,8 @@ class WorkPool:
     def running(self) -> int:
         return len(self._busy)
 
-    def submit(self, owner: str, fn: Callable[..., Any], *args, background: bool = False) -> Future:
+    def submit(self, owner: str, fn: Callable[..., Any], *args, background: bool = False,
+               tenant: str = "-", cold: bool = False) -> Future:
         fut: Future = Future()
         with self._cond:
             if self._closed:
@@ -78,26 +90,38 @@ class WorkPool:
             if self._waiting >= self.max_queue:
                 raise QueueFull(max(1.0, self._waiting * self._mean_run_s / self.workers))
             lane = self._background if background else self._queues
-            lane.setdefault(owner, deque()).append((fut, fn, args, time.perf_counter()))
+            lane.setdefault(tenant, OrderedDict()).setdefault(owner, deque()).append(
+                (fut, fn, args, time.perf_counter(), cold))
             self._waiting += 1
             self._cond.notify()
         return fut
 
     def _ready_lane(self):
-        """The first (lane, owner) with a job to run whose owner has none running, or None."""
+        """(lane, tenant, owner) of the next job to run, or None: tenants in turn, then their
+        clients in turn, skipping clients with a job running; ready keys before cold ones
+        (within the patience), predictions before background work."""
+        now = time.perf_counter()
         for lane in (self._queues, self._background):
-            for owner in lane:
-                if owner not in self._busy:
-                    return lane, owner
+            for patient in (True, False):
+                for tenant, owners in lane.items():
+                    for owner, q in owners.items():
+                        if owner in self._busy:
+                            continue
+                        if patient and q[0][4] and now - q[0][3] < self.cold_patience_s:
+                            continue
+                        return lane, tenant, owner
         return None
 
-    def _next(self, lane, owner):
-        q = lane.pop(owner)
+    def _next(self, lane, tenant, owner):
+        owners = lane.pop(tenant)
+        q = owners.pop(owner)
         job = q.popleft()
-        if q:  # back of the rotation: the other clients go first
-            lane[owner] = q
+        if q:  # back of the rotation: the tenant's other clients go first
+            owners[owner] = q
+        if owners:  # and the other tenants before this one
+            lane[tenant] = owners
         self._waiting -= 1
-        return job
+        return job[:4]
 
     def _work(self) -> None:
         while True:
@@ -106,8 +130,8 @@ class WorkPool:
                     self._cond.wait()
                 if ready is None:  # closed and drained
                     return
-                lane, owner = ready
-                fut, fn, args, queued_at = self._next(lane, owner)
+                lane, tenant, owner = ready
+                fut, fn, args, queued_at = self._next(lane, tenant, owner)
                 alone = not self._busy and not self._waiting
                 self._busy.add(owner)
             if self._threads_for is not None:
@@ -123,9 +147,10 @@ class WorkPool:
                 self._busy.discard(owner)
                 self._cond.notify_all()  # this owner's next job, or closing, may now proceed
 
-    def run(self, owner: str, fn: Callable[..., Any], *args, background: bool = False) -> tuple[Any, float, float]:
+    def run(self, owner: str, fn: Callable[..., Any], *args, background: bool = False, tenant: str = "-",
+            cold: bool = False) -> tuple[Any, float, float]:
         """Submit and wait: (result, seconds queued, seconds running)."""
-        return self.submit(owner, fn, *args, background=background).result()
+        return self.submit(owner, fn, *args, background=background, tenant=tenant, cold=cold).result()
 
     def close(self) -> None:
         with self._cond:
