@@ -88,18 +88,13 @@ def images(transport: HTTPTransport, cid: str) -> np.ndarray:
     return to_features(load_samples(c["dataset"]).images, c["input_pool"])
 
 
-def load(say) -> dict:
+def load(say, runs=(("c8_4gib", "4GiB", 8, 3), ("c8_1gib", "1GiB", 8, 3), ("c32_1gib", "1GiB", 32, 2)),
+         extra: tuple[str, ...] = ()) -> dict:
     out = {}
-    s = Server("--key-store-bytes", "4GiB")
-    try:
-        say("8 x 3 at 4 GiB")
-        out["c8_4gib"] = run_loadtest(s.url, 8, 3, say=say)
-    finally:
-        s.stop()
-    for name, clients, requests in (("c8_1gib", 8, 3), ("c32_1gib", 32, 2)):
-        s = Server("--key-store-bytes", "1GiB")
+    for name, store, clients, requests in runs:
+        s = Server("--key-store-bytes", store, *extra)
         try:
-            say(f"{clients} x {requests} at 1 GiB")
+            say(f"{clients} x {requests} at {store}")
             out[name] = run_loadtest(s.url, clients, requests, say=say)
         finally:
             s.stop()

@@ -153,7 +153,7 @@ class ServiceConfig:
     key_disk_bytes: int = 16 * 2**30
     key_ttl_s: float = 0.0  # idle time-to-live of a key set in memory (0: none)
     key_grace_s: float = 0.0  # a new key set is not evicted before its first use within this time
-    key_linger_s: float = 1.0  # a key set used this recently stays in memory (its client's next request comes)
+    key_linger_s: float = 0.3  # a key set used this recently stays in memory (its client's next request comes)
     key_wait_s: float = 30.0  # an upload or a reload waits this long for room in memory, then 429
     # FHE runs in flight; 0: one per core. A run alone spreads over every core; runs side by
     # side use one core each (engine.serve.workpool), so the CPU is never oversubscribed.

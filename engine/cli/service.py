@@ -22,6 +22,9 @@ def add_serve(sub) -> None:
                         "(default: a temporary folder removed at exit)")
     p.add_argument("--key-disk-bytes", type=byte_size, default=ServiceConfig.key_disk_bytes,
                    help="bound of the serialized key sets kept (default 16GiB); past it the least recently used go")
+    p.add_argument("--key-linger", type=float, default=ServiceConfig.key_linger_s,
+                   help="seconds a key set just used stays in memory while others wait for room (its client's "
+                        f"next request comes; default {ServiceConfig.key_linger_s:g})")
     p.add_argument("--key-ttl", type=float, default=0.0, help="drop key sets idle this many seconds from memory (0: never)")
     p.add_argument("--workers", type=int, default=0,
                    help="FHE runs in flight (default 0: one per core; a lone run spreads over every core, "
@@ -48,6 +51,7 @@ def cmd_serve(a) -> int:
 
     cfg = ServiceConfig(models_dir=a.models_dir or "", cache_dir=a.cache_dir or "", key_store_bytes=a.key_store_bytes,
                         key_dir=a.key_dir or "", key_disk_bytes=a.key_disk_bytes, key_ttl_s=a.key_ttl,
+                        key_linger_s=a.key_linger,
                         workers=a.workers, max_queue=a.max_queue, backend=a.backend,
                         scheduler=a.scheduler, batch_size=a.batch_size)
     import ipaddress

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import json
+import statistics
 import threading
 import time
 import traceback
@@ -68,6 +69,8 @@ class Metrics:
             lambda: service.vault.discarded)
         Gauge("engine_key_reloads", "key sets loaded into memory from the key folder", registry=r).set_function(
             lambda: service.reloads)
+        Gauge("engine_key_reload_seconds_median", "median cold run: reading, deserializing, preparing, running",
+              registry=r).set_function(lambda: float(statistics.median(service.reload_seconds)) if service.reload_seconds else 0.0)
         Gauge("engine_process_rss_bytes", "resident memory of the service process", registry=r).set_function(
             lambda: service.stats()["rss_bytes"])
 

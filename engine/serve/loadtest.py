@@ -153,6 +153,7 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
         "server_key_store_capacity_bytes": int(metrics.get("engine_key_store_capacity_bytes", 0)),
         "server_key_store_evictions": int(metrics.get("engine_key_store_evictions", 0)),
         "server_key_reloads": int(metrics.get("engine_key_reloads", 0)),
+        "server_key_reload_s_median": float(metrics.get("engine_key_reload_seconds_median", 0.0)),
     }
 
 
