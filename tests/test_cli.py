@@ -31,9 +31,13 @@ def test_train_compile_predict_evaluate(env, tmp_path):
               "--rounding-bits", "4", "--rounding-method", "exact", "--p-error", "1e-5", "--name", "cli-tiny").stdout
     assert "saved pneumoniamnist/cli-tiny" in out and "test accuracy" in out
     assert re.search(r"input check fitted: (9[5-9]|100)\.\d% of validation images pass", out)
-    first = run(env, "compile", "--dataset", "pneumoniamnist").stdout
-    assert " PBS" in first and "freshly compiled" in first
-    assert re.search(r"stability: repeated simulations agree on \d+\.\d\d% of 300 validation images", first)
+    # training ends with the circuit: compiled, its stability checked, its latency measured
+    assert " PBS" in out and "freshly compiled" in out
+    assert re.search(r"stability: repeated simulations agree on \d+\.\d\d% of 300 validation images", out)
+    assert re.search(r"expected encrypted latency: \d+ ms per image", out)
+    first = run(env, "compile", "--dataset", "pneumoniamnist", "--stability-images", "60").stdout
+    assert " PBS" in first and "from cache" in first
+    assert re.search(r"stability: repeated simulations agree on \d+\.\d\d% of 60 validation images", first)
     second = run(env, "compile", "--dataset", "pneumoniamnist", "--keygen").stdout
     assert "from cache" in second and "keygen" in second
     pred = tmp_path / "pred.json"
@@ -67,7 +71,8 @@ def test_train_defaults_come_from_the_search_or_a_generic_recipe(env):
     other = run(env, "train", "--dataset", "pathmnist", "--show-recipe", "--epochs", "3")
     rec = json.loads(other.stdout)
     assert "generic recipe" in other.stderr and rec["train"]["epochs"] == 3
-    assert rec["model"]["input_pool"] >= 2 and rec["model"]["weight_bits"] <= 3 and rec["compile"]["p_error"] <= 1e-4
+    assert rec["model"]["input_pool"] >= 2 and rec["model"]["weight_bits"] <= 3
+    assert rec["model"]["max_active_inputs"] == 16 and rec["compile"]["p_error"] == 0.01  # 6-bit accumulators, cheap lookups
 
 
 def test_predict_image_warns_about_foreign_inputs(env, tmp_path, data_dir):
@@ -138,7 +143,10 @@ def test_train_then_evaluate_any_subset(env, tmp_path):
 
     make_npz(tmp_path, "dermamnist", n=48)
     e = {**env, "MEDMNIST_DIR": str(tmp_path)}
-    run(e, "train", "--dataset", "dermamnist", "--epochs", "1", "--hidden", "4")
+    out = run(e, "train", "--dataset", "dermamnist", "--epochs", "1", "--hidden", "4").stdout
+    # the generic recipe's pruning keeps an RGB subset's accumulators at 6 bits (8 unpruned)
+    assert int(re.search(r"max bit-width (\d+)", out).group(1)) <= 6
+    assert "stability: repeated simulations agree" in out and "expected encrypted latency" in out
     out = run(e, "evaluate", "--dataset", "dermamnist", "--modes", "float,quantized", "--limit", "10").stdout
     assert "dermamnist" in out and "quantized" in out
 
@@ -163,7 +171,7 @@ def test_bench_writes_json_and_markdown(env, tmp_path):
     """The benchmark on a few images (the full-split figures come from the same command)."""
     out = tmp_path / "results"
     p = run(env, "bench", "--dataset", "pneumoniamnist", "--model", "cli-tiny", "--limit", "6",
-            "--throughput-images", "4", "--batch-size", "2", "--defaults-cap", "20", "--defaults-images", "1", "--out", str(out))
+            "--throughput-images", "4", "--batch-size", "2", "--defaults-cap", "20", "--defaults-images", "1", "--repeats", "1", "--out", str(out))
     rep = json.loads((out / "pneumoniamnist.json").read_text())
     for key in ("fhe_e2e_latency_median_s", "fhe_server_latency_median_s", "throughput_img_per_s",
                 "defaults_latency_ratio", "defaults_keygen_ratio", "agreement_simulate_fhe", "eval_key_bytes"):

@@ -73,6 +73,8 @@ def add_bench(sub) -> None:
     p.add_argument("--scheduler", default=None)
     p.add_argument("--defaults-cap", type=float, default=600.0, help="seconds allowed for the Concrete ML defaults run")
     p.add_argument("--defaults-images", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="alternations of the steady-state throughput runs (the median is reported)")
     p.add_argument("--out", default=None, help="results folder (default: bench/results)")
 
 
@@ -83,7 +85,7 @@ def cmd_bench(a) -> int:
     bar, update = progress_bar("benchmark")
     batch = bench.BATCH_SIZE if a.batch_size is None else a.batch_size
     report = bench.run_bench(p, data_cfg(a), a.limit, a.throughput_images, a.backend, a.scheduler, batch,
-                             a.defaults_cap, a.defaults_images, say=say, progress=update)
+                             a.defaults_cap, a.defaults_images, say=say, progress=update, repeats=a.repeats)
     bar.close()
     variant = None if p.compile_config == p.saved.config.compile else bench.variant_name(p.compile_config)
     jpath, mpath = bench.write(report, Path(a.out) if a.out else None, variant)

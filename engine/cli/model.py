@@ -10,6 +10,14 @@ from ..config import ModelConfig, PipelineConfig, TrainConfig
 from .args import (UserError, compile_args, compile_cfg, data_args, data_cfg, model_args, modes_arg, predictor, progress_bar, say, server_arg)
 
 
+def stability_args(p) -> None:
+    p.add_argument("--stability-images", type=int, default=300,
+                   help="validation images for the stability check (repeated simulations; 0: skip)")
+    p.add_argument("--no-auto-stable", action="store_true",
+                   help="keep the compile setting even if the stability check finds it unstable "
+                        "(default: adopt the nearest stable one)")
+
+
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a QAT FCNN and save it to the registry")
     data_args(p)
@@ -45,6 +53,9 @@ def add_train(sub) -> None:
     p.add_argument("--no-class-weighting", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")
     compile_args(p)
+    stability_args(p)
+    p.add_argument("--no-circuit-check", action="store_true",
+                   help="skip compiling, the stability check and the latency measurement after training")
 
 
 def cmd_train(a) -> int:
@@ -105,13 +116,46 @@ def cmd_train(a) -> int:
     print(f"saved {saved.dataset}/{saved.name} (best epoch {m['best_epoch']}) to {saved.path}")
     print(f"val accuracy {m['val']['accuracy']:.4f}  test accuracy {m['test']['accuracy']:.4f}  test AUC {m['test']['auc'] or float('nan'):.4f}")
     print(f"input check fitted: {100 * g.val_pass_rate:.1f}% of validation images pass; confidence temperature {g.temperature:.3f}")
+    if not a.no_circuit_check:
+        from ..fhe.circuit import compile_model
+        from ..study.evaluate import circuit_line
+
+        say("compiling the circuit, checking its stability and timing it encrypted")
+        compiled = compile_model(saved, saved.config.compile, None, say)
+        print(circuit_line(compiled.report.to_dict()))
+        if a.stability_images:
+            s = settle_stability(saved, saved.config.compile, a, compiled)
+            if s is not None and s.latency_s is not None:
+                print(f"expected encrypted latency: {1000 * s.latency_s:.0f} ms per image (median of 3, this machine)")
     return 0
+
+
+def settle_stability(saved, cc, a, compiled=None, cache_dir=None, latency_images: int = 3):
+    """The stability check after a compile or a training, printed; an unstable setting is
+    replaced by the nearest stable one as the model's own unless ``--no-auto-stable``."""
+    from ..learn.data import DataError
+    from ..study import stability
+
+    try:
+        s = stability.settle(saved, cc, data_cfg(a), a.stability_images, compiled, cache_dir,
+                             adopt=not a.no_auto_stable, latency_images=latency_images, say=say)
+    except DataError as exc:
+        say(f"stability not measured: {exc}")
+        return None
+    for line in stability.report_lines(s.current, s.proposal, tried=not s.current.stable):
+        print(line)
+    if s.adopted:
+        c = s.proposal.compile
+        print(f"adopted: {saved.dataset}/{saved.name} now compiles with rounding {c.rounding_threshold_bits} bits "
+              f"({c.rounding_method}), p_error {c.p_error:g} (--no-auto-stable keeps the setting asked for)")
+    elif s.proposal is not None:
+        print("kept the setting asked for (--no-auto-stable)")
+    return s
 
 
 def add_compile(sub) -> None:
     p = sub.add_parser("compile", help="compile a saved model to a TFHE circuit (cached)")
-    p.add_argument("--stability-images", type=int, default=300,
-                   help="validation images for the stability check (repeated simulations; 0: skip)")
+    stability_args(p)
     data_args(p)
     model_args(p)
     compile_args(p)
@@ -138,22 +182,12 @@ def cmd_compile(a) -> int:
     print(f"{p.saved.dataset}/{p.saved.name} -> {compiled.path}")
     print(circuit_line(report))
     if a.stability_images:
-        from ..study import stability
-        from ..learn.data import DataError
-
-        cc = p.compile_config or p.saved.config.compile
-        try:
-            current = stability.check(p.saved, cc, data_cfg(a), a.stability_images, compiled, p.cache_dir)
-        except DataError as exc:
-            say(f"stability not measured: {exc}")
-        else:
-            proposal = None
-            if not current.stable:
-                proposal = stability.propose(p.saved, cc, data_cfg(a), a.stability_images, p.cache_dir, say)
-            for line in stability.report_lines(current, proposal, tried=not current.stable):
-                print(line)
-            report["stability"] = current.to_dict()
-            report["nearest_stable"] = proposal.to_dict() if proposal else None
+        s = settle_stability(p.saved, p.compile_config or p.saved.config.compile, a, compiled, p.cache_dir,
+                             latency_images=0)
+        if s is not None:
+            report["stability"] = s.current.to_dict()
+            report["nearest_stable"] = s.proposal.to_dict() if s.proposal else None
+            report["adopted"] = s.adopted
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 import json
 import re
 import shutil
@@ -142,6 +143,19 @@ def save(result: "TrainResult", name: str | None = None, models_dir: Path | None
         shutil.rmtree(final)
     tmp.rename(final)
     return load(cfg.data.dataset, name, models_dir)
+
+
+def set_compile(saved: SavedModel, cc) -> SavedModel:
+    """Store ``cc`` as the model's compile settings (what every later command compiles with);
+    the weights and the content hash stay as they are. Written atomically."""
+    meta_path = saved.path / META
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["compile"] = dataclasses.asdict(cc)
+    fd, tmp = tempfile.mkstemp(dir=saved.path, prefix=f".{META}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, meta_path)
+    return _read(saved.path)
 
 
 def load(dataset: str, name: str | None = None, models_dir: Path | None = None) -> SavedModel:

@@ -132,7 +132,7 @@ def run_bench(predictor: Predictor, data_cfg, limit: int = 0, throughput_images:
               backend: str = "local", scheduler: str | None = None, batch_size: int = BATCH_SIZE,
               defaults_cap_s: float = 600.0,
               defaults_images: int = 3, say: Callable[[str], None] = lambda m: None,
-              progress=None) -> dict:
+              progress=None, repeats: int = 3) -> dict:
     saved = predictor.saved
     split = load_split(data_cfg, "test").head(limit)
 
@@ -176,7 +176,7 @@ def run_bench(predictor: Predictor, data_cfg, limit: int = 0, throughput_images:
                             "agrees_with_sequential": bool(np.array_equal(tp_result.predictions, fhe.predictions[:n_tp]))}
     if batch_size > 1:
         report["batch_throughput"] = measure_batches(predictor, split.images[:n_tp], fhe.predictions[:n_tp], batch_size,
-                                                     backend, scheduler, say)
+                                                     backend, scheduler, say, repeats)
 
     say(f"Concrete ML defaults on the same model (capped at {defaults_cap_s:.0f} s)")
     d = measure_defaults(saved.path, defaults_images, defaults_cap_s)

@@ -124,6 +124,42 @@ def nearest_stable(saved, cc: CompileConfig, images: np.ndarray, latency_images:
     return None
 
 
+@dataclass
+class Settled:
+    """What :func:`settle` found: the circuit's stability, the nearest stable setting if it was
+    not stable, whether the model now compiles with that one, and the encrypted latency of
+    the setting the model keeps."""
+
+    current: Stability
+    proposal: Stability | None
+    adopted: bool
+    saved: object  # the model, as stored after the check
+    latency_s: float | None
+
+
+def settle(saved, cc: CompileConfig, data_cfg, n: int = 300, compiled=None, cache_dir=None, adopt: bool = True,
+           latency_images: int = 3, say: Callable[[str], None] = lambda _m: None) -> Settled:
+    """Check the stability of ``saved`` compiled with ``cc`` on ``n`` validation images; if it
+    is not stable, find the nearest stable setting and, with ``adopt``, store it as the model's
+    compile settings. Measures the encrypted latency of the setting kept (median over
+    ``latency_images`` validation images, keys generated first)."""
+    from ..learn import registry
+    from .infer import Predictor
+
+    images = validation_images(data_cfg, n)
+    p = Predictor(saved=saved, compile_config=cc, compiled=compiled, cache_dir=cache_dir)
+    current = measure(p, images)
+    proposal, adopted, lat = None, False, None
+    if not current.stable:
+        proposal = nearest_stable(saved, cc, images, images[:latency_images], cache_dir, say)
+        if proposal is not None and adopt:
+            saved = registry.set_compile(saved, proposal.compile)
+            adopted, lat = True, proposal.latency_s
+    if lat is None and latency_images:
+        lat = latency(p, images[:latency_images])
+    return Settled(current, proposal, adopted, saved, lat)
+
+
 def report_lines(current: Stability, proposal: Stability | None, tried: bool) -> list[str]:
     """What the CLI prints and the Compile page shows."""
     lines = [f"stability: repeated simulations agree on {100 * current.agreement:.2f}% of {current.images} "
@@ -132,7 +168,8 @@ def report_lines(current: Stability, proposal: Stability | None, tried: bool) ->
         if proposal is not None:
             c = proposal.compile
             lines.append(f"nearest stable setting: --rounding-bits {c.rounding_threshold_bits} --p-error {c.p_error:g} "
-                         f"({100 * proposal.agreement:.2f}% agreement, {1000 * proposal.latency_s:.0f} ms per image encrypted)")
+                         f"--rounding-method {c.rounding_method} ({100 * proposal.agreement:.2f}% agreement, "
+                         f"{1000 * proposal.latency_s:.0f} ms per image encrypted)")
         elif tried:
             lines.append("no nearby setting is stable: retrain with wider margins (fewer bits, pooling, more epochs)")
     return lines
