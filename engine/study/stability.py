@@ -151,7 +151,7 @@ def settle(saved, cc: CompileConfig, data_cfg, n: int = 300, compiled=None, cach
     current = measure(p, images)
     proposal, adopted, lat = None, False, None
     if not current.stable:
-        proposal = nearest_stable(saved, cc, images, images[:latency_images], cache_dir, say)
+        proposal = nearest_stable(saved, cc, images, images[:max(latency_images, 3)], cache_dir, say)
         if proposal is not None and adopt:
             saved = registry.set_compile(saved, proposal.compile)
             adopted, lat = True, proposal.latency_s
