@@ -151,20 +151,38 @@ def test_train_then_evaluate_any_subset(env, tmp_path):
     assert "dermamnist" in out and "quantized" in out
 
 
-@pytest.mark.parametrize("args,needle", [
+USER_ERRORS = [
     (["predict", "--dataset", "nosuchmnist"], "Unknown dataset 'nosuchmnist'"),
     (["predict", "--dataset", "pneumoniamnist", "--modes", "float,gpu"], "Unknown mode(s) gpu"),
     (["predict", "--dataset", "pneumoniamnist", "--index", "100000"], "out of range"),
     (["evaluate", "--dataset", "breastmnist"], "No trained model for 'breastmnist'"),
     (["train", "--dataset", "breastmnist", "--data-dir", "/nonexistent", "--no-download"], "breastmnist.npz not found"),
     (["train", "--dataset", "breastmnist", "--rounding-bits", "0"], "rounding_threshold_bits"),
-])
-def test_user_errors_are_one_line(env, args, needle):
-    p = run(env, *args, ok=False)
-    assert p.returncode == 2
-    err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and needle in err[0], p.stderr[-1500:]
-    assert "Traceback" not in p.stderr
+]
+
+# Every command line in one child process (the CLI's own main, as `python -m engine` calls it):
+# one import of the engine instead of six.
+_ERRORS_CHILD = """
+import contextlib, io, json, sys
+from engine.cli import main
+out = []
+for args in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(args)
+    out.append([code, err.getvalue()])
+print(json.dumps(out))
+"""
+
+
+def test_user_errors_are_one_line(env):
+    p = subprocess.run([sys.executable, "-c", _ERRORS_CHILD, json.dumps([a for a, _ in USER_ERRORS])], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]  # no command raised
+    for (args, needle), (code, stderr) in zip(USER_ERRORS, json.loads(p.stdout.splitlines()[-1]), strict=True):
+        assert code == 2, args
+        err = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and needle in err[0], (args, stderr[-1500:])
 
 
 def test_bench_writes_json_and_markdown(env, tmp_path):

@@ -127,10 +127,10 @@ def test_an_unstable_setting_is_replaced_by_the_nearest_stable_one_unless_asked_
     mine = registry.load("pneumoniamnist", tiny_saved.name, tmp_path)  # a copy: the shared model stays as it is
     shaky = CompileConfig(rounding_threshold_bits=3, rounding_method="approximate", p_error=0.05, inputset_size=128)
     data = DataConfig("pneumoniamnist", data_dir=str(data_dir), allow_download=False)
-    kept = stability.settle(mine, shaky, data, 200, cache_dir=cache_dir, adopt=False, latency_images=0)
+    kept = stability.settle(mine, shaky, data, 100, cache_dir=cache_dir, adopt=False, latency_images=0)
     assert not kept.current.stable and kept.proposal.stable and not kept.adopted
     assert registry.load("pneumoniamnist", tiny_saved.name, tmp_path).config.compile == mine.config.compile
-    s = stability.settle(mine, shaky, data, 200, cache_dir=cache_dir, latency_images=2)
+    s = stability.settle(mine, shaky, data, 100, cache_dir=cache_dir, latency_images=2)
     assert s.adopted and s.proposal.compile == kept.proposal.compile and s.latency_s > 0
     stored = registry.load("pneumoniamnist", tiny_saved.name, tmp_path)
     assert stored.config.compile == s.proposal.compile and stored.hash == mine.hash  # same weights, safer circuit
