@@ -514,9 +514,8 @@ class Service:
             return fut.result()
         except QueueFull as exc:
             raise Busy(str(exc), exc.retry_after) from None
-        except KeyError:  # the key folder lost them, or a Dask worker does not have them
-            self.store.remove(name)
-            self.vault.remove(name)
+        except KeyError:  # the key folder lost them (already discarded), or a Dask worker does not have
+            self.store.remove(name)  # them: the next request reloads them from the folder
             raise NotFound("unknown or evicted key id: upload the evaluation keys again") from None
         except (ValueError, RuntimeError) as exc:  # Concrete refused this ciphertext
             raise BadRequest(f"the ciphertext does not fit this circuit ({type(exc).__name__})") from None
