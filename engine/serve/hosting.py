@@ -279,7 +279,7 @@ class Service:
             cores = cpu_cores()
             self.pool = WorkPool(c.workers or cores, c.max_queue, threads=set_run_threads, cores=cores)
         self.store = KeyStore(c.key_store_bytes, ttl_s=c.key_ttl_s or None, grace_s=c.key_grace_s,
-                              on_evict=lambda name, _e: self.runner.drop(name), linger_s=c.key_linger_s)
+                              on_evict=self._left_memory, linger_s=c.key_linger_s)
         self.discards: list[str] = []  # key files found partial or corrupt (reported, never served)
         self.vault = KeyVault(c.key_dir or None, c.key_disk_bytes, on_discard=self._discarded)
         self.reloads = 0
@@ -298,6 +298,10 @@ class Service:
         self.preload(say)
         self.ready = True
         return self
+
+    def _left_memory(self, name: str, _entry) -> None:
+        self.vault.touch(name)  # in use until now: the key folder's order of use (and a restart's) says so
+        self.runner.drop(name)
 
     def _discarded(self, name: str, why: str) -> None:
         self.discards.append(f"{name[:16]}: {why}")
@@ -542,5 +546,7 @@ class Service:
 
     def close(self) -> None:
         self.pool.close()
+        for name in self.store.names():  # the key sets in memory were the last used
+            self.vault.touch(name)
         self.runner.close()
         self.vault.close()

@@ -71,6 +71,10 @@ class KeyStore:
         with self._lock:
             return key_id in self._entries
 
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
     def room_for(self, nbytes: int) -> bool:
         """Whether ``nbytes`` fit now without evicting anything."""
         with self._lock:
