@@ -26,7 +26,7 @@ from engine.config import CompileConfig, DataConfig, default_data_dir
 # available_datasets, present_datasets and MODES are re-exported for the pages.
 from engine.learn.data import DataError, available_datasets, dataset_info, present_datasets  # noqa: F401
 from engine.serve.client import EncryptedClient, HTTPTransport, LocalServiceProcess, find_circuit
-from engine.serve.keymaker import KeyPool
+from engine.serve.keymaker import KeyPool, SharedKeys
 from engine.config import default_cache_dir, default_models_dir
 from engine.fhe.circuit import compile_model
 from engine.fhe.threads import release_memory
@@ -110,7 +110,10 @@ def _service() -> tuple[str, str, LocalServiceProcess | None]:
         return url.rstrip("/"), "ENGINE_SERVER_URL", None
     log = default_cache_dir() / "service.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    proc = LocalServiceProcess(default_models_dir(), default_cache_dir(), log=log)
+    # A key folder that outlives the app: after a restart the service still knows the app's
+    # shared key set (SharedKeys), so the first answer needs no key generation.
+    proc = LocalServiceProcess(default_models_dir(), default_cache_dir(), log=log,
+                               key_dir=default_cache_dir() / "service-keys", key_disk_bytes=2 * 2**30)
     return proc.url, "started by this app (a separate local process)", proc
 
 
@@ -129,8 +132,27 @@ def _transport(url: str) -> HTTPTransport:
 
 @st.cache_resource(show_spinner=False)
 def _key_pool(url: str, circuit_id: str) -> KeyPool:
+    import atexit
+
     spares = int(os.environ.get("ENGINE_KEY_SPARES", "8"))
-    return KeyPool(lambda: _transport(url), circuit_id, default_cache_dir() / "client", spares=spares)
+    pool = KeyPool(lambda: _transport(url), circuit_id, default_cache_dir() / "client", spares=spares)
+    atexit.register(pool.close)  # before the local service stops (registered earlier, runs later)
+    return pool
+
+
+@st.cache_resource(show_spinner=False)
+def _shared_keys(url: str, circuit_id: str):
+    """The app's own key set of a circuit (started at once, kept across restarts): it answers a
+    session's first predictions while the session's own keys are made."""
+    return _keygen_executor().submit(SharedKeys, _transport(url), circuit_id, default_cache_dir() / "client")
+
+
+def shared_keys(saved: registry.SavedModel, wait: bool = False) -> SharedKeys | None:
+    """The app's shared key set for ``saved``'s circuit; None while it is being made (unless ``wait``)."""
+    fut = _shared_keys(service_url(), served_circuit(saved)["id"])
+    if not wait and not fut.done():
+        return None
+    return fut.result(timeout=600)
 
 
 @st.cache_resource(show_spinner=False)
@@ -171,6 +193,7 @@ def prepare_keys(saved: registry.SavedModel) -> None:
         return _key_pool(url, served_circuit(saved)["id"]).take()
 
     keys[saved.hash] = SessionKeys(_keygen_executor().submit(get))
+    shared_keys(saved)  # started too: the first answers need not wait for this session's keys
 
 
 def session_remote(saved: registry.SavedModel, wait: bool = True) -> EncryptedClient | None:
@@ -220,6 +243,41 @@ def predictor(saved: registry.SavedModel, cc: CompileConfig | None = None) -> Pr
     remote = session_remote(saved)
     return Predictor(saved=saved, compile_config=cc, compiled=compiled_circuit(saved, cc), client=remote.fhe,
                      transport=remote.transport, remote=remote, keep_evaluation_keys=False)
+
+
+def encrypted_predictor(saved: registry.SavedModel) -> tuple[Predictor, str]:
+    """A Predictor for the encrypted mode alone (no compiled circuit in this process), and which
+    key set answers: this session's own when they are ready, else the app's shared key set
+    (whichever is ready first; waits for one of them)."""
+    from concurrent.futures import FIRST_COMPLETED, wait as wait_for
+
+    prepare_keys(saved)
+    own = st.session_state["session_keys"][saved.hash].future
+    shared = _shared_keys(service_url(), served_circuit(saved)["id"])
+    if not own.done() and not shared.done():
+        wait_for([own, shared], timeout=600, return_when=FIRST_COMPLETED)
+    if own.done() and own.exception() is None:
+        remote, which = own.result(), "this session's own keys"
+    else:
+        keys = shared.result()
+        remote, which = _Serialized(keys), "the app's shared key set (this session's own keys are still being made)"
+    return Predictor(saved=saved, compile_config=saved.config.compile, client=remote.fhe, transport=remote.transport,
+                     remote=remote, keep_evaluation_keys=False), which
+
+
+class _Serialized:
+    """A SharedKeys' client as a Predictor's ``remote``: its runs one at a time."""
+
+    def __init__(self, keys: SharedKeys):
+        self._keys = keys
+        self.fhe, self.transport = keys.client.fhe, keys.client.transport
+        self.evaluation_key_bytes = keys.client.evaluation_key_bytes
+
+    def register(self, endpoint=None) -> str:
+        return self._keys.client.register(endpoint)
+
+    def predict(self, x):
+        return self._keys.predict(x)
 
 
 def decrypt_with_fresh_key(saved: registry.SavedModel, result: bytes):

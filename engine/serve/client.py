@@ -339,7 +339,8 @@ class LocalServiceProcess:
     service when no ``ENGINE_SERVER_URL`` is given); stopped by :meth:`stop` or at exit."""
 
     def __init__(self, models_dir: Path | None = None, cache_dir: Path | None = None, key_store_bytes: int | None = None,
-                 log: Path | None = None, timeout_s: float = 600.0):
+                 log: Path | None = None, timeout_s: float = 600.0, key_dir: Path | None = None,
+                 key_disk_bytes: int | None = None):
         import atexit
         import os
         import socket
@@ -361,6 +362,10 @@ class LocalServiceProcess:
             cmd += ["--cache-dir", str(cache_dir)]
         if key_store_bytes:
             cmd += ["--key-store-bytes", str(key_store_bytes)]
+        if key_dir:
+            cmd += ["--key-dir", str(key_dir)]
+        if key_disk_bytes:
+            cmd += ["--key-disk-bytes", str(key_disk_bytes)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         out = open(log, "ab") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)

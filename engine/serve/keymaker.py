@@ -152,8 +152,14 @@ class KeyPool:
         return client
 
     def close(self) -> None:
+        """Stop the key makers and drop the spare key sets on the service (nobody holds their
+        secret keys after this process: a service with a key folder would keep them for nothing)."""
         for m in self._makers:
             m.stop()
+        with self._cond:
+            spares, self._ready = self._ready, []
+        for client in spares:
+            client.close()
 
     def _fill(self, i: int) -> None:
         while True:
@@ -199,3 +205,65 @@ class KeyPool:
                 self._wanted -= 1
             self._cond.notify_all()
         return client
+
+
+class SharedKeys:
+    """One key set of a circuit that a caller shares between its users, kept across restarts.
+
+    The dashboard answers a session's first predictions with it while that session's own keys
+    are made (a key generation, an upload and the service's first run: seconds). On disk, in
+    ``folder/<circuit>/shared-keys.json`` (mode 600), are the secret keys (about 40 KB) and the
+    key id: after a restart against a service that kept its key folder (``serve --key-dir``),
+    the first answer needs no key generation at all. If the service no longer knows the key id,
+    the client derives the evaluation keys again from the same secret keys and uploads them.
+    Runs are serialized (:attr:`lock`): one key set never runs twice at once.
+    """
+
+    FILE = "shared-keys.json"
+
+    def __init__(self, transport, circuit_id: str, folder: Path):
+        self.lock = threading.Lock()
+        self.path = Path(folder) / circuit_id / self.FILE
+        self.client = EncryptedClient.download(transport, circuit_id, folder)
+        self.origin = "kept from an earlier start"
+        endpoint = transport.endpoints()[0]
+        try:
+            saved = json.loads(self.path.read_text())
+            self.client.fhe.adopt_secret_keys(base64.b64decode(saved["secret_keyset"]))
+            self.client.key_ids = {endpoint: saved["key_id"]}
+            self.client.evaluation_key_bytes = int(saved["evaluation_key_bytes"])
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+            self.origin = "generated at this start"
+            maker = KeyMakerProcess()
+            try:
+                made = maker.make(list(transport.endpoints()), circuit_id, Path(folder))
+            finally:
+                maker.stop()
+            self.client.fhe.adopt_secret_keys(made["secret_keyset"], made["keygen_s"])
+            self.client.key_ids = {endpoint: next(iter(made["key_ids"].values()))}
+            self.client.uploads, self.client.upload_s = 1, made["upload_s"]
+            self.client.evaluation_key_bytes = made["evaluation_key_bytes"]
+            self.save()
+
+    def save(self) -> None:
+        """Write the secret keys and the key id (atomically, readable by this user only)."""
+        key_id = next(iter(self.client.key_ids.values()), None)
+        if key_id is None:
+            return
+        body = json.dumps({"key_id": key_id, "evaluation_key_bytes": self.client.evaluation_key_bytes,
+                           "secret_keyset": base64.b64encode(self.client.fhe.secret_keyset()).decode()})
+        tmp = self.path.with_name(f".{self.FILE}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(body)
+        os.replace(tmp, self.path)
+
+    def predict(self, x):
+        """:meth:`EncryptedClient.predict`, one at a time; a new key id (after the service lost
+        the keys) is saved."""
+        with self.lock:
+            before = dict(self.client.key_ids)
+            out = self.client.predict(x)
+            if self.client.key_ids != before:
+                self.save()
+            return out

@@ -143,7 +143,7 @@ class Predictor:
                 f"Images have {x.shape[1]} values each but the model expects {self.saved.in_features}: "
                 f"use {self.saved.dataset} images of the model's size."
             )
-        if any(m != "float" for m in modes):
+        if any(m in ("quantized", "simulate") for m in modes) or ("fhe" in modes and self.remote is None):
             self.ensure_compiled()
         if "fhe" in modes:
             self.ensure_client().keygen()

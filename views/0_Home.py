@@ -28,8 +28,10 @@ ui.prepare_keys(saved)  # key generation starts now, in the background
 
 m = saved.metrics
 remote = ui.session_remote(saved, wait=False)
+shared = ui.shared_keys(saved)
 keys = (f"generated; evaluation keys uploaded once ({remote.evaluation_key_bytes / 2**20:.1f} MiB), "
-        "this session now holds only its secret keys" if remote is not None else "generating…")
+        "this session now holds only its secret keys" if remote is not None else
+        "being made; until then the app's shared key set answers" + (f" ({shared.origin})" if shared else " (being made too)"))
 st.markdown(
     f"**Model** {saved.name} ({saved.dataset}, hidden {list(saved.config.model.hidden)}): validation accuracy "
     f"{100 * m['val']['accuracy']:.1f}%, test {100 * m['test']['accuracy']:.1f}% (float)  \n"
@@ -50,8 +52,9 @@ if right.button("Encrypt and classify", icon=":material/lock:", type="primary", 
         # animation frame in every open page costs the CPU that the encrypted runs need.
         working = right.empty()
         working.caption("Encrypting, sending the ciphertext to the server, decrypting the answer…")
-        p = ui.predictor(saved, cc)
-        st.session_state["home_result"] = (saved.hash, int(idx), p.run(img[None], ["fhe"]))
+        # This session's own keys if ready, else the app's shared key set: no wait for a key generation.
+        p, which = ui.encrypted_predictor(saved)
+        st.session_state["home_result"] = (saved.hash, int(idx), p.run(img[None], ["fhe"]), which)
         working.empty()
         if remote is None:
             st.rerun()  # the status row above still says "generating…"
@@ -59,11 +62,12 @@ if right.button("Encrypt and classify", icon=":material/lock:", type="primary", 
         ui.fail(exc)
 last = st.session_state.get("home_result")
 if last and last[0] == saved.hash and last[1] == int(idx):
-    _, _, results = last
+    _, _, results, which = last
     fhe = results["fhe"]
     conf = ui.confidence_text(saved, fhe.logits[0])
     right.success(f"Encrypted prediction: **{ui.label_text(info, fhe.predictions[0])}** "
                   f"({1000 * fhe.latency_s[0]:.0f} ms end to end)" + (f" · {conf}" if conf else ""))
+    right.caption(f"Encrypted and decrypted with {which}.")
     # Markdown rather than st.table / st.code: a fresh browser session would otherwise fetch and
     # compile about 2.4 MB of JavaScript (Arrow reader, syntax highlighter) before showing the answer.
     right.markdown(ui.results_table(results, info, guard=ui.guard(saved)).drop(columns="image").set_index("mode").to_markdown())
