@@ -103,18 +103,40 @@ def read_only() -> bool:
 # --------------------------------------------------------------------------- the service
 
 
-@st.cache_resource(show_spinner="Starting the encrypted-inference service…")
+# The app starts its service at once and does not wait for it: the pages draw, the start-up shows
+# its steps on Home (start_steps), the default model's circuit is hosted first, and the app's
+# shared key set is made while the service starts (from the circuit shipped with the model).
+DEFAULT_DATASET = "pneumoniamnist"
+
+
+@st.cache_resource(show_spinner=False)
 def _service() -> tuple[str, str, LocalServiceProcess | None]:
     url = os.environ.get("ENGINE_SERVER_URL", "").strip()
     if url:
         return url.rstrip("/"), "ENGINE_SERVER_URL", None
+    from engine.serve.keyvault import keep_only
+
     log = default_cache_dir() / "service.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     # A key folder that outlives the app: after a restart the service still knows the app's
-    # shared key set (SharedKeys), so the first answer needs no key generation.
-    proc = LocalServiceProcess(default_models_dir(), default_cache_dir(), log=log,
-                               key_dir=default_cache_dir() / "service-keys", key_disk_bytes=2 * 2**30)
+    # shared key sets (SharedKeys), so the first answer needs no key generation. Nothing else
+    # is kept: the secret keys of the sessions' and spare key sets were in this app's memory only.
+    key_dir = default_cache_dir() / "service-keys"
+    if key_dir.exists():
+        keep_only(key_dir, _kept_key_ids())
+    proc = LocalServiceProcess(default_models_dir(), default_cache_dir(), log=log, key_dir=key_dir,
+                               key_disk_bytes=2 * 2**30, first=DEFAULT_DATASET, wait=False)
     return proc.url, "started by this app (a separate local process)", proc
+
+
+def _kept_key_ids() -> list[str]:
+    out = []
+    for f in (default_cache_dir() / "client").glob(f"*/{SharedKeys.FILE}"):
+        try:
+            out.append(json.loads(f.read_text())["key_id"])
+        except (OSError, ValueError, KeyError):
+            pass
+    return out
 
 
 def service_url() -> str:
@@ -123,6 +145,20 @@ def service_url() -> str:
 
 def service_origin() -> str:
     return _service()[1]
+
+
+def service_status() -> dict:
+    """The service's ``/health``: ``status`` ok, starting (with its ``step`` and the circuits
+    ``hosted`` so far), error, or launching (not listening yet)."""
+    proc = _service()[2]
+    if proc is not None:
+        return proc.status()
+    try:
+        import httpx
+
+        return httpx.get(f"{service_url()}/health", timeout=2).json()
+    except Exception:  # noqa: BLE001 - shown as not reachable
+        return {"status": "launching"}
 
 
 @st.cache_resource(show_spinner=False)
@@ -141,15 +177,30 @@ def _key_pool(url: str, circuit_id: str) -> KeyPool:
 
 
 @st.cache_resource(show_spinner=False)
-def _shared_keys(url: str, circuit_id: str):
-    """The app's own key set of a circuit (started at once, kept across restarts): it answers a
-    session's first predictions while the session's own keys are made."""
-    return _keygen_executor().submit(SharedKeys, _transport(url), circuit_id, default_cache_dir() / "client")
+def _shared_keys(url: str, dataset: str, name: str, model_hash: str):
+    """The app's own key set of a model's circuit (started at once, kept across restarts): it
+    answers a session's first predictions while the session's own keys are made."""
+    from engine.fhe.circuit import cache_key, shipped_entry
+
+    saved = registry.load(dataset, name)
+
+    def make() -> SharedKeys:
+        shipped = shipped_entry(saved)
+        if shipped is not None:  # the circuit id and client.zip are known: no need to wait for the service
+            return SharedKeys(_transport(url), cache_key(saved.hash, saved.config.compile), default_cache_dir() / "client",
+                              client_zip=shipped / "deployment" / "client.zip")
+        return SharedKeys(_transport(url), served_circuit(saved)["id"], default_cache_dir() / "client")
+
+    return _keygen_executor().submit(make)
+
+
+def _shared_future(saved: registry.SavedModel):
+    return _shared_keys(service_url(), saved.dataset, saved.name, saved.hash)
 
 
 def shared_keys(saved: registry.SavedModel, wait: bool = False) -> SharedKeys | None:
     """The app's shared key set for ``saved``'s circuit; None while it is being made (unless ``wait``)."""
-    fut = _shared_keys(service_url(), served_circuit(saved)["id"])
+    fut = _shared_future(saved)
     if not wait and not fut.done():
         return None
     return fut.result(timeout=600)
@@ -162,9 +213,54 @@ def _keygen_executor():
     return ThreadPoolExecutor(max_workers=8, thread_name_prefix="session-keys")
 
 
-def served_circuit(saved: registry.SavedModel) -> dict:
-    return find_circuit(_transport(service_url()), saved.dataset, saved.hash,
-                        json.loads(json.dumps(saved.config.compile.__dict__)))
+def served_circuit(saved: registry.SavedModel, timeout_s: float = 600.0) -> dict:
+    """The service's circuit for ``saved`` (waiting while the service starts and hosts it)."""
+    import time
+
+    from engine.serve.client import ServiceUnavailable
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = service_status()
+        if status.get("status") == "error":
+            raise ServiceUnavailable(f"the service failed to start: {status.get('error')}")
+        if status.get("status") == "ok" or any(c["dataset"] == saved.dataset for c in status.get("hosted", [])):
+            try:
+                return find_circuit(_transport(service_url()), saved.dataset, saved.hash,
+                                    json.loads(json.dumps(saved.config.compile.__dict__)))
+            except ServiceUnavailable:
+                if status.get("status") == "ok" or time.monotonic() > deadline:
+                    raise
+        if time.monotonic() > deadline:
+            raise ServiceUnavailable(f"the service did not host {saved.dataset}/{saved.name} within {timeout_s:.0f} s")
+        time.sleep(0.3)
+
+
+def start_steps(saved: registry.SavedModel) -> list[tuple[bool, str]]:
+    """The start-up as this session sees it: (done, what) for the service, this model's circuit,
+    the app's shared key set and this session's own keys."""
+    status = service_status()
+    state = status.get("status")
+    hosted = [c for c in status.get("hosted", []) if c["dataset"] == saved.dataset]
+    if state == "ok":
+        service = (True, f"Service ready ({status.get('circuits')} circuits)")
+    elif state == "launching":
+        service = (False, "Service process starting")
+    elif state == "error":
+        service = (False, f"Service failed: {status.get('error')}")
+    else:
+        service = (False, f"Service starting: {status.get('step', '')} ({status.get('circuits', 0)} circuits hosted)")
+    circuit = (state == "ok" or bool(hosted), f"Circuit of {saved.dataset}/{saved.name} hosted")
+    shared = _shared_future(saved)
+    if shared.done():
+        exc = shared.exception()
+        app = (exc is None, "App's shared key set " + (f"ready ({shared.result().origin})" if exc is None else f"failed: {exc}"))
+    else:
+        app = (False, "App's shared key set being made (key generation, then the upload once the circuit is hosted)")
+    own = st.session_state.get("session_keys", {}).get(saved.hash)
+    mine = (own is not None and own.future.done() and own.future.exception() is None,
+            "This session's own keys " + ("ready" if own is not None and own.future.done() else "being made"))
+    return [service, circuit, app, mine]
 
 
 class SessionKeys:
@@ -188,12 +284,15 @@ def prepare_keys(saved: registry.SavedModel) -> None:
     if saved.hash in keys:
         return
     url = service_url()
+    shared = _shared_future(saved)  # started first: the first answers need not wait for this session's keys
 
     def get() -> EncryptedClient:
+        from concurrent.futures import wait as wait_for
+
+        wait_for([shared], timeout=600)  # the shared key set first: the two would share the cores
         return _key_pool(url, served_circuit(saved)["id"]).take()
 
     keys[saved.hash] = SessionKeys(_keygen_executor().submit(get))
-    shared_keys(saved)  # started too: the first answers need not wait for this session's keys
 
 
 def session_remote(saved: registry.SavedModel, wait: bool = True) -> EncryptedClient | None:
@@ -253,7 +352,8 @@ def encrypted_predictor(saved: registry.SavedModel) -> tuple[Predictor, str]:
 
     prepare_keys(saved)
     own = st.session_state["session_keys"][saved.hash].future
-    shared = _shared_keys(service_url(), served_circuit(saved)["id"])
+    shared = _shared_future(saved)
+    served_circuit(saved)  # hosted (the service may still be starting)
     if not own.done() and not shared.done():
         wait_for([own, shared], timeout=600, return_when=FIRST_COMPLETED)
     if own.done() and own.exception() is None:

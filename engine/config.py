@@ -164,6 +164,9 @@ class ServiceConfig:
     # > 1: also host each model's circuit for this many images per call, as its own circuit id
     # that runs with the keys registered for the 1-image circuit (the key parameters are equal)
     batch_size: int = 1
+    # datasets whose circuits are hosted first, in this order (comma-separated; the others follow):
+    # a client of one of them is answered while the others still load
+    first: str = ""
 
     def __post_init__(self) -> None:
         if self.backend not in ("local", "dask"):

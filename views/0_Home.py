@@ -39,6 +39,24 @@ st.markdown(
     f"**This session's keys** {keys}"
 )
 
+
+def start_progress() -> None:
+    """The start-up, step by step, refreshed every second until every step is done."""
+    steps = ui.start_steps(saved)
+    done = sum(ok for ok, _ in steps)
+    st.progress(done / len(steps), text=f"Start-up: {done} of {len(steps)} steps done")
+    st.markdown("  \n".join(f"{':material/check_circle:' if ok else ':material/pending:'} {what}" for ok, what in steps))
+    # Answers can come once the service hosts the circuit and one key set (shared or own) is ready:
+    # then stop refreshing (every refresh is work for each open page; the session's own keys follow)
+    if steps[0][0] and steps[1][0] and (steps[2][0] or steps[3][0]) and not st.session_state.get("home_started"):
+        st.session_state["home_started"] = True
+        st.rerun(scope="app")
+
+
+started = st.session_state.get("home_started", False)
+if not started:
+    st.fragment(run_every=1.0)(start_progress)()
+
 st.subheader("Try it: encrypted prediction on a sample image")
 split, source = gallery_split(ui.data_config(saved.dataset))
 idx = st.number_input(f"Sample index ({source})", 0, len(split) - 1, 0, key="home_index")

@@ -162,6 +162,8 @@ def add_compile(sub) -> None:
     p.add_argument("--force", action="store_true", help="recompile even if cached")
     p.add_argument("--keygen", action="store_true", help="also generate keys and report their size and time")
     p.add_argument("--json", default=None, help="write the compile report to this file")
+    p.add_argument("--ship", action="store_true", help="also write the circuit into the model's folder (its "
+                   "portable part, a few hundred KB): a fresh clone then compiles nothing at start")
 
 
 def cmd_compile(a) -> int:
@@ -181,6 +183,12 @@ def cmd_compile(a) -> int:
         report.update(keygen_s=client.keygen_s, eval_key_bytes=len(client.evaluation_keys()))
     print(f"{p.saved.dataset}/{p.saved.name} -> {compiled.path}")
     print(circuit_line(report))
+    if a.ship:
+        from ..fhe.circuit import cache_key, ship
+
+        if compiled.report.cache_key != cache_key(p.saved.hash, p.saved.config.compile):
+            raise UserError("--ship writes the circuit of the model's own compile settings; drop the compile flags.")
+        print(f"shipped with the model: {ship(compiled, p.saved)}")
     if a.stability_images:
         s = settle_stability(p.saved, p.compile_config or p.saved.config.compile, a, compiled, p.cache_dir,
                              latency_images=0)

@@ -32,6 +32,9 @@ def add_serve(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="runs waiting before the service answers 429")
     p.add_argument("--backend", choices=["local", "dask"], default="local")
     p.add_argument("--scheduler", default="", help="dask scheduler address for --backend dask")
+    p.add_argument("--first", default="", metavar="DATASETS",
+                   help="host these datasets' circuits first (comma-separated): their clients are answered while "
+                        "the others load")
     p.add_argument("--batch-size", type=int, default=1,
                    help="also serve each model for this many images per request (same keys; local backend)")
     g = p.add_argument_group("tenants (python -m engine token --tokens FILE NAME makes a token)")
@@ -53,7 +56,7 @@ def cmd_serve(a) -> int:
                         key_dir=a.key_dir or "", key_disk_bytes=a.key_disk_bytes, key_ttl_s=a.key_ttl,
                         key_linger_s=a.key_linger,
                         workers=a.workers, max_queue=a.max_queue, backend=a.backend,
-                        scheduler=a.scheduler, batch_size=a.batch_size)
+                        scheduler=a.scheduler, batch_size=a.batch_size, first=a.first)
     import ipaddress
 
     from ..serve.tenants import Tenants, audit_logger, read_tokens

@@ -36,6 +36,12 @@ from ..learn.registry import SavedModel
 from .simulate import Simulator, thread_tag_stack
 
 ENTRY_FILES = ("deployment/client.zip", "deployment/server.zip", "quantized_module.json")
+# A model's folder may carry its circuit (``python -m engine compile --ship``): the portable part
+# of a cache entry (the MLIR, the quantization, the report) with the warm-up structure words, a
+# warm-up ciphertext and the measured key-set memory. A fresh clone then compiles nothing and
+# generates no throwaway key at start; the shared library is still built on the machine.
+SHIPPED_DIR = "circuit"
+SHIPPED_FILES = ENTRY_FILES + ("report.json", "warmup/ciphertext.bin", "warmup/structure.json", "warmup/footprint.json")
 
 
 def _versions() -> dict[str, str]:
@@ -161,6 +167,12 @@ def compile_model(
         except CacheError as exc:
             say(f"cache entry unusable, rebuilding ({exc})")
             shutil.rmtree(final, ignore_errors=True)
+    shipped = shipped_entry(saved, cc)
+    if shipped is not None and not force:
+        try:
+            return _adopt_shipped(shipped, root, key, say)
+        except CacheError as exc:
+            say(f"the circuit shipped with the model is unusable, compiling ({exc})")
 
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
@@ -244,6 +256,59 @@ def _build_entry(saved: SavedModel, cc: CompileConfig, key: str, out: Path) -> C
 
 
 def is_cached(saved: SavedModel, cc: CompileConfig | None = None, cache_dir: Path | None = None) -> bool:
-    """Whether a complete entry for this model and config is on disk (not verified)."""
-    key = cache_key(saved.hash, cc or saved.config.compile)
-    return (Path(cache_dir or default_cache_dir()) / "circuits" / key / "report.json").exists()
+    """Whether a complete entry for this model and config is on disk, in the cache or shipped
+    with the model (not verified)."""
+    cc = cc or saved.config.compile
+    key = cache_key(saved.hash, cc)
+    return (Path(cache_dir or default_cache_dir()) / "circuits" / key / "report.json").exists() \
+        or shipped_entry(saved, cc) is not None
+
+
+def shipped_entry(saved: SavedModel, cc: CompileConfig | None = None) -> Path | None:
+    """The model folder's shipped circuit if it is the one for ``cc`` (and these versions)."""
+    folder = Path(saved.path) / SHIPPED_DIR
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return folder if report.get("cache_key") == cache_key(saved.hash, cc or saved.config.compile) else None
+
+
+def _adopt_shipped(folder: Path, root: Path, key: str, say: ProgressFn) -> CompiledModel:
+    """Copy a shipped circuit into the cache (verified like any entry) and load it from there."""
+    say("loading the compiled circuit shipped with the model")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+    try:
+        for rel in SHIPPED_FILES:
+            if (folder / rel).exists():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(folder / rel, tmp / rel)
+        load_entry(tmp)  # checksums
+        try:
+            tmp.rename(root / key)
+        except OSError:  # another process adopted it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_entry(root / key)
+
+
+def ship(compiled: CompiledModel, saved: SavedModel) -> Path:
+    """Write ``compiled``'s portable part into ``saved``'s folder (see :data:`SHIPPED_DIR`);
+    the warm-up material is made first if the entry has none."""
+    from .runtime import warmup_material
+
+    warmup_material(compiled)
+    out = Path(saved.path) / SHIPPED_DIR
+    tmp = Path(saved.path) / f".{SHIPPED_DIR}-{uuid.uuid4().hex[:8]}"
+    try:
+        for rel in SHIPPED_FILES:
+            if (compiled.path / rel).exists():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(compiled.path / rel, tmp / rel)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -138,17 +138,23 @@ class WarmUp:
     are the same in every well-formed evaluation key set (resp. ciphertext) of this circuit: the
     Cap'n Proto structure and the parameters; the other words are key or ciphertext material.
     An upload whose structure words differ is refused before Concrete reads it, so a forged
-    parameter cannot make the runtime read out of bounds. Only those few words are kept in
-    memory; the throwaway evaluation keys stay on disk (``keys_path``).
+    parameter cannot make the runtime read out of bounds. Only those few words are kept
+    (``structure.json``, a few hundred bytes: it ships with a model, see
+    :func:`engine.fhe.circuit.ship`); the throwaway evaluation keys, when they were made on
+    this machine, stay on disk (``keys_path``) for the memory measurement.
     """
 
+    folder: Path
     ciphertext: bytes
-    keys_path: Path
     key_bytes: int
     key_index: np.ndarray  # positions (in words) of the structure words
     key_values: np.ndarray
     ciphertext_index: np.ndarray
     ciphertext_values: np.ndarray
+
+    @property
+    def keys_path(self) -> Path:
+        return self.folder / "evaluation_keys.bin"
 
     @property
     def evaluation_keys(self) -> bytes:
@@ -157,7 +163,7 @@ class WarmUp:
     @property
     def library(self) -> Path:
         """The circuit compiled to a shared library, for :class:`FHEServer`."""
-        return self.keys_path.parent / "library.zip"
+        return self.folder / "library.zip"
 
     def keys_fit(self, candidate: bytes) -> bool:
         return _same_structure(self.key_bytes, self.key_index, self.key_values, candidate)
@@ -177,40 +183,89 @@ def structure_mask(a: bytes, b: bytes) -> np.ndarray:
     return np.frombuffer(a, "<u8") == np.frombuffer(b, "<u8")
 
 
-WARMUP_FILES = ("ciphertext.bin", "evaluation_keys.bin", "key_mask.npy", "ciphertext_mask.npy", "library.zip")
+# Made together under one throwaway key (in a separate process); ``structure.json`` is derived
+# from them, and with ``ciphertext.bin`` (and ``footprint.json``) is all a shipped circuit carries.
+WARMUP_FILES = ("ciphertext.bin", "evaluation_keys.bin", "key_mask.npy", "ciphertext_mask.npy")
+STRUCTURE_FILE = "structure.json"
+LIBRARY_FILE = "library.zip"
 
 
-def warmup_material(compiled: CompiledModel) -> WarmUp:
-    """The circuit's :class:`WarmUp`, made once in a separate process and cached in its entry.
+def _in_child(target, *args) -> None:
+    import multiprocessing as mp
 
+    proc = mp.get_context("spawn").Process(target=target, args=args)
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"{target.__name__} failed in its process (exit code {proc.exitcode})")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _structure_from_samples(folder: Path) -> None:
+    """``structure.json`` from the throwaway key's samples and masks."""
+    import json
+
+    keys = np.frombuffer((folder / "evaluation_keys.bin").read_bytes(), "<u8")
+    ct = np.frombuffer((folder / "ciphertext.bin").read_bytes(), "<u8")
+    k_index = np.flatnonzero(np.load(folder / "key_mask.npy"))
+    c_index = np.flatnonzero(np.load(folder / "ciphertext_mask.npy"))
+    _write_atomic(folder / STRUCTURE_FILE, json.dumps({
+        "key_bytes": int(keys.nbytes), "key_index": k_index.tolist(), "key_values": [int(v) for v in keys[k_index]],
+        "ciphertext_index": c_index.tolist(), "ciphertext_values": [int(v) for v in ct[c_index]],
+    }).encode())
+
+
+def warmup_material(compiled: CompiledModel, samples: bool = False, say=lambda _m: None) -> WarmUp:
+    """The circuit's :class:`WarmUp`, cached in its entry. What is missing is made in a separate
+    process: the throwaway key's samples (unless the entry came with its structure, as a shipped
+    circuit does), and the shared library (built on this machine, never shipped).
+
+    ``samples``: make the throwaway evaluation keys too (to measure what a key set takes in memory).
     The throwaway secret key never leaves that process, so a server holds no secret key at all.
     """
-    folder = compiled.path / WARMUP_DIR
-    if not all((folder / f).exists() for f in WARMUP_FILES):
-        import multiprocessing as mp
+    import json
 
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp = compiled.path / f".{WARMUP_DIR}-{uuid.uuid4().hex[:8]}"
+    folder = compiled.path / WARMUP_DIR
+    folder.mkdir(exist_ok=True)
+    if samples or not (folder / STRUCTURE_FILE).exists() or not (folder / "ciphertext.bin").exists():
+        if not all((folder / f).exists() for f in WARMUP_FILES):
+            say("making the warm-up material under a throwaway key (in a separate process)")
+            tmp = compiled.path / f".{WARMUP_DIR}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            try:
+                _in_child(_make_warmup, str(compiled.deployment_dir), str(tmp), compiled.report.input_shape)
+                for f in WARMUP_FILES:
+                    (tmp / f).replace(folder / f)  # ciphertext.bin last but one; the keys last
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        _structure_from_samples(folder)
+    if not (folder / LIBRARY_FILE).exists():
+        say("building the circuit's library for this machine (in a separate process)")
+        tmp = folder / f".library-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            proc = mp.get_context("spawn").Process(target=_make_warmup, args=(str(compiled.deployment_dir), str(tmp),
-                                                                             compiled.report.input_shape))
-            proc.start()
-            proc.join()
-            if proc.exitcode != 0 or not all((tmp / f).exists() for f in WARMUP_FILES):
-                raise RuntimeError(f"warm-up key generation failed (exit code {proc.exitcode})")
-            try:
-                tmp.rename(folder)
-            except OSError:  # another process made it first
-                pass
+            _in_child(_make_library, str(compiled.deployment_dir), str(tmp))
+            (tmp / LIBRARY_FILE).replace(folder / LIBRARY_FILE)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    ct, keys_path = (folder / "ciphertext.bin").read_bytes(), folder / "evaluation_keys.bin"
-    keys = keys_path.read_bytes()
-    key_index = np.flatnonzero(np.load(folder / "key_mask.npy"))
-    ct_index = np.flatnonzero(np.load(folder / "ciphertext_mask.npy"))
-    return WarmUp(ct, keys_path, len(keys), key_index, np.frombuffer(keys, "<u8")[key_index].copy(),
-                  ct_index, np.frombuffer(ct, "<u8")[ct_index].copy())
+    st = json.loads((folder / STRUCTURE_FILE).read_text())
+    return WarmUp(folder, (folder / "ciphertext.bin").read_bytes(), int(st["key_bytes"]),
+                  np.asarray(st["key_index"], np.int64), np.asarray(st["key_values"], np.uint64),
+                  np.asarray(st["ciphertext_index"], np.int64), np.asarray(st["ciphertext_values"], np.uint64))
+
+
+def _make_library(deployment_dir: str, out: str) -> None:
+    """The circuit as concrete-python compiles it from concrete-ml's MLIR: a server loads this
+    shared library with concrete-compiler alone (see FHEServer). Native code for this machine."""
+    from concrete import fhe
+
+    built = fhe.Server.load(Path(deployment_dir) / "server.zip")
+    shutil.make_archive(str(Path(out) / "library"), "zip", built._library.get_output_dir_path())  # noqa: SLF001
 
 
 def _make_warmup(deployment_dir: str, out: str, input_shape: list[int]) -> None:
@@ -228,9 +283,3 @@ def _make_warmup(deployment_dir: str, out: str, input_shape: list[int]) -> None:
     np.save(Path(out) / "ciphertext_mask.npy", structure_mask(ct, other_ct))
     (Path(out) / "ciphertext.bin").write_bytes(ct)
     (Path(out) / "evaluation_keys.bin").write_bytes(keys)
-    # The circuit as concrete-python compiles it from concrete-ml's MLIR: a server loads this
-    # shared library with concrete-compiler alone (see FHEServer).
-    from concrete import fhe
-
-    built = fhe.Server.load(Path(deployment_dir) / "server.zip")
-    shutil.make_archive(str(Path(out) / "library"), "zip", built._library.get_output_dir_path())  # noqa: SLF001

@@ -185,7 +185,9 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
         if state["error"]:
             return JSONResponse({"status": "error", "error": state["error"]}, 503)
         if not service.ready:
-            return JSONResponse({"status": "starting", "circuits": len(service.circuits)}, 503)
+            return JSONResponse({"status": "starting", "circuits": len(service.circuits), "step": service.step,
+                                 "hosted": [{"id": c.id, "dataset": c.dataset, "model": c.model}
+                                            for c in list(service.circuits.values())]}, 503)
         return {"status": "ok", "circuits": len(service.circuits), "backend": service.config.backend,
                 "workers": service.pool.workers, "uptime_s": round(time.time() - service.started, 1)}
 

@@ -340,7 +340,9 @@ class LocalServiceProcess:
 
     def __init__(self, models_dir: Path | None = None, cache_dir: Path | None = None, key_store_bytes: int | None = None,
                  log: Path | None = None, timeout_s: float = 600.0, key_dir: Path | None = None,
-                 key_disk_bytes: int | None = None):
+                 key_disk_bytes: int | None = None, first: str = "", wait: bool = True):
+        """``wait``: return once the service is ready (else once started: see :meth:`status`);
+        ``first``: datasets whose circuits it hosts first (``serve --first``)."""
         import atexit
         import os
         import socket
@@ -366,20 +368,39 @@ class LocalServiceProcess:
             cmd += ["--key-dir", str(key_dir)]
         if key_disk_bytes:
             cmd += ["--key-disk-bytes", str(key_disk_bytes)]
+        if first:
+            cmd += ["--first", first]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         out = open(log, "ab") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         atexit.register(self.stop)
+        self.log = log
+        if wait:
+            self.wait_ready(timeout_s)
+
+    def status(self) -> dict:
+        """The service's ``/health`` (``status``: ok, starting with its ``step`` and the circuits
+        ``hosted`` so far, or error), or ``{"status": "launching"}`` before it listens; raises
+        :class:`ServiceUnavailable` if the process exited."""
+        import httpx
+
+        if self.proc.poll() is not None:
+            raise ServiceUnavailable(f"the local service exited with code {self.proc.returncode}"
+                                     + (f" (log: {self.log})" if self.log else ""))
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).json()
+        except (httpx.HTTPError, ValueError):
+            return {"status": "launching"}
+
+    def wait_ready(self, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServiceUnavailable(f"the local service exited with code {self.proc.returncode}"
-                                         + (f" (log: {log})" if log else ""))
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            st = self.status()
+            if st.get("status") == "ok":
+                return
+            if st.get("status") == "error":
+                self.stop()
+                raise ServiceUnavailable(f"the local service failed to start: {st.get('error')}")
             time.sleep(0.3)
         self.stop()
         raise ServiceUnavailable(f"the local service did not become ready within {timeout_s:.0f} s")

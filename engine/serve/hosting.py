@@ -125,28 +125,31 @@ def _compile_child(model_path: str, cache_dir: str, settings: dict) -> None:
     compile_model(registry._read(Path(model_path)), CompileConfig(**settings), Path(cache_dir))
 
 
-def _key_set_footprint(compiled: CompiledModel, server: FHEServer, warm_ct: bytes, warm_keys: bytes) -> int:
+def _key_set_footprint(compiled: CompiledModel, server: FHEServer) -> int:
     """Memory one registered, prepared key set takes: the resident-memory growth of deserializing
     the throwaway keys and running once with them. Measured the first time and stored with the
-    warm-up material, so every service on the machine accounts a circuit's keys alike. The run
-    is also the first of the circuit's code in this process (the warm-up /health waits for)."""
+    warm-up material (``footprint.json``; a shipped circuit carries it), so every service on the
+    machine accounts a circuit's keys alike, and a start with it runs nothing: the first run of
+    the circuit's code in this process is then the first client's (its keys' preparation)."""
     import json
 
     stored = compiled.path / "warmup" / "footprint.json"
-    release_memory()
-    before = rss_bytes()
-    keys = FHEServer.load_keys(warm_keys)
-    server.execute(warm_ct, keys)
-    measured = max(rss_bytes() - before, len(warm_keys))
-    del keys
-    release_memory()
     try:
         return int(json.loads(stored.read_text())["key_set_bytes"])
     except (OSError, ValueError, KeyError):
-        tmp = stored.with_suffix(f".{secrets.token_hex(4)}")
-        tmp.write_text(json.dumps({"key_set_bytes": measured}))
-        tmp.replace(stored)
-        return measured
+        pass
+    warm = warmup_material(compiled, samples=True)
+    release_memory()
+    before = rss_bytes()
+    keys = FHEServer.load_keys(warm.evaluation_keys)
+    server.execute(warm.ciphertext, keys)
+    measured = max(rss_bytes() - before, warm.key_bytes)
+    del keys
+    release_memory()
+    tmp = stored.with_suffix(f".{secrets.token_hex(4)}")
+    tmp.write_text(json.dumps({"key_set_bytes": measured}))
+    tmp.replace(stored)
+    return measured
 
 
 def rss_bytes() -> int:
@@ -287,13 +290,20 @@ class Service:
         self.circuits: dict[str, HostedCircuit] = {}
         self._hosting = threading.Lock()
         self.ready = False
+        self.step = "starting"  # what the start-up is doing (for /health while not ready)
         self.started = time.time()
 
     # -- circuits
     def load(self, progress: Callable[[str], None] | None = None) -> "Service":
         """Host the circuit of every saved model (compiled from the cache), warmed up."""
-        say = progress or (lambda _m: None)
-        for saved in registry.list_models(None, self.models_dir):
+        def say(message: str) -> None:
+            self.step = message
+            (progress or (lambda _m: None))(message)
+
+        first = [d.strip().lower() for d in self.config.first.split(",") if d.strip()]
+        models = sorted(registry.list_models(None, self.models_dir),
+                        key=lambda m: first.index(m.dataset) if m.dataset in first else len(first))
+        for saved in models:
             self.host(saved, say)
         self.preload(say)
         self.ready = True
@@ -353,8 +363,8 @@ class Service:
         cid = compiled.report.cache_key
         if cid in self.circuits:
             return self.circuits[cid]
-        say(f"warming {saved.dataset}/{saved.name} ({cid}, {compiled.batch_size} image(s) per call)")
-        warm = warmup_material(compiled)
+        say(f"hosting {saved.dataset}/{saved.name} ({cid}, {compiled.batch_size} image(s) per call)")
+        warm = warmup_material(compiled, say=say)
         server = FHEServer(compiled.deployment_dir, library=warm.library)
         zip_digest = hashlib.sha256((compiled.deployment_dir / "server.zip").read_bytes()).hexdigest()
         if pair is not None:  # runs with the pair's key sets: no memory of its own to measure
@@ -362,7 +372,7 @@ class Service:
                 raise ValueError(f"{cid}: its keys differ from those of {pair.id}")
             footprint = pair.footprint
         else:
-            footprint = _key_set_footprint(compiled, server, warm.ciphertext, warm.evaluation_keys)
+            footprint = _key_set_footprint(compiled, server)
         c = HostedCircuit(cid, saved.dataset, saved.name, saved.hash, compiled, server, warm,
                           warm.key_bytes, len(warm.ciphertext), footprint, zip_digest,
                           saved.config.model.input_pool, keys_from=pair.id if pair else "")
@@ -373,6 +383,8 @@ class Service:
 
     def refresh(self) -> None:
         """Host models saved since start-up (called when a client names an unknown circuit)."""
+        if not self.ready:  # the start-up hosts every model, in its order; a request does not jump it
+            return
         known = {(c.dataset, c.model_hash) for c in self.circuits.values()}
         for saved in registry.list_models(None, self.models_dir):
             if (saved.dataset, saved.hash) not in known:

@@ -23,11 +23,29 @@ from pathlib import Path
 from .client import EncryptedClient, HTTPTransport, ServiceUnavailable
 
 
+def wait_for_circuit(transport, circuit_id: str, timeout_s: float = 600.0) -> None:
+    """Until the service (maybe still starting, maybe not yet listening) hosts ``circuit_id``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if any(c["id"] == circuit_id for c in transport.circuits()):
+                return
+        except ServiceUnavailable:
+            pass
+        if time.monotonic() > deadline:
+            raise ServiceUnavailable(f"the service did not host circuit {circuit_id[:12]} within {timeout_s:.0f} s")
+        time.sleep(0.3)
+
+
 def make(urls: list[str], circuit_id: str, folder: str) -> dict:
-    """Generate, upload, keep the secret keys only: what the caller needs to rebuild the client."""
+    """Generate, upload, keep the secret keys only: what the caller needs to rebuild the client.
+    With the circuit's ``client.zip`` already in ``folder`` (a shipped circuit), the keys are
+    generated while the service may still be starting; the upload waits for the circuit."""
     transport = HTTPTransport(urls)
     try:
         client = EncryptedClient.download(transport, circuit_id, Path(folder))
+        client.fhe.keygen()
+        wait_for_circuit(transport, circuit_id)
         client.register()
         return {"key_ids": client.key_ids, "secret_keyset": base64.b64encode(client.fhe.secret_keyset()).decode(),
                 "keygen_s": client.fhe.keygen_s, "upload_s": client.upload_s,
@@ -221,9 +239,16 @@ class SharedKeys:
 
     FILE = "shared-keys.json"
 
-    def __init__(self, transport, circuit_id: str, folder: Path):
+    def __init__(self, transport, circuit_id: str, folder: Path, client_zip: Path | None = None):
+        """``client_zip``: the circuit's, when the caller has it (a shipped circuit): the keys are
+        then made while the service starts."""
         self.lock = threading.Lock()
         self.path = Path(folder) / circuit_id / self.FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if client_zip is not None and not (self.path.parent / "client.zip").exists():
+            tmp = self.path.parent / f".client.zip.{os.getpid()}"
+            tmp.write_bytes(Path(client_zip).read_bytes())
+            tmp.replace(self.path.parent / "client.zip")
         self.client = EncryptedClient.download(transport, circuit_id, folder)
         self.origin = "kept from an earlier start"
         endpoint = transport.endpoints()[0]

@@ -214,3 +214,19 @@ class KeyVault:
         if self._temporary:
             shutil.rmtree(self.folder, ignore_errors=True)
 
+
+
+def keep_only(folder: str | Path, key_ids) -> int:
+    """Delete every key set in ``folder`` (of a service not running on it) but those of
+    ``key_ids``; returns how many went. The dashboard's local service keeps only the app's
+    shared key sets across restarts: the secret keys of its sessions' and spare key sets lived
+    in the app's memory only, so their evaluation keys would be of no use to anyone."""
+    folder = Path(folder)
+    keep = {name_of(k) for k in key_ids}
+    gone = set()
+    for path in folder.glob("*"):
+        name = path.name.split(".", 1)[0].lstrip(".")
+        if path.is_file() and name not in keep:
+            path.unlink(missing_ok=True)
+            gone.add(name)
+    return len(gone)
