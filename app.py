@@ -32,4 +32,8 @@ PAGES = {
     ],
 }
 
-st.navigation(PAGES).run()
+nav = st.navigation(PAGES)
+import ui_service  # noqa: E402 - light: the service starts while the page imports torch and the engine
+
+ui_service.service_url()
+nav.run()

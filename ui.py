@@ -103,62 +103,8 @@ def read_only() -> bool:
 # --------------------------------------------------------------------------- the service
 
 
-# The app starts its service at once and does not wait for it: the pages draw, the start-up shows
-# its steps on Home (start_steps), the default model's circuit is hosted first, and the app's
-# shared key set is made while the service starts (from the circuit shipped with the model).
-DEFAULT_DATASET = "pneumoniamnist"
-
-
-@st.cache_resource(show_spinner=False)
-def _service() -> tuple[str, str, LocalServiceProcess | None]:
-    url = os.environ.get("ENGINE_SERVER_URL", "").strip()
-    if url:
-        return url.rstrip("/"), "ENGINE_SERVER_URL", None
-    from engine.serve.keyvault import keep_only
-
-    log = default_cache_dir() / "service.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    # A key folder that outlives the app: after a restart the service still knows the app's
-    # shared key sets (SharedKeys), so the first answer needs no key generation. Nothing else
-    # is kept: the secret keys of the sessions' and spare key sets were in this app's memory only.
-    key_dir = default_cache_dir() / "service-keys"
-    if key_dir.exists():
-        keep_only(key_dir, _kept_key_ids())
-    proc = LocalServiceProcess(default_models_dir(), default_cache_dir(), log=log, key_dir=key_dir,
-                               key_disk_bytes=2 * 2**30, first=DEFAULT_DATASET, wait=False)
-    return proc.url, "started by this app (a separate local process)", proc
-
-
-def _kept_key_ids() -> list[str]:
-    out = []
-    for f in (default_cache_dir() / "client").glob(f"*/{SharedKeys.FILE}"):
-        try:
-            out.append(json.loads(f.read_text())["key_id"])
-        except (OSError, ValueError, KeyError):
-            pass
-    return out
-
-
-def service_url() -> str:
-    return _service()[0]
-
-
-def service_origin() -> str:
-    return _service()[1]
-
-
-def service_status() -> dict:
-    """The service's ``/health``: ``status`` ok, starting (with its ``step`` and the circuits
-    ``hosted`` so far), error, or launching (not listening yet)."""
-    proc = _service()[2]
-    if proc is not None:
-        return proc.status()
-    try:
-        import httpx
-
-        return httpx.get(f"{service_url()}/health", timeout=2).json()
-    except Exception:  # noqa: BLE001 - shown as not reachable
-        return {"status": "launching"}
+# The service itself (started by app.py before anything heavy is imported): ui_service.
+from ui_service import DEFAULT_DATASET, service_origin, service_status, service_url  # noqa: E402,F401
 
 
 @st.cache_resource(show_spinner=False)

@@ -151,6 +151,7 @@ def main() -> int:
         result = {"commit": subprocess.run(["git", "-C", str(clone), "rev-parse", "--short", "HEAD"],
                                            capture_output=True, text=True).stdout.strip()}
         result["fresh"] = asyncio.run(run_app(clone, env, a.sessions, a.deadline))
+        time.sleep(10)  # the stopped app's processes finish exiting
         result["restart"] = asyncio.run(run_app(clone, env, 0, a.deadline))
     result["command"] = f"python bench/startup.py --sessions {a.sessions}"
     text = json.dumps(result, indent=2)

@@ -249,26 +249,47 @@ class SharedKeys:
             tmp = self.path.parent / f".client.zip.{os.getpid()}"
             tmp.write_bytes(Path(client_zip).read_bytes())
             tmp.replace(self.path.parent / "client.zip")
-        self.client = EncryptedClient.download(transport, circuit_id, folder)
-        self.origin = "kept from an earlier start"
         endpoint = transport.endpoints()[0]
         try:
             saved = json.loads(self.path.read_text())
-            self.client.fhe.adopt_secret_keys(base64.b64decode(saved["secret_keyset"]))
-            self.client.key_ids = {endpoint: saved["key_id"]}
-            self.client.evaluation_key_bytes = int(saved["evaluation_key_bytes"])
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError):
-            self.origin = "generated at this start"
-            maker = KeyMakerProcess()
+            keyset, key_id, nbytes = base64.b64decode(saved["secret_keyset"]), saved["key_id"], int(saved["evaluation_key_bytes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            saved = None
+        if saved is not None:
+            self.origin = "kept from an earlier start"
+            self.client = EncryptedClient.download(transport, circuit_id, folder)
             try:
-                made = maker.make(list(transport.endpoints()), circuit_id, Path(folder))
+                self.client.fhe.adopt_secret_keys(keyset)
+                self.client.key_ids = {endpoint: key_id}
+                self.client.evaluation_key_bytes = nbytes
+                return
+            except RuntimeError:  # unreadable keys: make new ones
+                pass
+        self.origin = "generated at this start"
+        # The key maker (a process of its own) starts first; this process loads its client meanwhile.
+        made: dict = {}
+        maker = KeyMakerProcess()
+
+        def run() -> None:
+            try:
+                made["keys"] = maker.make(list(transport.endpoints()), circuit_id, Path(folder))
+            except Exception as exc:  # noqa: BLE001 - raised below, in the caller's thread
+                made["error"] = exc
             finally:
                 maker.stop()
-            self.client.fhe.adopt_secret_keys(made["secret_keyset"], made["keygen_s"])
-            self.client.key_ids = {endpoint: next(iter(made["key_ids"].values()))}
-            self.client.uploads, self.client.upload_s = 1, made["upload_s"]
-            self.client.evaluation_key_bytes = made["evaluation_key_bytes"]
-            self.save()
+
+        worker = threading.Thread(target=run, name="shared-keys", daemon=True)
+        worker.start()
+        self.client = EncryptedClient.download(transport, circuit_id, folder)
+        worker.join()
+        if "error" in made:
+            raise made["error"]
+        made = made["keys"]
+        self.client.fhe.adopt_secret_keys(made["secret_keyset"], made["keygen_s"])
+        self.client.key_ids = {endpoint: next(iter(made["key_ids"].values()))}
+        self.client.uploads, self.client.upload_s = 1, made["upload_s"]
+        self.client.evaluation_key_bytes = made["evaluation_key_bytes"]
+        self.save()
 
     def save(self) -> None:
         """Write the secret keys and the key id (atomically, readable by this user only)."""
