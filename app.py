@@ -35,5 +35,5 @@ PAGES = {
 nav = st.navigation(PAGES)
 import ui_service  # noqa: E402 - light: the service starts while the page imports torch and the engine
 
-ui_service.service_url()
+ui_service.start()
 nav.run()

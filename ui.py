@@ -25,9 +25,9 @@ from engine.learn import registry
 from engine.config import CompileConfig, DataConfig, default_data_dir
 # available_datasets, present_datasets and MODES are re-exported for the pages.
 from engine.learn.data import DataError, available_datasets, dataset_info, present_datasets  # noqa: F401
-from engine.serve.client import EncryptedClient, HTTPTransport, LocalServiceProcess, find_circuit
+from engine.serve.client import EncryptedClient
 from engine.serve.keymaker import KeyPool, SharedKeys
-from engine.config import default_cache_dir, default_models_dir
+from engine.config import default_cache_dir
 from engine.fhe.circuit import compile_model
 from engine.fhe.threads import release_memory
 from engine.study.infer import MODES, Predictor  # noqa: F401
@@ -104,12 +104,8 @@ def read_only() -> bool:
 
 
 # The service itself (started by app.py before anything heavy is imported): ui_service.
-from ui_service import DEFAULT_DATASET, service_origin, service_status, service_url  # noqa: E402,F401
-
-
-@st.cache_resource(show_spinner=False)
-def _transport(url: str) -> HTTPTransport:
-    return HTTPTransport(url)
+from ui_service import (DEFAULT_DATASET, _keygen_executor, _shared_future, _transport, served_circuit,  # noqa: E402,F401
+                        service_origin, service_status, service_url, shared_keys)
 
 
 @st.cache_resource(show_spinner=False)
@@ -120,66 +116,6 @@ def _key_pool(url: str, circuit_id: str) -> KeyPool:
     pool = KeyPool(lambda: _transport(url), circuit_id, default_cache_dir() / "client", spares=spares)
     atexit.register(pool.close)  # before the local service stops (registered earlier, runs later)
     return pool
-
-
-@st.cache_resource(show_spinner=False)
-def _shared_keys(url: str, dataset: str, name: str, model_hash: str):
-    """The app's own key set of a model's circuit (started at once, kept across restarts): it
-    answers a session's first predictions while the session's own keys are made."""
-    from engine.fhe.circuit import cache_key, shipped_entry
-
-    saved = registry.load(dataset, name)
-
-    def make() -> SharedKeys:
-        shipped = shipped_entry(saved)
-        if shipped is not None:  # the circuit id and client.zip are known: no need to wait for the service
-            return SharedKeys(_transport(url), cache_key(saved.hash, saved.config.compile), default_cache_dir() / "client",
-                              client_zip=shipped / "deployment" / "client.zip")
-        return SharedKeys(_transport(url), served_circuit(saved)["id"], default_cache_dir() / "client")
-
-    return _keygen_executor().submit(make)
-
-
-def _shared_future(saved: registry.SavedModel):
-    return _shared_keys(service_url(), saved.dataset, saved.name, saved.hash)
-
-
-def shared_keys(saved: registry.SavedModel, wait: bool = False) -> SharedKeys | None:
-    """The app's shared key set for ``saved``'s circuit; None while it is being made (unless ``wait``)."""
-    fut = _shared_future(saved)
-    if not wait and not fut.done():
-        return None
-    return fut.result(timeout=600)
-
-
-@st.cache_resource(show_spinner=False)
-def _keygen_executor():
-    from concurrent.futures import ThreadPoolExecutor
-
-    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="session-keys")
-
-
-def served_circuit(saved: registry.SavedModel, timeout_s: float = 600.0) -> dict:
-    """The service's circuit for ``saved`` (waiting while the service starts and hosts it)."""
-    import time
-
-    from engine.serve.client import ServiceUnavailable
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = service_status()
-        if status.get("status") == "error":
-            raise ServiceUnavailable(f"the service failed to start: {status.get('error')}")
-        if status.get("status") == "ok" or any(c["dataset"] == saved.dataset for c in status.get("hosted", [])):
-            try:
-                return find_circuit(_transport(service_url()), saved.dataset, saved.hash,
-                                    json.loads(json.dumps(saved.config.compile.__dict__)))
-            except ServiceUnavailable:
-                if status.get("status") == "ok" or time.monotonic() > deadline:
-                    raise
-        if time.monotonic() > deadline:
-            raise ServiceUnavailable(f"the service did not host {saved.dataset}/{saved.name} within {timeout_s:.0f} s")
-        time.sleep(0.3)
 
 
 def start_steps(saved: registry.SavedModel) -> list[tuple[bool, str]]:

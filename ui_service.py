@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import streamlit as st
 
 from engine.config import default_cache_dir, default_models_dir
-from engine.serve.client import LocalServiceProcess
-from engine.serve.keymaker import SharedKeys
+from engine.learn import registry
+from engine.serve.client import HTTPTransport, LocalServiceProcess, ServiceUnavailable, find_circuit
+from engine.serve.keymaker import KeyMakerProcess, SharedKeys
 
 DEFAULT_DATASET = "pneumoniamnist"
 
@@ -73,3 +75,88 @@ def service_status() -> dict:
         return {"status": "launching"}
 
 
+@st.cache_resource(show_spinner=False)
+def _transport(url: str) -> HTTPTransport:
+    return HTTPTransport(url)
+
+
+@st.cache_resource(show_spinner=False)
+def _shared_keys(url: str, dataset: str, name: str, model_hash: str):
+    """The app's own key set of a model's circuit (started at once, kept across restarts): it
+    answers a session's first predictions while the session's own keys are made."""
+    from engine.fhe.circuit import cache_key, shipped_entry
+
+    saved = registry.load(dataset, name)
+    folder = default_cache_dir() / "client"
+    shipped = shipped_entry(saved)
+    if shipped is None:
+        return _keygen_executor().submit(lambda: SharedKeys(_transport(url), served_circuit(saved)["id"], folder))
+    # The circuit id and client.zip are known: the keys are made while the service starts, by a
+    # key maker launched now (unless they are kept from an earlier start).
+    cid = cache_key(saved.hash, saved.config.compile)
+    maker = None if (folder / cid / SharedKeys.FILE).exists() else KeyMakerProcess(start=True)
+    return _keygen_executor().submit(SharedKeys, _transport(url), cid, folder,
+                                     client_zip=shipped / "deployment" / "client.zip", maker=maker)
+
+
+def _shared_future(saved: registry.SavedModel):
+    return _shared_keys(service_url(), saved.dataset, saved.name, saved.hash)
+
+
+def shared_keys(saved: registry.SavedModel, wait: bool = False) -> SharedKeys | None:
+    """The app's shared key set for ``saved``'s circuit; None while it is being made (unless ``wait``)."""
+    fut = _shared_future(saved)
+    if not wait and not fut.done():
+        return None
+    return fut.result(timeout=600)
+
+
+@st.cache_resource(show_spinner=False)
+def _keygen_executor():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="session-keys")
+
+
+def served_circuit(saved: registry.SavedModel, timeout_s: float = 600.0) -> dict:
+    """The service's circuit for ``saved`` (waiting while the service starts and hosts it)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = service_status()
+        if status.get("status") == "error":
+            raise ServiceUnavailable(f"the service failed to start: {status.get('error')}")
+        if status.get("status") == "ok" or any(c["dataset"] == saved.dataset for c in status.get("hosted", [])):
+            try:
+                return find_circuit(_transport(service_url()), saved.dataset, saved.hash,
+                                    json.loads(json.dumps(saved.config.compile.__dict__)))
+            except ServiceUnavailable:
+                if status.get("status") == "ok" or time.monotonic() > deadline:
+                    raise
+        if time.monotonic() > deadline:
+            raise ServiceUnavailable(f"the service did not host {saved.dataset}/{saved.name} within {timeout_s:.0f} s")
+        time.sleep(0.3)
+
+
+def start() -> None:
+    """What the app starts at once, before its pages import anything heavy: the service, the
+    shared key set of the default dataset's newest model, and (in a thread) the client library
+    that encrypts."""
+    url = service_url()
+    try:
+        saved = registry.load(DEFAULT_DATASET)
+    except Exception:  # noqa: BLE001 - no such model: the pages say what to do
+        return
+    _shared_keys(url, saved.dataset, saved.name, saved.hash)
+    _warm_client_library()
+
+
+@st.cache_resource(show_spinner=False)
+def _warm_client_library() -> threading.Thread:
+    def load() -> None:
+        from concrete.ml.deployment import FHEModelClient  # noqa: F401 - about 4 s, off the pages' path
+
+    t = threading.Thread(target=load, name="warm-client-library", daemon=True)
+    t.start()
+    return t

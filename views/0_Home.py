@@ -2,9 +2,7 @@
 
 import streamlit as st
 
-import ui
-from engine.learn.data import gallery_split
-
+# Title and explanation first: the first paint needs nothing from ui (torch, the engine).
 st.title("Encrypted medical image classification")
 # Few elements, and plain Markdown: with a room full of visitors opening the page at once on a
 # small machine, each element is work for every browser (a graphviz chart took about 4 s to
@@ -18,6 +16,9 @@ st.markdown(
     "**server: FHE circuit** (ciphertext and evaluation keys only) → **client: decrypt** (only the "
     "secret key opens the result) → **prediction** (seen by the hospital only)"
 )
+
+import ui  # noqa: E402
+from engine.learn.data import gallery_split  # noqa: E402
 
 saved = ui.select_model()
 if saved is None:

@@ -59,6 +59,10 @@ def main() -> int:
         os.nice(10)  # visitors' pages and predictions first
     except OSError:
         pass
+    # Before the first request: a key maker started early (the dashboard's, at its start) is then
+    # ready to generate at once (this import takes about 4 s).
+    from concrete.ml.deployment import FHEModelClient  # noqa: F401
+
     for line in sys.stdin:
         try:
             req = json.loads(line)
@@ -73,9 +77,10 @@ def main() -> int:
 class KeyMakerProcess:
     """One ``python -m engine.serve.keymaker`` child; restarted if it dies. Calls are serialized."""
 
-    def __init__(self):
+    def __init__(self, start: bool = False):
+        """``start``: launch the process now (it loads its libraries before the first request)."""
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen | None = self._start() if start else None
 
     def _start(self) -> subprocess.Popen:
         import atexit
@@ -239,9 +244,10 @@ class SharedKeys:
 
     FILE = "shared-keys.json"
 
-    def __init__(self, transport, circuit_id: str, folder: Path, client_zip: Path | None = None):
+    def __init__(self, transport, circuit_id: str, folder: Path, client_zip: Path | None = None,
+                 maker: KeyMakerProcess | None = None):
         """``client_zip``: the circuit's, when the caller has it (a shipped circuit): the keys are
-        then made while the service starts."""
+        then made while the service starts. ``maker``: a key maker started earlier (stopped here)."""
         self.lock = threading.Lock()
         self.path = Path(folder) / circuit_id / self.FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,6 +262,8 @@ class SharedKeys:
         except (OSError, ValueError, KeyError, TypeError):
             saved = None
         if saved is not None:
+            if maker is not None:
+                maker.stop()
             self.origin = "kept from an earlier start"
             self.client = EncryptedClient.download(transport, circuit_id, folder)
             try:
@@ -268,7 +276,7 @@ class SharedKeys:
         self.origin = "generated at this start"
         # The key maker (a process of its own) starts first; this process loads its client meanwhile.
         made: dict = {}
-        maker = KeyMakerProcess()
+        maker = maker or KeyMakerProcess()
 
         def run() -> None:
             try:
