@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 
 import streamlit as st
 
@@ -94,9 +93,23 @@ def _shared_keys(url: str, dataset: str, name: str, model_hash: str):
     # The circuit id and client.zip are known: the keys are made while the service starts, by a
     # key maker launched now (unless they are kept from an earlier start).
     cid = cache_key(saved.hash, saved.config.compile)
-    maker = None if (folder / cid / SharedKeys.FILE).exists() else KeyMakerProcess(start=True)
     return _keygen_executor().submit(SharedKeys, _transport(url), cid, folder,
-                                     client_zip=shipped / "deployment" / "client.zip", maker=maker)
+                                     client_zip=shipped / "deployment" / "client.zip", maker=_early_maker(url, dataset, name, model_hash))
+
+
+@st.cache_resource(show_spinner=False)
+def _early_maker(url: str, dataset: str, name: str, model_hash: str) -> KeyMakerProcess | None:
+    """A key maker launched at the app's start for a model's shared key set (it loads its
+    libraries while the pages load theirs), unless the keys are kept from an earlier start or the
+    model ships no circuit. In a process of its own: importing concrete in a thread while a page
+    imports torch breaks torch's import."""
+    from engine.fhe.circuit import cache_key, shipped_entry
+
+    saved = registry.load(dataset, name)
+    if shipped_entry(saved) is None:
+        return None
+    cid = cache_key(saved.hash, saved.config.compile)
+    return None if (default_cache_dir() / "client" / cid / SharedKeys.FILE).exists() else KeyMakerProcess(start=True)
 
 
 def _shared_future(saved: registry.SavedModel):
@@ -140,23 +153,11 @@ def served_circuit(saved: registry.SavedModel, timeout_s: float = 600.0) -> dict
 
 
 def start() -> None:
-    """What the app starts at once, before its pages import anything heavy: the service, the
-    shared key set of the default dataset's newest model, and (in a thread) the client library
-    that encrypts."""
+    """What the app starts at once, before its pages import anything heavy: the service, and a
+    key maker for the shared key set of the default dataset's newest model."""
     url = service_url()
     try:
         saved = registry.load(DEFAULT_DATASET)
     except Exception:  # noqa: BLE001 - no such model: the pages say what to do
         return
-    _shared_keys(url, saved.dataset, saved.name, saved.hash)
-    _warm_client_library()
-
-
-@st.cache_resource(show_spinner=False)
-def _warm_client_library() -> threading.Thread:
-    def load() -> None:
-        from concrete.ml.deployment import FHEModelClient  # noqa: F401 - about 4 s, off the pages' path
-
-    t = threading.Thread(target=load, name="warm-client-library", daemon=True)
-    t.start()
-    return t
+    _early_maker(url, saved.dataset, saved.name, saved.hash)
