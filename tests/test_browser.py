@@ -271,3 +271,52 @@ def _png(arr) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "PNG")
     return buf.getvalue()
+
+
+def test_home_answers_on_a_fresh_clone(browser, tmp_path):
+    """`streamlit run app.py` in a fresh `git clone` of this repository (its committed state): no
+    `.cache/` (nothing compiled, no key made) and no dataset file. Home shows the start-up and
+    then answers, saying which key set did (times: bench/startup.py)."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    (tmp_path / "no-data").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENGINE_")}
+    env["MEDMNIST_DIR"] = str(tmp_path / "no-data")
+    port = free_port()
+    log = tmp_path / "streamlit.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+                                 "--server.address", "127.0.0.1", "--server.headless", "true"],
+                                cwd=clone, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        page.goto(url)
+        page.get_by_text("Encrypted medical image classification").wait_for(timeout=60_000)
+        page.get_by_role("button", name="Encrypt and classify").click()
+        page.get_by_text("Encrypted prediction:").wait_for(timeout=300_000)
+        note = page.get_by_text("Encrypted and decrypted with").first.inner_text()
+        assert "shared key set" in note or "own keys" in note
+        assert page.locator('[data-testid="stException"]').count() == 0
+        assert (clone / ".cache" / "circuits").is_dir() and not any((clone / ".cache" / "circuits").glob("*/warmup/evaluation_keys.bin"))
+    except Exception:
+        print(log.read_text()[-3000:])
+        raise
+    finally:
+        page.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
