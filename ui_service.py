@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import streamlit as st
 
@@ -124,11 +125,30 @@ def shared_keys(saved: registry.SavedModel, wait: bool = False) -> SharedKeys | 
     return fut.result(timeout=600)
 
 
-@st.cache_resource(show_spinner=False)
-def _keygen_executor():
-    from concurrent.futures import ThreadPoolExecutor
+class _Background:
+    """Runs each call in a daemon thread of its own and returns its Future. Not a
+    ThreadPoolExecutor: Python joins an executor's threads before the exit handlers run, so a
+    thread still waiting for keys would keep a stopped app from stopping its service."""
 
-    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="session-keys")
+    def submit(self, fn, *args, **kw):
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+
+        def run() -> None:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args, **kw))
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+                    fut.set_exception(exc)
+
+        threading.Thread(target=run, name="session-keys", daemon=True).start()
+        return fut
+
+
+@st.cache_resource(show_spinner=False)
+def _keygen_executor() -> _Background:
+    return _Background()
 
 
 def served_circuit(saved: registry.SavedModel, timeout_s: float = 600.0) -> dict:

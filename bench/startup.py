@@ -111,7 +111,7 @@ async def run_app(clone: Path, env: dict, sessions: int, deadline_s: float) -> d
         watch.start()
         app = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
                                 "--server.address", "127.0.0.1", "--server.headless", "true"],
-                               cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT)
+                               cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             first = await first_answer(browser, url, t0, deadline_s)
             room = []
@@ -119,14 +119,24 @@ async def run_app(clone: Path, env: dict, sessions: int, deadline_s: float) -> d
                 room = await asyncio.gather(*[first_answer(browser, url, time.perf_counter(), deadline_s)
                                               for _ in range(sessions)])
         finally:
-            app.terminate()
+            app.terminate()  # the app stops the service and key makers it started...
             try:
                 app.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                app.kill()
+                out_of_time = True
+            else:
+                out_of_time = False
+            time.sleep(2)
+            left = subprocess.run(["pgrep", "-g", str(app.pid)], capture_output=True, text=True).stdout.split()
+            try:  # ...and whatever is left of its process group goes, so the next run has the cores
+                os.killpg(app.pid, 9)
+            except ProcessLookupError:
+                pass
+            app.wait(timeout=30)
             await browser.close()
             watch.stop.set()
-    out = {"first": first, "service_log": watch.lines}
+    out = {"first": first, "service_log": watch.lines, "app_stopped_within_60_s": not out_of_time,
+           "processes_left_after_stop": len(left)}
     if sessions:
         out["room_after_click_s"] = [r["after_click_s"] for r in room]
         out["room_max_after_click_s"] = max(r["after_click_s"] for r in room)
