@@ -64,7 +64,11 @@ async def first_answer(browser, url: str, t0: float, deadline_s: float) -> dict:
     ready = time.perf_counter() - t0
     await button.click()
     clicked = time.perf_counter() - t0
-    await page.get_by_text("Encrypted prediction:").wait_for(timeout=deadline_s * 1000)
+    try:
+        await page.get_by_text("Encrypted prediction:").wait_for(timeout=deadline_s * 1000)
+    except Exception:
+        print("--- the page when no answer came:\n" + await page.locator("section.main").inner_text(), file=sys.stderr)
+        raise
     answered = time.perf_counter() - t0
     note = page.get_by_text("Encrypted and decrypted with")
     which = await note.first.text_content() if await note.count() else ""
@@ -113,7 +117,13 @@ async def run_app(clone: Path, env: dict, sessions: int, deadline_s: float) -> d
                                 "--server.address", "127.0.0.1", "--server.headless", "true"],
                                cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            first = await first_answer(browser, url, t0, deadline_s)
+            try:
+                first = await first_answer(browser, url, t0, deadline_s)
+            except Exception:
+                for f in (clone / "streamlit.log", clone / ".cache" / "service.log"):
+                    if f.exists():
+                        print(f"--- {f} (end)\n{f.read_text(errors='replace')[-4000:]}", file=sys.stderr)
+                raise
             room = []
             if sessions:
                 room = await asyncio.gather(*[first_answer(browser, url, time.perf_counter(), deadline_s)
