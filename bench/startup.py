@@ -67,7 +67,7 @@ async def first_answer(browser, url: str, t0: float, deadline_s: float) -> dict:
     try:
         await page.get_by_text("Encrypted prediction:").wait_for(timeout=deadline_s * 1000)
     except Exception:
-        print("--- the page when no answer came:\n" + await page.locator("section.main").inner_text(), file=sys.stderr)
+        print("--- the page when no answer came:\n" + await page.inner_text("body"), file=sys.stderr)
         raise
     answered = time.perf_counter() - t0
     note = page.get_by_text("Encrypted and decrypted with")

@@ -42,21 +42,23 @@ st.markdown(
 
 
 def start_progress() -> None:
-    """The start-up, step by step, refreshed every second until every step is done."""
+    """The start-up, step by step, refreshed every second until answers can come."""
+    if st.session_state.get("home_started"):  # done: nothing more to ask (the next full run stops the refresh)
+        st.caption(":material/check_circle: Ready: the service hosts this model's circuit and a key set is ready.")
+        return
     steps = ui.start_steps(saved)
     done = sum(ok for ok, _ in steps)
     st.progress(done / len(steps), text=f"Start-up: {done} of {len(steps)} steps done")
     st.markdown("  \n".join(f"{':material/check_circle:' if ok else ':material/pending:'} {what}" for ok, what in steps))
-    # Answers can come once the service hosts the circuit and one key set (shared or own) is ready:
-    # then stop refreshing (every refresh is work for each open page; the session's own keys follow)
-    if steps[0][0] and steps[1][0] and (steps[2][0] or steps[3][0]) and not st.session_state.get("home_started"):
+    # Answers can come once the service hosts the circuit and one key set (shared or own) is ready.
+    # No st.rerun here: a rerun could swallow a click on the button below.
+    if steps[0][0] and steps[1][0] and (steps[2][0] or steps[3][0]):
         st.session_state["home_started"] = True
-        st.rerun(scope="app")
 
 
-started = st.session_state.get("home_started", False)
-if not started:
-    st.fragment(run_every=1.0)(start_progress)()
+# Refreshed every second while the start goes on; a page drawn after it is done has no timer
+# (every refresh is work for each open page on a small machine).
+st.fragment(run_every=None if st.session_state.get("home_started") else 1.0)(start_progress)()
 
 st.subheader("Try it: encrypted prediction on a sample image")
 split, source = gallery_split(ui.data_config(saved.dataset))
