@@ -1,5 +1,7 @@
 """Home: what the system does, the state of model / circuit / keys, and a first encrypted prediction."""
 
+import time
+
 import streamlit as st
 
 # Title and explanation first: the first paint needs nothing from ui (torch, the engine).
@@ -28,37 +30,26 @@ info = ui.dataset_info(saved.dataset)
 ui.prepare_keys(saved)  # key generation starts now, in the background
 
 m = saved.metrics
-remote = ui.session_remote(saved, wait=False)
-shared = ui.shared_keys(saved)
-keys = (f"generated; evaluation keys uploaded once ({remote.evaluation_key_bytes / 2**20:.1f} MiB), "
-        "this session now holds only its secret keys" if remote is not None else
-        "being made; until then the app's shared key set answers" + (f" ({shared.origin})" if shared else " (being made too)"))
-st.markdown(
-    f"**Model** {saved.name} ({saved.dataset}, hidden {list(saved.config.model.hidden)}): validation accuracy "
-    f"{100 * m['val']['accuracy']:.1f}%, test {100 * m['test']['accuracy']:.1f}% (float)  \n"
-    f"**Server** {ui.service_url()} ({ui.service_origin()})  \n"
-    f"**This session's keys** {keys}"
-)
+status_box = st.empty()  # filled at the end of the run: after a click, it says what answered
 
 
-def start_progress() -> None:
-    """The start-up, step by step, refreshed every second until answers can come."""
-    if st.session_state.get("home_started"):  # done: nothing more to ask (the next full run stops the refresh)
-        st.caption(":material/check_circle: Ready: the service hosts this model's circuit and a key set is ready.")
-        return
+def start_progress(box) -> bool:
+    """Draw the start-up step by step in ``box``; whether answers can come (the service hosts
+    the circuit and one key set, shared or this session's own, is ready)."""
     steps = ui.start_steps(saved)
+    ready = steps[0][0] and steps[1][0] and (steps[2][0] or steps[3][0])
+    if ready:
+        box.caption(":material/check_circle: " + " · ".join(what for ok, what in steps if ok))
+        return True
     done = sum(ok for ok, _ in steps)
-    st.progress(done / len(steps), text=f"Start-up: {done} of {len(steps)} steps done")
-    st.markdown("  \n".join(f"{':material/check_circle:' if ok else ':material/pending:'} {what}" for ok, what in steps))
-    # Answers can come once the service hosts the circuit and one key set (shared or own) is ready.
-    # No st.rerun here: a rerun could swallow a click on the button below.
-    if steps[0][0] and steps[1][0] and (steps[2][0] or steps[3][0]):
-        st.session_state["home_started"] = True
+    with box.container():
+        st.progress(done / len(steps), text=f"Start-up: {done} of {len(steps)} steps done")
+        st.markdown("  \n".join(f"{':material/check_circle:' if ok else ':material/pending:'} {what}" for ok, what in steps))
+    return False
 
 
-# Refreshed every second while the start goes on; a page drawn after it is done has no timer
-# (every refresh is work for each open page on a small machine).
-st.fragment(run_every=None if st.session_state.get("home_started") else 1.0)(start_progress)()
+start_box = st.empty()
+started = start_progress(start_box)
 
 st.subheader("Try it: encrypted prediction on a sample image")
 split, source = gallery_split(ui.data_config(saved.dataset))
@@ -77,8 +68,6 @@ if right.button("Encrypt and classify", icon=":material/lock:", type="primary", 
         p, which = ui.encrypted_predictor(saved)
         st.session_state["home_result"] = (saved.hash, int(idx), p.run(img[None], ["fhe"]), which)
         working.empty()
-        if remote is None:
-            st.rerun()  # the status row above still says "generating…"
     except Exception as exc:  # noqa: BLE001 - shown to the user, never a traceback
         ui.fail(exc)
 last = st.session_state.get("home_result")
@@ -115,6 +104,30 @@ if last and last[0] == saved.hash and last[1] == int(idx):
                      "prediction": ui.label_text(info, fhe.predictions[0])})
             b.markdown("**With a freshly generated wrong key**")
             b.write({"logits": [round(float(v), 3) for v in wrong[2]], "note": "noise: not the answer"})
+
+def status_row() -> None:
+    remote = ui.session_remote(saved, wait=False)
+    shared = ui.shared_keys(saved)
+    keys = (f"generated; evaluation keys uploaded once ({remote.evaluation_key_bytes / 2**20:.1f} MiB), "
+            "this session now holds only its secret keys" if remote is not None else
+            "being made; until then the app's shared key set answers" + (f" ({shared.origin})" if shared else " (being made too)"))
+    status_box.markdown(
+        f"**Model** {saved.name} ({saved.dataset}, hidden {list(saved.config.model.hidden)}): validation accuracy "
+        f"{100 * m['val']['accuracy']:.1f}%, test {100 * m['test']['accuracy']:.1f}% (float)  \n"
+        f"**Server** {ui.service_url()} ({ui.service_origin()})  \n"
+        f"**This session's keys** {keys}"
+    )
+
+
+status_row()
+
+# While the start goes on, the steps above are redrawn every second, after the rest of the page
+# is drawn: a click on the button interrupts this loop and is handled at once (a timed fragment
+# could interrupt the page's own run, or swallow the click).
+deadline = time.monotonic() + 600
+while not started and time.monotonic() < deadline:
+    time.sleep(1.0)
+    started = start_progress(start_box)
 
 st.markdown(
     "**Pages:** Train a model · Compile it to a circuit · Encrypted inference on a gallery in four "

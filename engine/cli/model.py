@@ -184,7 +184,8 @@ def cmd_compile(a) -> int:
     print(f"{p.saved.dataset}/{p.saved.name} -> {compiled.path}")
     print(circuit_line(report))
     if a.ship:
-        from ..fhe.circuit import cache_key, ship
+        from ..fhe.circuit import cache_key
+        from ..fhe.runtime import ship
 
         if compiled.report.cache_key != cache_key(p.saved.hash, p.saved.config.compile):
             raise UserError("--ship writes the circuit of the model's own compile settings; drop the compile flags.")

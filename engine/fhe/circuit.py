@@ -36,7 +36,7 @@ from ..learn.registry import SavedModel
 from .simulate import Simulator, thread_tag_stack
 
 ENTRY_FILES = ("deployment/client.zip", "deployment/server.zip", "quantized_module.json")
-# A model's folder may carry its circuit (``python -m engine compile --ship``): the portable part
+# A model's folder may carry its circuit (``python -m engine compile --ship``, :func:`engine.fhe.runtime.ship`): the portable part
 # of a cache entry (the MLIR, the quantization, the report) with the warm-up structure words, a
 # warm-up ciphertext and the measured key-set memory. A fresh clone then compiles nothing and
 # generates no throwaway key at start; the shared library is still built on the machine.
@@ -292,23 +292,3 @@ def _adopt_shipped(folder: Path, root: Path, key: str, say: ProgressFn) -> Compi
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return load_entry(root / key)
-
-
-def ship(compiled: CompiledModel, saved: SavedModel) -> Path:
-    """Write ``compiled``'s portable part into ``saved``'s folder (see :data:`SHIPPED_DIR`);
-    the warm-up material is made first if the entry has none."""
-    from .runtime import warmup_material
-
-    warmup_material(compiled)
-    out = Path(saved.path) / SHIPPED_DIR
-    tmp = Path(saved.path) / f".{SHIPPED_DIR}-{uuid.uuid4().hex[:8]}"
-    try:
-        for rel in SHIPPED_FILES:
-            if (compiled.path / rel).exists():
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(compiled.path / rel, tmp / rel)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .circuit import CompiledModel
+from .circuit import SHIPPED_DIR, SHIPPED_FILES, CompiledModel
 from .keys import evaluation_keys_for
 
 
@@ -283,3 +283,21 @@ def _make_warmup(deployment_dir: str, out: str, input_shape: list[int]) -> None:
     np.save(Path(out) / "ciphertext_mask.npy", structure_mask(ct, other_ct))
     (Path(out) / "ciphertext.bin").write_bytes(ct)
     (Path(out) / "evaluation_keys.bin").write_bytes(keys)
+
+
+def ship(compiled: CompiledModel, saved) -> Path:
+    """Write ``compiled``'s portable part into ``saved``'s folder (see :data:`SHIPPED_DIR`);
+    the warm-up material is made first if the entry has none."""
+    warmup_material(compiled)
+    out = Path(saved.path) / SHIPPED_DIR
+    tmp = Path(saved.path) / f".{SHIPPED_DIR}-{uuid.uuid4().hex[:8]}"
+    try:
+        for rel in SHIPPED_FILES:
+            if (compiled.path / rel).exists():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(compiled.path / rel, tmp / rel)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
