@@ -177,16 +177,16 @@ def prepare_keys(saved: registry.SavedModel) -> None:
     keys[saved.hash] = SessionKeys(_keygen_executor().submit(get))
 
 
-def session_remote(saved: registry.SavedModel, wait: bool = True) -> EncryptedClient | None:
-    """This session's client (keys uploaded, secret keys only); None if not ready and not ``wait``."""
+def session_remote(saved: registry.SavedModel, wait: bool = True, patience_s: float = 0.5) -> EncryptedClient | None:
+    """This session's client (keys uploaded, secret keys only); None if not ready and not ``wait``
+    (after ``patience_s``: a spare key set is handed out in milliseconds, so a fresh session's
+    first page already has its keys)."""
     prepare_keys(saved)
     fut = st.session_state["session_keys"][saved.hash].future
     if not wait:
         from concurrent.futures import wait as wait_for
 
-        # A spare key set is handed out in milliseconds: give it that long, so a fresh session's
-        # first page already has its keys (and its first prediction needs no extra rerun).
-        if not wait_for([fut], timeout=0.5).done:
+        if not wait_for([fut], timeout=patience_s).done:
             return None
     return fut.result(timeout=600)
 

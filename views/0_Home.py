@@ -30,7 +30,24 @@ info = ui.dataset_info(saved.dataset)
 ui.prepare_keys(saved)  # key generation starts now, in the background
 
 m = saved.metrics
-status_box = st.empty()  # filled at the end of the run: after a click, it says what answered
+status_box = st.empty()  # drawn now, and again at the end of the run: after a click, it says what answered
+
+
+def status_row(patience_s: float) -> None:
+    remote = ui.session_remote(saved, wait=False, patience_s=patience_s)
+    shared = ui.shared_keys(saved)
+    keys = (f"generated; evaluation keys uploaded once ({remote.evaluation_key_bytes / 2**20:.1f} MiB), "
+            "this session now holds only its secret keys" if remote is not None else
+            "being made; until then the app's shared key set answers" + (f" ({shared.origin})" if shared else " (being made too)"))
+    status_box.markdown(
+        f"**Model** {saved.name} ({saved.dataset}, hidden {list(saved.config.model.hidden)}): validation accuracy "
+        f"{100 * m['val']['accuracy']:.1f}%, test {100 * m['test']['accuracy']:.1f}% (float)  \n"
+        f"**Server** {ui.service_url()} ({ui.service_origin()})  \n"
+        f"**This session's keys** {keys}"
+    )
+
+
+status_row(0.5)
 
 
 def start_progress(box) -> bool:
@@ -105,21 +122,7 @@ if last and last[0] == saved.hash and last[1] == int(idx):
             b.markdown("**With a freshly generated wrong key**")
             b.write({"logits": [round(float(v), 3) for v in wrong[2]], "note": "noise: not the answer"})
 
-def status_row() -> None:
-    remote = ui.session_remote(saved, wait=False)
-    shared = ui.shared_keys(saved)
-    keys = (f"generated; evaluation keys uploaded once ({remote.evaluation_key_bytes / 2**20:.1f} MiB), "
-            "this session now holds only its secret keys" if remote is not None else
-            "being made; until then the app's shared key set answers" + (f" ({shared.origin})" if shared else " (being made too)"))
-    status_box.markdown(
-        f"**Model** {saved.name} ({saved.dataset}, hidden {list(saved.config.model.hidden)}): validation accuracy "
-        f"{100 * m['val']['accuracy']:.1f}%, test {100 * m['test']['accuracy']:.1f}% (float)  \n"
-        f"**Server** {ui.service_url()} ({ui.service_origin()})  \n"
-        f"**This session's keys** {keys}"
-    )
-
-
-status_row()
+status_row(0.0)  # again: the keys may have come during this run
 
 # While the start goes on, the steps above are redrawn every second, after the rest of the page
 # is drawn: a click on the button interrupts this loop and is handled at once (a timed fragment
