@@ -349,8 +349,6 @@ class LocalServiceProcess:
         import subprocess
         import sys
 
-        import httpx
-
         from ..config import REPO_ROOT
 
         with socket.socket() as s:
