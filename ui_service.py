@@ -172,8 +172,9 @@ def served_circuit(saved: registry.SavedModel, timeout_s: float = 600.0) -> dict
         time.sleep(0.3)
 
 
+@st.cache_resource(show_spinner=False)
 def start() -> None:
-    """What the app starts at once, before its pages import anything heavy: the service, and a
+    """Once per process: what the app starts at once, before its pages import anything heavy: the service, and a
     key maker for the shared key set of the default dataset's newest model."""
     url = service_url()
     try:

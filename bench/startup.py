@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,15 +32,9 @@ import threading
 import time
 from pathlib import Path
 
+from dashboard_sessions import FLAGS, free_port  # the same browser and port as the sessions benchmark
+
 REPO = Path(__file__).resolve().parent.parent
-FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def first_answer(browser, url: str, t0: float, deadline_s: float) -> dict:

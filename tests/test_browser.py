@@ -47,11 +47,43 @@ def wait_healthy(url: str, log, what: str) -> None:
     pytest.fail(f"{what} did not start: {log.read_text()[-2000:]}")
 
 
+def start_app(cwd: Path, env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    """`streamlit run app.py` in ``cwd`` on a free loopback port, in a process group of its own;
+    (process, URL) once Streamlit answers."""
+    port = free_port()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+             "--server.address", "127.0.0.1", "--server.headless", "true"],
+            cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
+                return proc, url
+        except OSError:
+            time.sleep(0.5)
+    stop_app(proc)
+    pytest.fail(f"streamlit did not start: {log.read_text()[-2000:]}")
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    proc.terminate()  # the app stops the service and key makers it started
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        pass
+    try:  # whatever is left of its process group (the app's children included)
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module", params=["service started by the app", "ENGINE_SERVER_URL"])
 def server(request, tiny_saved, models_dir, cache_dir, data_dir, tmp_path_factory):
     """The dashboard, once with the service it starts itself and once pointed at a service
     started separately (``python -m engine serve``) through ENGINE_SERVER_URL."""
-    port = free_port()
     folder = tmp_path_factory.mktemp("streamlit")
     log = folder / "server.log"
     env = {**os.environ, "ENGINE_MODELS_DIR": str(models_dir), "ENGINE_CACHE_DIR": str(cache_dir),
@@ -66,33 +98,13 @@ def server(request, tiny_saved, models_dir, cache_dir, data_dir, tmp_path_factor
                                    cwd=REPO, env=env, stdout=service_log, stderr=subprocess.STDOUT)
         env["ENGINE_SERVER_URL"] = f"http://127.0.0.1:{service_port}"
         wait_healthy(env["ENGINE_SERVER_URL"], folder / "service.log", "the service")
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-             "--server.address", "127.0.0.1", "--server.headless", "true"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc = None
     try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"streamlit did not start: {log.read_text()[-2000:]}")
+        proc, url = start_app(REPO, env, log)
         yield url, request.param, env.get("ENGINE_SERVER_URL")
     finally:
-        proc.terminate()  # the app stops the service and key makers it started
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # whatever is left of its process group (the app's children included)
-            os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
+        if proc is not None:
+            stop_app(proc)
         if service is not None:
             service.terminate()
             service.wait(timeout=30)
@@ -283,21 +295,10 @@ def test_home_answers_on_a_fresh_clone(browser, tmp_path):
     (tmp_path / "no-data").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENGINE_")}
     env["MEDMNIST_DIR"] = str(tmp_path / "no-data")
-    port = free_port()
     log = tmp_path / "streamlit.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-                                 "--server.address", "127.0.0.1", "--server.headless", "true"],
-                                cwd=clone, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_app(clone, env, log)
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
     try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.5)
         page.goto(url)
         page.get_by_text("Encrypted medical image classification").wait_for(timeout=60_000)
         page.get_by_role("button", name="Encrypt and classify").click()
@@ -312,13 +313,4 @@ def test_home_answers_on_a_fresh_clone(browser, tmp_path):
         raise
     finally:
         page.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
+        stop_app(proc)
