@@ -76,6 +76,36 @@ def test_keys_persist_in_client_key_dir(predictor, tmp_path, test_split):
     assert np.allclose(a.decrypt(res), b.decrypt(res))  # same key pair, loaded from disk
 
 
+def test_client_does_what_concrete_ml_client_does(predictor, test_split, tmp_path):
+    """FHEClient runs on Concrete's compiler runtime alone; concrete-ml's own client, given the
+    same keys, must quantize, encrypt and decrypt alike, and the client must not load concrete-ml."""
+    import subprocess
+    import sys
+
+    from concrete.ml.deployment import FHEModelClient
+
+    ours = FHEClient(predictor.compiled)
+    ours.keygen()
+    theirs = FHEModelClient(str(predictor.compiled.deployment_dir))
+    theirs.generate_private_and_evaluation_keys()
+    theirs.client.keys._keyset = ours._keyset
+    feats = predictor.features(test_split.images[:4])
+    assert np.array_equal(ours.quantize(feats[:1]), theirs.model.quantize_input(feats[:1]))
+    server = predictor.ensure_server()
+    for i in range(2):
+        x = feats[i : i + 1]
+        for ct in (ours.encrypt(x), theirs.quantize_encrypt_serialize(x)):
+            res = server.run(ct, ours.evaluation_keys())
+            assert np.array_equal(ours.decrypt(res), theirs.deserialize_decrypt_dequantize(res))
+    # Fresh random keys each time, as concrete's default
+    assert FHEClient(predictor.compiled).secret_keyset() != ours.secret_keyset()
+    code = ("import sys, numpy as np; from engine.fhe.keys import FHEClient; "
+            f"c = FHEClient({str(predictor.compiled.deployment_dir)!r}); c.encrypt(np.zeros((1, {feats.shape[1]}))); "
+            "print(sorted(m for m in ('concrete.ml', 'concrete.fhe', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def _corrupt_and_recompile(tiny_saved, cache_dir, damage):
     cc = tiny_saved.config.compile
     first = compile_model(tiny_saved, cc, cache_dir)
