@@ -113,7 +113,8 @@ def _key_pool(url: str, circuit_id: str) -> KeyPool:
     import atexit
 
     spares = int(os.environ.get("ENGINE_KEY_SPARES", "8"))
-    pool = KeyPool(lambda: _transport(url), circuit_id, default_cache_dir() / "client", spares=spares)
+    pool = KeyPool(lambda: _transport(url), circuit_id, default_cache_dir() / "client", spares=spares,
+                   log=default_cache_dir() / "keymaker.log")
     atexit.register(pool.close)  # before the local service stops (registered earlier, runs later)
     return pool
 

@@ -110,7 +110,7 @@ def _early_maker(url: str, dataset: str, name: str, model_hash: str) -> KeyMaker
     if shipped_entry(saved) is None:
         return None
     cid = cache_key(saved.hash, saved.config.compile)
-    return None if (default_cache_dir() / "client" / cid / SharedKeys.FILE).exists() else KeyMakerProcess(start=True)
+    return None if (default_cache_dir() / "client" / cid / SharedKeys.FILE).exists() else KeyMakerProcess(start=True, log=default_cache_dir() / "keymaker.log")
 
 
 def _shared_future(saved: registry.SavedModel):

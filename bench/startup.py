@@ -14,7 +14,8 @@ clone and on a restart, then a room of sessions opened together. Loopback only, 
    is repeated.
 
 Times are seconds from the `streamlit run` command. The service's own start-up steps come from
-its log (`.cache/service.log` in the clone), with their times from the command.
+its log (`.cache/service.log` in the clone), the key makers' from theirs (`.cache/keymaker.log`),
+with their times from the command.
 Chromium: Debian's (`CHROMIUM` overrides), driven by Playwright.
 """
 
@@ -105,7 +106,9 @@ async def run_app(clone: Path, env: dict, sessions: int, deadline_s: float) -> d
         t0 = time.perf_counter()
         (clone / ".cache").mkdir(exist_ok=True)
         watch = LogWatch(clone / ".cache" / "service.log", t0)
+        makers = LogWatch(clone / ".cache" / "keymaker.log", t0)
         watch.start()
+        makers.start()
         app = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
                                 "--server.address", "127.0.0.1", "--server.headless", "true"],
                                cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -138,7 +141,8 @@ async def run_app(clone: Path, env: dict, sessions: int, deadline_s: float) -> d
             app.wait(timeout=30)
             await browser.close()
             watch.stop.set()
-    out = {"first": first, "service_log": watch.lines, "app_stopped_within_60_s": not out_of_time,
+            makers.stop.set()
+    out = {"first": first, "service_log": watch.lines, "keymaker_log": makers.lines, "app_stopped_within_60_s": not out_of_time,
            "processes_left_after_stop": len(left)}
     if sessions:
         out["room_after_click_s"] = [r["after_click_s"] for r in room]

@@ -37,6 +37,12 @@ def wait_for_circuit(transport, circuit_id: str, timeout_s: float = 600.0) -> No
         time.sleep(0.3)
 
 
+def _say(message: str) -> None:
+    """One line of progress on stderr (the caller's key maker log, if it keeps one)."""
+    sys.stderr.write(f"[keymaker {os.getpid()}] {message}\n")
+    sys.stderr.flush()
+
+
 def make(urls: list[str], circuit_id: str, folder: str) -> dict:
     """Generate, upload, keep the secret keys only: what the caller needs to rebuild the client.
     With the circuit's ``client.zip`` already in ``folder`` (a shipped circuit), the keys are
@@ -45,8 +51,12 @@ def make(urls: list[str], circuit_id: str, folder: str) -> dict:
     try:
         client = EncryptedClient.download(transport, circuit_id, Path(folder))
         client.fhe.keygen()
+        _say(f"keys generated for {circuit_id[:12]} ({client.fhe.keygen_s:.1f} s)")
+        t0 = time.perf_counter()
         wait_for_circuit(transport, circuit_id)
+        _say(f"the service hosts {circuit_id[:12]} (waited {time.perf_counter() - t0:.1f} s)")
         client.register()
+        _say(f"evaluation keys uploaded and warmed ({client.upload_s:.1f} s)")
         return {"key_ids": client.key_ids, "secret_keyset": base64.b64encode(client.fhe.secret_keyset()).decode(),
                 "keygen_s": client.fhe.keygen_s, "upload_s": client.upload_s,
                 "evaluation_key_bytes": client.evaluation_key_bytes}
@@ -61,8 +71,10 @@ def main() -> int:
         pass
     # Before the first request: a key maker started early (the dashboard's, at its start) is then
     # ready to generate at once (this import takes about 4 s).
+    t0 = time.perf_counter()
     from concrete.ml.deployment import FHEModelClient  # noqa: F401
 
+    _say(f"libraries loaded ({time.perf_counter() - t0:.1f} s)")
     for line in sys.stdin:
         try:
             req = json.loads(line)
@@ -77,9 +89,11 @@ def main() -> int:
 class KeyMakerProcess:
     """One ``python -m engine.serve.keymaker`` child; restarted if it dies. Calls are serialized."""
 
-    def __init__(self, start: bool = False):
-        """``start``: launch the process now (it loads its libraries before the first request)."""
+    def __init__(self, start: bool = False, log: Path | None = None):
+        """``start``: launch the process now (it loads its libraries before the first request).
+        ``log``: a file its progress lines are appended to (timings only: never a key)."""
         self._lock = threading.Lock()
+        self.log = Path(log) if log else None
         self._proc: subprocess.Popen | None = self._start() if start else None
 
     def _start(self) -> subprocess.Popen:
@@ -88,8 +102,16 @@ class KeyMakerProcess:
         from ..config import REPO_ROOT
 
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-        proc = subprocess.Popen([sys.executable, "-m", "engine.serve.keymaker"], cwd=REPO_ROOT, env=env, text=True,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        err = subprocess.DEVNULL
+        if self.log is not None:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            err = open(self.log, "ab")  # noqa: SIM115 - the child holds it; closed here once passed
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "engine.serve.keymaker"], cwd=REPO_ROOT, env=env, text=True,
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        finally:
+            if err is not subprocess.DEVNULL:
+                err.close()
         atexit.register(self.stop)
         return proc
 
@@ -133,7 +155,7 @@ class KeyPool:
     """
 
     def __init__(self, transport_factory, circuit_id: str, folder: Path, spares: int = 4, makers: int = 2,
-                 quiet_s: float = 20.0, apart: bool | None = None):
+                 quiet_s: float = 20.0, apart: bool | None = None, log: Path | None = None):
         import threading
 
         self._factory = transport_factory
@@ -144,7 +166,7 @@ class KeyPool:
         self.apart = bool(self._urls) if apart is None else apart
         self._makers = []
         if self.apart:
-            self._makers = [KeyMakerProcess() for _ in range(makers)]
+            self._makers = [KeyMakerProcess(log=log) for _ in range(makers)]
         self.circuit_id = circuit_id
         self.folder = Path(folder)
         self.spares = spares
