@@ -33,8 +33,8 @@ from engine.fhe.threads import release_memory
 from engine.study.infer import MODES, Predictor  # noqa: F401
 from engine.learn.metrics import label_text
 
-# What the imports above loaded (torch, pandas, streamlit; concrete follows with the first circuit,
-# see _shared_circuit) lives as long as the process: move it out of the collector's sight, so a
+# What the imports above loaded (pandas, streamlit; torch and concrete-ml come with the first page
+# that trains or compiles, see _shared_circuit) lives as long as the process: move it out of the collector's sight, so a
 # full collection (ours when a session ends, Python's own) takes about 0.1 ms, not 0.12 s with
 # the GIL held.
 gc.freeze()

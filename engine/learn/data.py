@@ -15,9 +15,27 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from medmnist import INFO
 
 from ..config import REPO_ROOT, DataConfig
+
+
+def _medmnist_info() -> dict:
+    """``medmnist.INFO``, read from medmnist's own ``info.py`` without importing the package:
+    its ``__init__`` imports torch and scikit-learn (about 2 s), which the dashboard's first page
+    would wait for."""
+    import importlib.util
+    import sys
+
+    if "medmnist" in sys.modules:
+        return sys.modules["medmnist"].INFO
+    folder = Path(importlib.util.find_spec("medmnist").submodule_search_locations[0])
+    spec = importlib.util.spec_from_file_location("_medmnist_info", folder / "info.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.INFO
+
+
+INFO = _medmnist_info()
 
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)

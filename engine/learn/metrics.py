@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from medmnist.evaluator import getACC, getAUC
-from sklearn.metrics import balanced_accuracy_score
 
 from .data import DatasetInfo
 
@@ -41,6 +39,8 @@ def accuracy(y_true: np.ndarray, scores: np.ndarray, info: DatasetInfo, threshol
         return float((pred == y_true.reshape(pred.shape)).mean(axis=0).mean())
     if len(scores) == 1 and not info.multi_label:  # medmnist's getACC squeezes one image to a scalar
         return float(predict(scores, info)[0] == int(np.asarray(y_true).reshape(-1)[0]))
+    from medmnist.evaluator import getACC  # imported here: medmnist's package loads torch and scikit-learn
+
     return float(getACC(np.asarray(y_true).reshape(len(scores), -1), scores, info.task))
 
 
@@ -48,6 +48,8 @@ def balanced_accuracy(y_true: np.ndarray, scores: np.ndarray, info: DatasetInfo)
     """Mean per-class recall of the argmax prediction (single-label tasks; None otherwise)."""
     if info.multi_label:
         return None
+    from sklearn.metrics import balanced_accuracy_score
+
     return float(balanced_accuracy_score(np.asarray(y_true).reshape(-1), scores.argmax(axis=1)))
 
 
@@ -60,6 +62,8 @@ def auc(y_true: np.ndarray, scores: np.ndarray, info: DatasetInfo) -> float | No
     elif len(np.unique(y)) < 2:
         return None
     try:
+        from medmnist.evaluator import getAUC
+
         return float(getAUC(y, scores, info.task))
     except ValueError:
         return None
