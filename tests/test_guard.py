@@ -109,8 +109,14 @@ def test_stability_report_on_an_unstable_and_a_stable_setting(tiny_saved, cache_
     assert not bad.stable and bad.agreement < stability.STABLE <= good.agreement
     assert "UNSTABLE" in stability.report_lines(bad, None, tried=False)[0]
     assert "UNSTABLE" not in stability.report_lines(good, None, tried=False)[0]
-    proposal = stability.nearest_stable(tiny_saved, shaky, val.images, val.images[:2], cache_dir)
+    said = []
+    proposal = stability.nearest_stable(tiny_saved, shaky, val.images, val.images[:2], cache_dir, said.append)
     assert proposal is not None and proposal.stable and proposal.compile in stability.candidates(shaky)
+    # Tried from the cheapest up, by Concrete's cost estimate; the last tried is the proposal
+    costs = [float(m.split("cost estimate ")[1].split("x")[0]) for m in said if m.startswith("trying")]
+    assert costs and costs == sorted(costs)
+    tried = [m for m in said if m.startswith("trying")][-1]
+    assert f"rounding {proposal.compile.rounding_threshold_bits} bits ({proposal.compile.rounding_method})" in tried
     assert proposal.latency_s > 0
     lines = stability.report_lines(bad, proposal, tried=True)
     assert lines[1].startswith(f"nearest stable setting: --rounding-bits {proposal.compile.rounding_threshold_bits} ")

@@ -70,6 +70,7 @@ class CircuitReport:
     versions: dict
     files: dict[str, str] = field(default_factory=dict)
     from_cache: bool = False
+    complexity: float | None = None  # Concrete's cost estimate of one run (entries made before it: None)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,6 +82,24 @@ class CompiledModel:
     def __init__(self, path: Path, report: CircuitReport):
         self.path = path
         self.report = report
+
+    @cached_property
+    def complexity(self) -> float:
+        """Concrete's cost estimate of one run (what its optimizer minimises): the report's, else
+        read from the server program (entries compiled before the report kept it)."""
+        if self.report.complexity is not None:
+            return self.report.complexity
+        from concrete import fhe
+
+        return float(fhe.Server.load(self.deployment_dir / "server.zip").complexity)
+
+    @cached_property
+    def program(self) -> str:
+        """The circuit's MLIR: two settings that give the same text (and ``p_error``) give the same circuit."""
+        import zipfile
+
+        with zipfile.ZipFile(self.deployment_dir / "server.zip") as z:
+            return z.read("circuit.mlir").decode()
 
     @cached_property
     def quantized(self):
@@ -249,6 +268,7 @@ def _build_entry(saved: SavedModel, cc: CompileConfig, key: str, out: Path) -> C
         input_shape=[cc.batch_size, int(inputset.shape[1])],
         versions=_versions(),
         files={rel: _sha256(out / rel) for rel in ENTRY_FILES},
+        complexity=float(circuit.complexity),
     )
     # report.json last: its presence with matching checksums marks a complete entry.
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))

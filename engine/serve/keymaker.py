@@ -93,6 +93,7 @@ class KeyMakerProcess:
         """``start``: launch the process now (it loads its libraries before the first request).
         ``log``: a file its progress lines are appended to (timings only: never a key)."""
         self._lock = threading.Lock()
+        self._closed = False
         self.log = Path(log) if log else None
         self._proc: subprocess.Popen | None = self._start() if start else None
 
@@ -117,6 +118,8 @@ class KeyMakerProcess:
 
     def make(self, urls: list[str], circuit_id: str, folder: Path) -> dict:
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the key maker was stopped")
             if self._proc is None or self._proc.poll() is not None:
                 self._proc = self._start()
             self._proc.stdin.write(json.dumps({"urls": urls, "circuit": circuit_id, "folder": str(folder)}) + "\n")
@@ -130,14 +133,21 @@ class KeyMakerProcess:
         answer["secret_keyset"] = base64.b64decode(answer["secret_keyset"])
         return answer
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 10.0) -> None:
+        """Stop the process (for good: no later :meth:`make` restarts it). It finishes the
+        request in hand within ``wait_s`` seconds, else it is killed (0: at once)."""
+        self._closed = True
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
-            proc.stdin.close()
             try:
-                proc.wait(timeout=10)
+                proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                proc.wait(timeout=wait_s)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait(timeout=10)
 
 
 if __name__ == "__main__":
@@ -177,6 +187,7 @@ class KeyPool:
         self.quiet_s = quiet_s  # refill only this long after the last hand-out, unless someone waits
         self._last_take = 0.0
         self.error: str | None = None
+        self._closed = False
         # Two makers: key generation runs on one core each, uploads and warm-ups overlap.
         self._threads = [threading.Thread(target=self._fill, args=(i,), name=f"key-pool-{i}", daemon=True)
                          for i in range(makers)]
@@ -199,8 +210,11 @@ class KeyPool:
     def close(self) -> None:
         """Stop the key makers and drop the spare key sets on the service (nobody holds their
         secret keys after this process: a service with a key folder would keep them for nothing)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
         for m in self._makers:
-            m.stop()
+            m.stop(wait_s=0)  # spare keys are not worth waiting for: a stopping app would wait seconds
         with self._cond:
             spares, self._ready = self._ready, []
         for client in spares:
@@ -210,6 +224,8 @@ class KeyPool:
         while True:
             with self._cond:
                 while True:
+                    if self._closed:
+                        return
                     enough = len(self._ready) + self._making >= self.spares + self._wanted
                     # A visitor who just got keys is about to ask for a prediction: key generation
                     # and the service's warm-up would compete with it for the cores.
@@ -226,6 +242,10 @@ class KeyPool:
                 client = None
             with self._cond:
                 self._making -= 1
+                if client is not None and self._closed:  # made while closing: nobody will take it
+                    client.close()
+                    client = None
+                    return
                 if client is not None:
                     self._ready.append(client)
                 self._cond.notify_all()
