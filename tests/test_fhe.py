@@ -106,6 +106,50 @@ def test_client_does_what_concrete_ml_client_does(predictor, test_split, tmp_pat
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+_AFTER_A_RUN = """
+import socket, sys
+import numpy as np
+from engine.fhe.keys import FHEClient
+from engine.fhe.runtime import FHEServer
+client, server = FHEClient(sys.argv[1]), FHEServer(sys.argv[1])
+ct = client.encrypt(np.zeros((1, int(sys.argv[2]))))
+if sys.argv[3] == "bare":  # Concrete's own call, without what FHEServer.execute does after it
+    from concrete.compiler import TransportValue
+    server._circuit.call([TransportValue.deserialize(ct)], server.load_keys(client.evaluation_keys()))
+elif sys.argv[3] == "simulate":  # simulation installs the same handler (the dashboard simulates)
+    from pathlib import Path
+    from engine.fhe.simulate import Simulator
+    Simulator(Path(sys.argv[1]) / "server.zip").run(client.quantize(np.zeros((1, int(sys.argv[2])))))
+else:
+    server.run(ct, client.evaluation_keys())
+a, b = socket.socketpair()
+b.close()
+try:
+    a.send(b"x")
+    a.send(b"x")
+except BrokenPipeError:
+    print("EPIPE")
+"""
+
+
+def test_a_closed_socket_does_not_kill_a_process_that_ran_a_circuit(predictor, tmp_path):
+    """Concrete's runtime installs a SIGPIPE handler that aborts the process at its first run: a
+    client that went away while the service wrote to it took the service down. After
+    FHEServer's runs and simulations, writing to a closed socket is an error again, as Python
+    means it to be."""
+    import subprocess
+    import sys
+
+    deployment = tmp_path / "d"
+    shutil.copytree(predictor.compiled.deployment_dir, deployment)
+    args = [sys.executable, "-c", _AFTER_A_RUN, str(deployment), str(predictor.compiled.report.input_shape[1])]
+    for mode in ("engine", "simulate"):
+        ours = subprocess.run(args + [mode], capture_output=True, text=True, timeout=300)
+        assert ours.returncode == 0 and ours.stdout.strip() == "EPIPE", (mode, ours.stderr[-2000:])
+    bare = subprocess.run(args + ["bare"], capture_output=True, text=True, timeout=300)
+    assert bare.returncode != 0 and "Broken pipe" in bare.stderr, "Concrete no longer aborts on SIGPIPE: the guard may go"
+
+
 def _corrupt_and_recompile(tiny_saved, cache_dir, damage):
     cc = tiny_saved.config.compile
     first = compile_model(tiny_saved, cc, cache_dir)

@@ -18,6 +18,7 @@ import numpy as np
 
 from .circuit import SHIPPED_DIR, SHIPPED_FILES, CompiledModel
 from .keys import evaluation_keys_for
+from .threads import ignore_sigpipe
 
 
 class FHEServer:
@@ -58,6 +59,7 @@ class FHEServer:
         if len(circuits) != 1:
             raise ValueError(f"{deployment_dir}: expected one circuit, found {len(circuits)}")
         self._circuit = ServerProgram(self._library, False).get_server_circuit(circuits[0].get_name())
+        ignore_sigpipe()
         self._keys: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -87,6 +89,7 @@ class FHEServer:
         from concrete.compiler import TransportValue
 
         (result,) = self._circuit.call([TransportValue.deserialize(ciphertext)], keys)
+        ignore_sigpipe()  # Concrete's runtime may have replaced it: see threads.ignore_sigpipe
         return result.serialize()
 
     @staticmethod

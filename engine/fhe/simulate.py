@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .threads import ignore_sigpipe
+
 
 def thread_tag_stack() -> None:
     """Concrete's ``tag`` keeps a thread-local stack initialised only in the importing thread;
@@ -33,7 +35,10 @@ class Simulator:
         configuration = fhe.Configuration().fork(**options).fork(fhe_simulation=True)
         self._server = fhe.Server.create(mlir, configuration, is_simulated=True)
         self._client = fhe.Client(self._server.client_specs, is_simulated=True)
+        ignore_sigpipe()
 
     def run(self, q_x: np.ndarray) -> np.ndarray:
         """Quantized input (1, F) -> quantized output (1, C), with simulated PBS noise."""
-        return self._client.simulate_decrypt(self._server.run(self._client.simulate_encrypt(q_x)))
+        out = self._client.simulate_decrypt(self._server.run(self._client.simulate_encrypt(q_x)))
+        ignore_sigpipe()  # Concrete's runtime replaces it at the first run: see threads.ignore_sigpipe
+        return out

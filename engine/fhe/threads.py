@@ -1,4 +1,5 @@
-"""Concrete's OpenMP thread setting per run, and returning freed memory to the system."""
+"""Concrete's OpenMP thread setting per run, returning freed memory to the system, and keeping
+Python's SIGPIPE disposition after Concrete's runtime replaced it."""
 
 from __future__ import annotations
 
@@ -43,4 +44,21 @@ def release_memory() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc
+        pass
+
+
+def ignore_sigpipe() -> None:
+    """Put back Python's SIGPIPE disposition (ignore). Concrete's runtime (HPX) installs, when a
+    circuit is loaded or first run in a process (simulated or encrypted), a SIGPIPE handler that
+    aborts the process: a peer that closed its socket while the process wrote to it (a client
+    killed during an upload, a browser tab closed) took the whole service, or the whole
+    dashboard, down. libc's ``signal`` works from any thread, unlike Python's ``signal.signal``
+    (main thread only). The service also blocks the signal in its threads
+    (``engine.serve.api.serve``)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).signal(int(signal.SIGPIPE), ctypes.c_void_p(int(signal.SIG_IGN)))
+    except (OSError, AttributeError):
         pass

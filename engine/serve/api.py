@@ -279,8 +279,15 @@ def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000,
           ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
     """Run the service until interrupted."""
     import ctypes
+    import signal
 
     import uvicorn
+
+    # Concrete's runtime (HPX) installs its own SIGPIPE handler at the first encrypted run, in place
+    # of Python's "ignore", and that handler aborts the process: one client that went away while the
+    # service wrote to it (a killed upload) took the whole service down. Blocked in this thread and
+    # every thread started from it, a write to a closed socket is an EPIPE error that asyncio handles.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
 
     try:  # glibc: two malloc arenas, not 8 per core; threads then share (and give back) freed memory
         ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX

@@ -122,11 +122,16 @@ class KeyMakerProcess:
                 raise RuntimeError("the key maker was stopped")
             if self._proc is None or self._proc.poll() is not None:
                 self._proc = self._start()
-            self._proc.stdin.write(json.dumps({"urls": urls, "circuit": circuit_id, "folder": str(folder)}) + "\n")
-            self._proc.stdin.flush()
-            line = self._proc.stdout.readline()
+            proc = self._proc  # stop() may clear the attribute meanwhile
+            try:
+                proc.stdin.write(json.dumps({"urls": urls, "circuit": circuit_id, "folder": str(folder)}) + "\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+            except (OSError, ValueError):  # stopped while writing: a closed pipe
+                line = ""
         if not line:
-            raise RuntimeError(f"the key maker process exited (code {self._proc.poll()})")
+            raise RuntimeError(f"the key maker process exited (code {proc.poll()})"
+                               + (": it was stopped" if self._closed else ""))
         answer = json.loads(line)
         if "error" in answer:
             raise RuntimeError(answer["error"])
