@@ -96,10 +96,18 @@ def test_client_does_what_concrete_ml_client_does(predictor, test_split, tmp_pat
         for ct in (ours.encrypt(x), theirs.quantize_encrypt_serialize(x)):
             res = server.run(ct, ours.evaluation_keys())
             assert np.array_equal(ours.decrypt(res), theirs.deserialize_decrypt_dequantize(res))
-    # Fresh random keys each time, as concrete's default
-    assert FHEClient(predictor.compiled).secret_keyset() != ours.secret_keyset()
-    code = ("import sys, numpy as np; from engine.fhe.keys import FHEClient; "
-            f"c = FHEClient({str(predictor.compiled.deployment_dir)!r}); c.encrypt(np.zeros((1, {feats.shape[1]}))); "
+    # Fresh random keys for each client, as concrete's default (the fixture's client made its own)
+    def secret(c):
+        return c._keyset.get_client_keys().get_secret_keys()[0].serialize()
+
+    other = predictor.ensure_client()
+    other.keygen()
+    assert secret(ours) != secret(other)
+    # A client process loads no concrete-ml, concrete-python or torch (here with the same secret keys)
+    (tmp_path / "secret").write_bytes(ours.secret_keyset())
+    code = ("import sys, numpy as np; from pathlib import Path; from engine.fhe.keys import FHEClient; "
+            f"c = FHEClient({str(predictor.compiled.deployment_dir)!r}); "
+            f"c.adopt_secret_keys(Path({str(tmp_path / 'secret')!r}).read_bytes()); c.encrypt(np.zeros((1, {feats.shape[1]}))); "
             "print(sorted(m for m in ('concrete.ml', 'concrete.fhe', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
@@ -110,7 +118,7 @@ import socket, sys
 import numpy as np
 from engine.fhe.keys import FHEClient
 from engine.fhe.runtime import FHEServer
-client, server = FHEClient(sys.argv[1]), FHEServer(sys.argv[1])
+client, server = FHEClient(sys.argv[1]), FHEServer(sys.argv[1], library=sys.argv[4])
 ct = client.encrypt(np.zeros((1, int(sys.argv[2]))))
 def write_to_closed_socket():
     a, b = socket.socketpair()
@@ -143,12 +151,15 @@ def test_a_closed_socket_does_not_kill_a_process_that_ran_a_circuit(predictor, t
     import subprocess
     import sys
 
+    from engine.fhe.runtime import warmup_material
+
     deployment = tmp_path / "d"
     shutil.copytree(predictor.compiled.deployment_dir, deployment)
+    library = str(warmup_material(predictor.compiled).library)  # built once for the circuit (the service's)
     args = [sys.executable, "-c", _AFTER_A_RUN, str(deployment), str(predictor.compiled.report.input_shape[1])]
-    ours = subprocess.run(args + ["engine"], capture_output=True, text=True, timeout=300)
+    ours = subprocess.run(args + ["engine", library], capture_output=True, text=True, timeout=300)
     assert ours.returncode == 0 and ours.stdout.split() == ["EPIPE", "EPIPE"], ours.stderr[-2000:]
-    bare = subprocess.run(args + ["bare"], capture_output=True, text=True, timeout=300)
+    bare = subprocess.run(args + ["bare", library], capture_output=True, text=True, timeout=300)
     assert bare.returncode != 0 and "Broken pipe" in bare.stderr, "Concrete no longer aborts on SIGPIPE: the guard may go"
 
 

@@ -347,7 +347,7 @@ def test_two_interleaved_clients_decrypt_only_their_own(svc, circuit, feats, tmp
     assert a.key_ids[svc.url] != b.key_ids[svc.url]
 
 
-@settings(max_examples=320, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_fuzz_post_routes_never_5xx(svc, circuit, fuzz_material, data):
     keys, ct, key_id = fuzz_material
