@@ -101,10 +101,14 @@ class FHEClient:
         self.keygen_s = keygen_s
 
     @cached_property
+    def input_shape(self) -> tuple[int, ...]:
+        """The circuit's integer input (batch, features): the raw shape without its ciphertext axis."""
+        return tuple(int(d) for d in self.program_info.get_circuits()[0].get_inputs()[0].get_raw_info().get_shape()[:-1])
+
+    @property
     def batch_size(self) -> int:
         """Images per encrypted call: the circuit's first input dimension."""
-        circuit = self.program_info.get_circuits()[0]
-        return int(circuit.get_inputs()[0].get_raw_info().get_shape()[0])
+        return self.input_shape[0]
 
     def _keyset_info(self) -> bytes:
         return self.program_info.get_keyset_info().serialize()
@@ -140,9 +144,8 @@ class FHEClient:
         if len(x) < self.batch_size:
             x = np.concatenate([x, np.zeros((self.batch_size - len(x), *x.shape[1:]), x.dtype)])
         q = self.quantize(x)
-        shape = tuple(self.program_info.get_circuits()[0].get_inputs()[0].get_raw_info().get_shape())[:-1]
-        if q.shape != shape:
-            raise ValueError(f"features of shape {q.shape} for a circuit that takes {shape}")
+        if q.shape != self.input_shape:
+            raise ValueError(f"features of shape {q.shape} for a circuit that takes {self.input_shape}")
         return self._circuit().prepare_input(Value(q.astype(np.int64)), 0).serialize()
 
     def decrypt(self, result: bytes, n: int | None = None) -> np.ndarray:

@@ -58,7 +58,19 @@ def ignore_sigpipe() -> None:
     import ctypes
     import signal
 
+    libc = _libc()
+    if libc is not None:
+        libc.signal(int(signal.SIGPIPE), ctypes.c_void_p(int(signal.SIG_IGN)))
+
+
+@lru_cache(maxsize=1)
+def _libc():
+    """The process's C library (loaded once: :func:`ignore_sigpipe` runs after every run)."""
+    import ctypes
+
     try:
-        ctypes.CDLL(None).signal(int(signal.SIGPIPE), ctypes.c_void_p(int(signal.SIG_IGN)))
+        libc = ctypes.CDLL(None)
+        libc.signal  # noqa: B018 - present on any POSIX libc
+        return libc
     except (OSError, AttributeError):
-        pass
+        return None
