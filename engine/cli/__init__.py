@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine {train,compile,predict,evaluate,bench,search,sweep,serve,loadtest,models,token} ...``."""
+"""Command line: ``python -m engine {train,framing,compile,predict,evaluate,bench,search,sweep,serve,loadtest,models,token} ...``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from . import measure, model, service
 from .args import UserError
 
 # The order of ``--help``: each command group's module adds its own commands.
-ORDER = ("train", "compile", "predict", "evaluate", "bench", "search", "sweep", "serve", "loadtest", "models", "token")
+ORDER = ("train", "framing", "compile", "predict", "evaluate", "bench", "search", "sweep", "serve", "loadtest", "models", "token")
 COMMANDS = {**model.COMMANDS, **measure.COMMANDS, **service.COMMANDS}
 
 

@@ -116,6 +116,14 @@ def cmd_train(a) -> int:
     print(f"saved {saved.dataset}/{saved.name} (best epoch {m['best_epoch']}) to {saved.path}")
     print(f"val accuracy {m['val']['accuracy']:.4f}  test accuracy {m['test']['accuracy']:.4f}  test AUC {m['test']['auc'] or float('nan'):.4f}")
     print(f"input check fitted: {100 * g.val_pass_rate:.1f}% of validation images pass; confidence temperature {g.temperature:.3f}")
+    from ..learn import framing
+
+    source = framing.inherit(saved, a.models_dir)
+    if source is not None:
+        print(f"uploads squeezed sideways are reframed by the estimator copied from {source.parent.name}")
+    elif saved.dataset in framing.SQUEEZED_DATASETS:
+        print(f"uploads squeezed sideways are not reframed yet: `python -m engine framing --dataset {saved.dataset} "
+              f"--model {saved.name}` fits the estimator (about 4 min)")
     if not a.no_circuit_check:
         from ..fhe.circuit import compile_model
         from ..study.evaluate import circuit_line
@@ -237,7 +245,8 @@ def cmd_predict(a) -> int:
     verdicts = {}
     if a.image:
         sharpness = guard.texture_median if guard is not None else None
-        loaded = [load_image(Path(f), p.saved.config.data.size, info.n_channels, sharpness=sharpness) for f in a.image]
+        loaded = [load_image(Path(f), p.saved.config.data.size, info.n_channels, sharpness=sharpness,
+                             framing=guard.framing if guard is not None else None) for f in a.image]
         images = np.stack([im.array for im in loaded])
         names, truth = list(a.image), [None] * len(a.image)
         if guard is None:
@@ -304,4 +313,43 @@ def cmd_models(a) -> int:
     return 0
 
 
-COMMANDS = {"train": (add_train, cmd_train), "compile": (add_compile, cmd_compile), "predict": (add_predict, cmd_predict), "models": (add_models, cmd_models)}
+def add_framing(sub) -> None:
+    p = sub.add_parser("framing", help="fit the squeeze estimator that reframes uploads squeezed sideways (stored beside the model)")
+    data_args(p)
+    model_args(p)
+    p.add_argument("--seeds", type=int, default=3, help="estimators averaged (each about 80 s on 2 cores)")
+    p.add_argument("--epochs", type=int, default=14)
+    p.add_argument("--samples", type=int, default=20000, help="synthetic squeezed bands per epoch")
+    p.add_argument("--remove", action="store_true", help="delete the model's estimator: uploads are no longer reframed")
+
+
+def cmd_framing(a) -> int:
+    from ..learn import framing, registry
+    from ..learn.data import load_split
+
+    saved = registry.load(a.dataset, a.model, a.models_dir)
+    path = saved.path / framing.FRAMING_FILE
+    if a.remove:
+        path.unlink(missing_ok=True)
+        print(f"{saved.dataset}/{saved.name}: uploads are no longer reframed")
+        return 0
+    if min(a.seeds, a.epochs, a.samples) < 1:
+        raise UserError("--seeds, --epochs and --samples must be at least 1")
+    cfg = data_cfg(a)
+    bar, update = progress_bar("fitting the squeeze estimator")
+    fr = framing.fit(load_split(cfg, "train").images, seeds=tuple(range(a.seeds)), epochs=a.epochs, per_epoch=a.samples,
+                     progress=lambda f: update(round(100 * f), 100, "train split only"))
+    bar.close()
+    fr.save(saved.path)
+    val = load_split(cfg, "val")
+    grey = val.images if val.images.ndim == 3 else val.images.mean(axis=3).astype("uint8")
+    est = [fr.estimate(x) for x in grey]
+    reframed = sum(e * fr.scale < fr.threshold for e in est)
+    print(f"saved {path}")
+    print(f"validation images as uploads: median squeeze {sorted(est)[len(est) // 2]:.2f}; "
+          f"{reframed} of {len(est)} would be reframed (keep s x {fr.scale:g} of the width when below {fr.threshold:g})")
+    return 0
+
+
+COMMANDS = {"train": (add_train, cmd_train), "compile": (add_compile, cmd_compile), "predict": (add_predict, cmd_predict),
+            "models": (add_models, cmd_models), "framing": (add_framing, cmd_framing)}

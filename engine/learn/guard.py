@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .framing import Framing
 from .images import graininess
 
 GUARD_FILE = "guard.npz"
@@ -82,6 +83,7 @@ class Guard:
     val_pass_rate: float
     texture_threshold: float = float("inf")  # mean absolute difference between neighbouring pixels
     texture_median: float | None = None  # the training images' median graininess: uploads are softened to it
+    framing: "Framing | None" = None  # the squeeze estimator stored beside the model (framing.npz), if any
 
     # -- scoring
     @staticmethod
@@ -173,7 +175,7 @@ class Guard:
             return cls(f["mean"], f["components"], f["variances"], float(s[0]), float(s[1]), f["stats_mean"],
                        f["stats_icov"], float(s[2]), float(s[3]), int(s[4]), bool(s[5]), float(s[6]),
                        float(s[7]) if len(s) > 7 else float("inf"),
-                       float(s[8]) if len(s) > 8 and np.isfinite(s[8]) else None)
+                       float(s[8]) if len(s) > 8 and np.isfinite(s[8]) else None, Framing.load(folder))
 
 
 def _fit_temperature(logits: np.ndarray, labels: np.ndarray, multi_label: bool) -> float:
@@ -277,6 +279,7 @@ def fit_for(saved, data_cfg=None) -> Guard:
     g = fit(train.images, val.images, logits[:n], val.labels, val.info.n_channels, val.info.multi_label,
             shifted=shifted, grainy=upload_copies(val.images, 1, seed=1, sharpen=1.0))
     g.save(saved.path)
+    g.framing = Framing.load(saved.path)
     return g
 
 
@@ -311,7 +314,8 @@ def screen(files: list[tuple[str, bytes]], guard: Guard | None, size: int, chann
     for name, data in expand_uploads(files):
         try:
             loaded = load_image(data, size, channels, name=name,
-                                sharpness=guard.texture_median if guard is not None else None)
+                                sharpness=guard.texture_median if guard is not None else None,
+                                framing=guard.framing if guard is not None else None)
         except ImageError as exc:
             out.append(Screened(name, None, None, None, error=str(exc)))
             continue

@@ -23,9 +23,13 @@ import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from .framing import Framing
 
 MAX_BYTES = 25 * 1024 * 1024
 MAX_PIXELS = 40_000_000
@@ -45,11 +49,13 @@ class LoadedImage:
 
 
 def load_image(source: Path | bytes, size: int = 28, channels: int = 1, name: str | None = None,
-               sharpness: float | None = None) -> LoadedImage:
+               sharpness: float | None = None, framing: "Framing | None" = None) -> LoadedImage:
     """Decode ``source`` (a path or the uploaded bytes) into the model's input format.
 
     ``sharpness``: the training images' median :func:`graininess`; an image shrunk to the model's
-    size that is grainier than that is softened to it (None: never)."""
+    size that is grainier than that is softened to it (None: never). ``framing``: the model's
+    squeeze estimator (:mod:`engine.learn.framing`); a square that looks squeezed sideways keeps
+    the central share of its width that undoes it (None: never)."""
     if isinstance(source, (str, Path)):
         name = name or Path(source).name
         try:
@@ -72,7 +78,7 @@ def load_image(source: Path | bytes, size: int = 28, channels: int = 1, name: st
         arr = _from_pil(data, name, notes)
     original = arr
     arr = _to_channels(arr, channels, notes)
-    arr = _square_resize(arr, size, notes, sharpness)
+    arr = _square_resize(arr, size, notes, sharpness, framing)
     return LoadedImage(array=arr, original=original, notes=notes)
 
 
@@ -239,13 +245,19 @@ def _to_channels(arr: np.ndarray, channels: int, notes: list[str]) -> np.ndarray
     return arr
 
 
-def _square_resize(arr: np.ndarray, size: int, notes: list[str], sharpness: float | None = None) -> np.ndarray:
+def _square_resize(arr: np.ndarray, size: int, notes: list[str], sharpness: float | None = None,
+                   framing: "Framing | None" = None) -> np.ndarray:
     h, w = arr.shape[:2]
     if h != w:
         s = min(h, w)
         top, left = (h - s) // 2, (w - s) // 2
         arr = arr[top : top + s, left : left + s]
         notes.append(f"center-cropped {w}x{h} to {s}x{s}")
+    if framing is not None:
+        arr, keep = framing.reframe(arr)
+        if keep is not None:
+            notes.append(f"looks squeezed sideways: kept the central {keep:.0%} of the width and stretched it back "
+                         f"(MedMNIST's framing)")
     if arr.shape[0] != size:
         notes.append(f"resized {arr.shape[0]}x{arr.shape[0]} to {size}x{size}")
         square, arr = arr, np.asarray(Image.fromarray(arr).resize((size, size), Image.Resampling.LANCZOS))
