@@ -31,6 +31,7 @@ from engine.config import default_cache_dir
 from engine.fhe.circuit import compile_model
 from engine.fhe.threads import release_memory
 from engine.study.infer import MODES, Predictor  # noqa: F401
+from engine.study.stability import STABLE  # noqa: F401 - the Compile page says what "stable" means
 from engine.learn.metrics import label_text
 
 # What the imports above loaded (pandas, streamlit; torch and concrete-ml come with the first page

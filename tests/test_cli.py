@@ -72,7 +72,7 @@ def test_train_defaults_come_from_the_search_or_a_generic_recipe(env):
     rec = json.loads(other.stdout)
     assert "generic recipe" in other.stderr and rec["train"]["epochs"] == 3
     assert rec["model"]["input_pool"] >= 2 and rec["model"]["weight_bits"] <= 3
-    assert rec["model"]["max_active_inputs"] == 16 and rec["compile"]["p_error"] == 0.01  # 6-bit accumulators, cheap lookups
+    assert rec["model"]["max_active_inputs"] == 8 and rec["compile"]["p_error"] == 0.01  # 6-bit accumulators, cheap lookups
 
 
 def test_predict_image_warns_about_foreign_inputs(env, tmp_path, data_dir):

@@ -48,9 +48,9 @@ if rep and rep["model_hash"] == saved.hash and rep["compile"]["rounding_threshol
                   help=f"Repeated FHE simulations of {stab.images} validation images ({stab.runs} runs) give the same "
                        "prediction this often: how likely the same image gets the same encrypted answer twice.")
         if stab.stable:
-            st.success("Stable: the same image gets the same answer (at least 99.5% agreement).", icon=":material/check_circle:")
+            st.success(f"Stable: the same image gets the same answer (at least {100 * ui.STABLE:g}% agreement).", icon=":material/check_circle:")
         else:
-            st.warning(f"Unstable: repeated runs agree on only {100 * stab.agreement:.2f}% of validation images (under 99.5%). "
+            st.warning(f"Unstable: repeated runs agree on only {100 * stab.agreement:.2f}% of validation images (under {100 * ui.STABLE:g}%). "
                        "The same image can get different encrypted answers.", icon=":material/warning:")
             if st.button("Find the nearest stable setting", key="stability_btn", disabled=ui.read_only()):
                 try:

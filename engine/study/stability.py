@@ -4,7 +4,10 @@ A TFHE lookup is exact only with probability 1 - ``p_error``, and approximate ro
 own off-by-one; near a decision boundary that can flip a prediction between two runs of the
 same image. :func:`measure` runs FHE simulation (the circuit's own error model) several times on
 validation images and reports the mean agreement between pairs of runs, as the design-space
-search does. Under :data:`STABLE` agreement, :func:`nearest_stable` compiles the nearby safer
+search does. Under :data:`STABLE` agreement (99%: what a model's defaults promise, simulate =
+encrypted on at least 99% of images; 300 images resolve it to about +-0.4 points, so a 99.5% bar
+flipped between two checks of one circuit: 99.33% and 99.67%; the design-space search keeps its
+own 99.5% bar for the shipped models), :func:`nearest_stable` compiles the nearby safer
 settings (one or two more rounding bits, a lower ``p_error``, both, exact rounding), checks
 them from the cheapest up by Concrete's cost estimate, and returns the first stable one with
 its encrypted latency, measured through real encryption.
@@ -22,7 +25,7 @@ import numpy as np
 
 from ..config import CompileConfig
 
-STABLE = 0.995
+STABLE = 0.99  # the agreement the defaults promise (simulate = encrypted on >= 99%); 300 images resolve about +-0.4 points
 RUNS = 4  # simulations per check: 6 pairs
 MAX_ROUNDING = 8
 LOWEST_P_ERROR = 1e-6
