@@ -6,6 +6,9 @@ Conversions, each reported in ``LoadedImage.notes``:
 - 16-bit or float data: rescaled to 0..255 by its own min and max;
 - animated GIF/TIFF/APNG: the first frame is used;
 - non-square: center-cropped to a square (as MedMNIST did), then resized (Lanczos);
+- squeezed sideways (a copy resized to a square without keeping the aspect ratio), when the
+  model ships a squeeze estimator (``framing``, :mod:`engine.learn.framing`): the central share
+  of the width that undoes the squeeze is kept and stretched back to a square;
 - shrunk to the model's size from a sharper original: softened, with the least Gaussian blur
   that brings its graininess down to the training images' median (``sharpness``; MedMNIST's
   images are smoother than a sharp scan resized with Lanczos, and the model answers them best);
