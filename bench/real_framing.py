@@ -3,8 +3,8 @@ labelled folder of real images, in quantized clear mode (equal to encryption on 
 
 For each setting it prints accuracy and per-class recall, the share answered at >= 90% calibrated
 confidence and how often those are right, the framing agreement (centre crops of 100%, 85% and
-75% of the width, full height, give the same answer), and the accuracy on the MedMNIST
-validation images uploaded as PNG files (their framing must stay as it is).
+75% of the width, full height, give the same answer), and the accuracy on MedMNIST images
+uploaded as PNG files (``--splits``; their framing must stay as it is).
 
     python bench/real_framing.py --dataset pneumoniamnist --images ../shared/data/real/chest_xray_224 \\
         --label-map NORMAL=0,PNEUMONIA=1 --settings 1.0:0.9,1.05:0.9,1.1:0.9 --json bench/results/real/framing.json
@@ -54,6 +54,8 @@ def main() -> int:
     ap.add_argument("--images", required=True)
     ap.add_argument("--label-map", default=None)
     ap.add_argument("--settings", default="", help="SCALE:THRESHOLD pairs to try besides off and the stored one")
+    ap.add_argument("--splits", default="val",
+                    help="MedMNIST splits uploaded as PNG files, e.g. val,test (test: for reporting only, never for choosing)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
@@ -64,12 +66,14 @@ def main() -> int:
         sys.exit(f"{a.dataset}/{p.saved.name} needs its guard.npz and framing.npz")
     files = read_labelled(Path(a.images), p.info, parse_label_map(a.label_map))
     crops = {s: [width_crop(f, s) for f in files] if s < 1 else files for s in SHARES}
-    val = load_split(DataConfig(a.dataset, allow_download=False), "val")
-    vfiles = []
-    for i, (x, y) in enumerate(zip(val.images, val.labels.reshape(-1))):
-        b = io.BytesIO()
-        Image.fromarray(x).save(b, "PNG")
-        vfiles.append(LabelledFile(f"val/{i}.png", int(y), b.getvalue()))
+    uploads = {}  # MedMNIST splits uploaded as PNG files: their framing must stay as it is
+    for split in a.splits.split(","):
+        data = load_split(DataConfig(a.dataset, allow_download=False), split)
+        uploads[split] = []
+        for i, (x, y) in enumerate(zip(data.images, data.labels.reshape(-1))):
+            b = io.BytesIO()
+            Image.fromarray(x).save(b, "PNG")
+            uploads[split].append(LabelledFile(f"{split}/{i}.png", int(y), b.getvalue()))
 
     settings = [("off", None), (f"stored {stored.scale:g}:{stored.threshold:g}", (stored.scale, stored.threshold))]
     settings += [(s, tuple(float(v) for v in s.split(":"))) for s in a.settings.split(",") if s]
@@ -86,17 +90,18 @@ def main() -> int:
             report = report or r
         answers = np.array(list(preds.values()))
         m = report["modes"]["quantized"]
-        rv = validate(p, g, vfiles, "quantized")["modes"]["quantized"]
+        as_uploads = {split: validate(p, g, files_, "quantized")["modes"]["quantized"]["accuracy"]
+                      for split, files_ in uploads.items()}
         row = {"setting": label, "n": m["n"], "accuracy": m["accuracy"], "recall": m["recall"],
                "confident_share": report["confident_share"], "accuracy_confident": report["accuracy_confident"],
                "framing_agreement": float((answers == answers[0]).all(axis=0).mean()),
-               "val_accuracy_as_uploads": rv["accuracy"], "val_n": rv["n"]}
+               "accuracy_as_uploads": as_uploads}
         rows.append(row)
         rec = ", ".join(f"{k} {100 * v:.1f}%" for k, v in m["recall"].items())
         conf = "-" if row["accuracy_confident"] is None else f"{100 * row['accuracy_confident']:.1f}%"
         print(f"{label:<16} accuracy {100 * m['accuracy']:.1f}% ({rec}); >= 90%: {100 * row['confident_share']:.1f}% "
               f"of answers, right {conf}; framing agreement {100 * row['framing_agreement']:.1f}%; "
-              f"validation as uploads {100 * rv['accuracy']:.1f}%", flush=True)
+              + "; ".join(f"{k} split as uploads {100 * v:.1f}%" for k, v in as_uploads.items()), flush=True)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"dataset": a.dataset, "model": p.saved.name, "images": a.images,
