@@ -342,8 +342,7 @@ def cmd_framing(a) -> int:
     bar.close()
     fr.save(saved.path)
     val = load_split(cfg, "val")
-    grey = val.images if val.images.ndim == 3 else val.images.mean(axis=3).astype("uint8")
-    est = [fr.estimate(x) for x in grey]
+    est = [fr.estimate(x) for x in val.images]
     reframed = sum(e * fr.scale < fr.threshold for e in est)
     print(f"saved {path}")
     print(f"validation images as uploads: median squeeze {sorted(est)[len(est) // 2]:.2f}; "

@@ -49,6 +49,12 @@ def strip(square: np.ndarray, share: float = BAND) -> np.ndarray:
     return _standardize(np.asarray(im.filter(ImageFilter.GaussianBlur(COMMON_BLUR)), dtype=np.float32))
 
 
+def grey(image: np.ndarray) -> np.ndarray:
+    """A uint8 image as grey (H, W): colour is converted to luminance, as the upload path does."""
+    image = np.asarray(image, dtype=np.uint8)
+    return image if image.ndim == 2 else np.asarray(Image.fromarray(image).convert("L"))
+
+
 def _standardize(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / (x.std() + 1e-3)
 
@@ -84,16 +90,15 @@ class Framing:
     threshold: float = THRESHOLD
 
     def estimate(self, square: np.ndarray) -> float:
-        """The squeeze ``s`` of a square grey uint8 image (any size): the share of its width that
-        MedMNIST's crop would keep (the nets' mean in log space)."""
-        band = strip(square)
+        """The squeeze ``s`` of a square uint8 image (any size, grey or colour): the share of its
+        width that MedMNIST's crop would keep (the nets' mean in log space)."""
+        band = strip(grey(square))
         return float(np.exp(np.mean([_forward(p, band) for p in self.nets])))
 
     def reframe(self, square: np.ndarray) -> tuple[np.ndarray, float | None]:
         """(the image to resize, the share of the width kept or None when left as it is).
         ``square``: the upload's centre square, grey (H, W) or colour (H, W, 3) uint8."""
-        grey = square if square.ndim == 2 else np.asarray(Image.fromarray(square).convert("L"))
-        keep = self.estimate(grey) * self.scale
+        keep = self.estimate(square) * self.scale
         if keep >= self.threshold:
             return square, None
         h, w = square.shape[:2]
@@ -151,9 +156,8 @@ def fit(train_images: np.ndarray, seeds: tuple[int, ...] = (0, 1, 2), epochs: in
     import torch
     from torch import nn
 
-    grey = np.asarray(train_images)
-    if grey.ndim == 4:
-        grey = np.stack([np.asarray(Image.fromarray(g).convert("L")) for g in grey])
+    images = np.asarray(train_images)
+    images = images if images.ndim == 3 else np.stack([grey(x) for x in images])
     nets = []
     for si, seed in enumerate(seeds):
         torch.manual_seed(seed)
@@ -165,7 +169,7 @@ def fit(train_images: np.ndarray, seeds: tuple[int, ...] = (0, 1, 2), epochs: in
         opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
         for epoch in range(epochs):
-            bands, logs = synthetic_bands(grey, per_epoch, rng)
+            bands, logs = synthetic_bands(images, per_epoch, rng)
             x, y = torch.from_numpy(bands[:, None]), torch.from_numpy(logs)
             perm = torch.randperm(len(x))
             net.train()
