@@ -58,7 +58,14 @@ class FHEServer:
         circuits = self._library.get_program_info().get_circuits()
         if len(circuits) != 1:
             raise ValueError(f"{deployment_dir}: expected one circuit, found {len(circuits)}")
-        self._circuit = ServerProgram(self._library, False).get_server_circuit(circuits[0].get_name())
+        # A ServerCircuit is not reentrant: ``call`` passes the arguments and results through
+        # buffers the object owns, so two runs on one object at once overwrite each other's
+        # input and output, and free them twice (measured: 1 wrong result in 40 runs of two
+        # threads; "double free or corruption" under a 2-client load test). Each run takes a
+        # circuit of its own from ``_idle`` (copies made by the program: 0.1 ms each).
+        self._program = ServerProgram(self._library, False)
+        self._circuit_name = circuits[0].get_name()
+        self._idle = [self._program.get_server_circuit(self._circuit_name)]
         ignore_sigpipe()
         self._keys: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
@@ -88,7 +95,13 @@ class FHEServer:
         """Run the circuit on one serialized ciphertext with deserialized evaluation keys."""
         from concrete.compiler import TransportValue
 
-        (result,) = self._circuit.call([TransportValue.deserialize(ciphertext)], keys)
+        with self._lock:
+            circuit = self._idle.pop() if self._idle else self._program.get_server_circuit(self._circuit_name)
+        try:
+            (result,) = circuit.call([TransportValue.deserialize(ciphertext)], keys)
+        finally:
+            with self._lock:
+                self._idle.append(circuit)
         ignore_sigpipe()  # Concrete's runtime may have replaced it: see threads.ignore_sigpipe
         return result.serialize()
 
