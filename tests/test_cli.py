@@ -275,6 +275,7 @@ def test_serve_then_predict_and_loadtest_over_http(env, tmp_path):
         assert r["clients"] == 2 and r["requests"] == 2 and r["completed"] == 4 and r["errors"] == 0
         assert r["latency_p50_s"] > 0 and r["throughput_rps"] > 0 and r["server_rss_peak_bytes"] > 100 * 2**20
         assert "4 answered, 0 errors" in out
+        assert r["answers_rechecked"] == 2 and r["answers_differing"] == 0 and "0 of 2 differ" in out
         bad = run(env, "predict", "--dataset", "pneumoniamnist", "--model", "cli-served", "--modes", "fhe",
                   "--server", "http://127.0.0.1:1", ok=False)
         assert bad.returncode == 2 and "cannot reach" in bad.stderr

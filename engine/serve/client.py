@@ -290,10 +290,18 @@ class EncryptedClient:
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, Exchange]:
         """Features of one image (1, F), or of up to the circuit's batch size (n, F), sent as one
         request -> (logits (n, C), the exchange with its stage timings)."""
-        deadline = time.monotonic() + self.max_wait_s
         t0 = time.perf_counter()
         ct = self.fhe.encrypt(x)
         encrypt_s = time.perf_counter() - t0
+        return self._send(ct, len(x), encrypt_s)
+
+    def rerun(self, exchange: Exchange, n: int = 1) -> np.ndarray:
+        """Send an earlier exchange's ciphertext again and decrypt the answer: a check that the
+        service answered it alike (the load test does this alone, after its crowd)."""
+        return self._send(exchange.ciphertext, n, 0.0)[0]
+
+    def _send(self, ct: bytes, n: int, encrypt_s: float) -> tuple[np.ndarray, Exchange]:
+        deadline = time.monotonic() + self.max_wait_s
         uploads0, failures = self.uploads, 0
         endpoints = self.transport.endpoints()
         while True:
@@ -317,7 +325,7 @@ class EncryptedClient:
             if time.monotonic() > deadline:
                 raise ServiceUnavailable(f"no answer within {self.max_wait_s:.0f} s")
         t2 = time.perf_counter()
-        logits = self.fhe.decrypt(reply.body, len(x))
+        logits = self.fhe.decrypt(reply.body, n)
         decrypt_s = time.perf_counter() - t2
         stages = {"encrypt_s": encrypt_s, "queue_s": reply.queue_s, "server_s": reply.server_s,
                   "network_s": max(0.0, wall - reply.queue_s - reply.server_s), "decrypt_s": decrypt_s}

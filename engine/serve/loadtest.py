@@ -9,7 +9,9 @@ predictions over that phase (uploads are timed apart, ``key_upload_s_median``; r
 an eviction happen inside the phase and are counted; ``server_key_reloads`` counts the key
 sets the server loaded back from its key folder instead). A request that the service answers 404 (key evicted) or 429
 (busy) is retried by the client as a user's would be; only requests that finally fail count as
-errors. ``server_rss_peak_bytes`` is the highest ``engine_process_rss_bytes`` read from
+errors. After the crowd, each client sends its first ciphertext again, alone, and compares the
+decrypted answers: ``answers_differing`` counts those a crowd changed (Concrete computes the
+same result for the same ciphertext and keys). ``server_rss_peak_bytes`` is the highest ``engine_process_rss_bytes`` read from
 ``/metrics`` while the clients run.
 """
 
@@ -66,6 +68,7 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
     spans: list[tuple[float, float]] = []  # (start, end) of each client's prediction phase
     first: list[float] = []
     uploads: list[float] = []
+    firsts: dict[int, tuple] = {}  # client -> (logits, exchange) of its first answer
     errors: Counter = Counter()
     lock = threading.Lock()
     peak = {"rss": 0.0}
@@ -103,7 +106,7 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
             img = x[(k * requests + r) % len(x)][None]
             t0 = time.perf_counter()
             try:
-                c.predict(img)
+                logits, ex = c.predict(img)
             except Exception as exc:  # noqa: BLE001 - counted
                 with lock:
                     errors[f"{type(exc).__name__}: {str(exc)[:80]}"] += 1
@@ -113,6 +116,7 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
                 latencies.append(dt)
                 if r == 0:
                     first.append(dt)
+                    firsts[k] = (logits, ex)
         with lock:
             spans.append((begin, time.perf_counter()))
 
@@ -129,6 +133,13 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
     done.set()
     watcher.join(timeout=5)
     metrics = probe.metrics()
+    say(f"re-sending {len(firsts)} first request(s) one at a time (a crowd must not change an answer)")
+    differing, unchecked = 0, 0
+    for k, (logits, ex) in sorted(firsts.items()):
+        try:
+            differing += not np.array_equal(made[k].rerun(ex), logits)
+        except Exception:  # noqa: BLE001 - counted apart: not a wrong answer
+            unchecked += 1
     for c in made:
         c.close()
         c.transport.close()
@@ -147,6 +158,8 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
         "later_request_latency_s": float(np.median(lat[np.isin(lat, first, invert=True)])) if len(lat) > len(first) else None,
         "key_upload_s_median": float(np.median(uploads)) if uploads else None,
         "key_reuploads": int(reuploads),
+        "answers_rechecked": len(firsts) - unchecked,
+        "answers_differing": int(differing),
         "keygen_s_median": float(np.median(keygen_s)),
         "wall_s": wall,
         "server_rss_peak_bytes": int(max(peak["rss"], metrics.get("engine_process_rss_bytes", 0.0))),
@@ -161,11 +174,12 @@ def markdown(runs: list[dict]) -> str:
     """A table of load-test runs (the JSON of each ``loadtest --json``)."""
     ms = lambda v: "-" if v is None else f"{1000 * v:.0f} ms"  # noqa: E731
     lines = ["| clients x requests | key store | errors | p50 | p95 | max | throughput | first request | "
-             "later requests | key re-uploads | server reloads | server RSS peak |", "|" + " --- |" * 12]
+             "later requests | key re-uploads | server reloads | server RSS peak | re-sent answers differing |", "|" + " --- |" * 13]
     for r in runs:
         lines.append(
             f"| {r['clients']} x {r['requests']} | {r['server_key_store_capacity_bytes'] / 2**30:.2f} GiB | {r['errors']} | "
             f"{ms(r['latency_p50_s'])} | {ms(r['latency_p95_s'])} | {ms(r['latency_max_s'])} | "
             f"{r['throughput_rps']:.2f} req/s | {ms(r['first_request_latency_s'])} | {ms(r['later_request_latency_s'])} | "
-            f"{r['key_reuploads']} | {r.get('server_key_reloads', '-')} | {r['server_rss_peak_bytes'] / 2**20:.0f} MiB |")
+            f"{r['key_reuploads']} | {r.get('server_key_reloads', '-')} | {r['server_rss_peak_bytes'] / 2**20:.0f} MiB | "
+            f"{r.get('answers_differing', '-')} of {r.get('answers_rechecked', '-')} |")
     return "\n".join(lines) + "\n"
