@@ -19,11 +19,12 @@ that starts while others run or wait uses one core. One Concrete run spread over
 0.30 s and 0.59 s of CPU; on one core 0.44 s of both: a lone visitor gets the faster answer, a
 crowd gets about a third more answers per second (8 clients: 4.2 against 3.3 requests/s).
 
-A client's jobs never run at the same time: a worker skips a client whose job is running. Two
-concurrent Concrete runs with the same deserialized evaluation keys can crash the process
-(measured: a segmentation fault in ``concrete_cpu_mul_cleartext_lwe_ciphertext_u64`` within 10
-pairs of 32-image runs; with separate key objects, 10 of 10 pairs ran), and one client's
-second job gains nothing from a second worker that another client could use.
+A client's jobs never run at the same time: a worker skips a client whose job is running. One
+client's second job gains nothing from a second worker that another client could use, and two
+concurrent Concrete runs with the same deserialized evaluation keys crashed the process once
+(a segmentation fault in ``concrete_cpu_mul_cleartext_lwe_ciphertext_u64`` within 10 pairs of
+32-image runs). That run shared one Concrete circuit object between threads, which is not
+reentrant whatever the keys (:class:`engine.fhe.runtime.FHEServer` now gives each run its own).
 
 Jobs submitted with ``background=True`` (the service's key warm-ups) run only when no
 foreground job (a prediction) waits: a visitor's prediction never queues behind the warm-up of
