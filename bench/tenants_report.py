@@ -229,6 +229,11 @@ def table(res: dict) -> list[tuple[str, str, bool]]:
         rows.append(("1 GiB, 8 x 3: p95 <= 6 s", f"{b['latency_p95_s']:.2f} s", b["latency_p95_s"] <= 6))
         rows.append(("1 GiB, 32 clients: 0 errors, no re-upload", f"{c['errors']} errors, {c['key_reuploads']} re-uploads "
                      f"({c['server_key_reloads']} server reloads)", c["errors"] == 0 and c["key_reuploads"] == 0))
+        runs = (a, b, c)
+        if all("answers_differing" in r for r in runs):
+            rows.append(("every run: answers re-sent alone after the crowd are unchanged",
+                         " / ".join(f"{r['answers_differing']} of {r['answers_rechecked']} differ" for r in runs),
+                         all(r["answers_differing"] == 0 and r["answers_rechecked"] == r["clients"] for r in runs)))
         rows.append(("1 GiB, 32 clients: server RSS <= 1.5 GiB", f"{c['server_rss_peak_bytes'] / GIB:.2f} GiB",
                      c["server_rss_peak_bytes"] <= 1.5 * GIB))
     rs = res.get("restart")
