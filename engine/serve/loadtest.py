@@ -65,6 +65,7 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
         made.append(c)
 
     latencies: list[float] = []
+    stages: list[dict] = []  # each answer's queue and server seconds (as the service reports them)
     spans: list[tuple[float, float]] = []  # (start, end) of each client's prediction phase
     first: list[float] = []
     uploads: list[float] = []
@@ -114,6 +115,7 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
             dt = time.perf_counter() - t0
             with lock:
                 latencies.append(dt)
+                stages.append(ex.stages)
                 if r == 0:
                     first.append(dt)
                     firsts[k] = (logits, ex)
@@ -154,6 +156,9 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
         "latency_p95_s": float(np.percentile(lat, 95)) if len(lat) else None,
         "latency_max_s": float(lat.max()) if len(lat) else None,
         "throughput_rps": float(len(lat) / predict_wall) if predict_wall else None,
+        "queue_s_median": float(np.median([st["queue_s"] for st in stages])) if stages else None,
+        "server_s_median": float(np.median([st["server_s"] for st in stages])) if stages else None,
+        "server_s_p95": float(np.percentile([st["server_s"] for st in stages], 95)) if stages else None,
         "first_request_latency_s": float(np.median(first)) if first else None,
         "later_request_latency_s": float(np.median(lat[np.isin(lat, first, invert=True)])) if len(lat) > len(first) else None,
         "key_upload_s_median": float(np.median(uploads)) if uploads else None,
