@@ -62,8 +62,8 @@ class FHEServer:
         # buffers the object owns, so two runs on one object at once overwrite each other's
         # input and output, and free them twice (measured: 25 of 120 results wrong with two
         # clients on the shipped circuit; "double free or corruption" under a 2-client load
-        # test). Each run takes a
-        # circuit of its own from ``_idle`` (copies made by the program: 0.1 ms each).
+        # test). Each run takes a circuit of its own from ``_idle`` (copies made by the
+        # program: 0.1 ms each).
         self._program = ServerProgram(self._library, False)
         self._circuit_name = circuits[0].get_name()
         self._idle = [self._program.get_server_circuit(self._circuit_name)]
