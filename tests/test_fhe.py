@@ -130,7 +130,7 @@ def write_to_closed_socket():
         print("EPIPE", flush=True)
 if sys.argv[3] == "bare":  # Concrete's own call, without what FHEServer.execute does after it
     from concrete.compiler import TransportValue
-    server._circuit.call([TransportValue.deserialize(ct)], server.load_keys(client.evaluation_keys()))
+    server._idle[0].call([TransportValue.deserialize(ct)], server.load_keys(client.evaluation_keys()))
     write_to_closed_socket()
 else:
     server.run(ct, client.evaluation_keys())
