@@ -27,7 +27,6 @@ import json
 import statistics
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,23 +37,18 @@ import numpy as np  # noqa: E402
 from engine.fhe.keys import FHEClient, evaluation_keys_for  # noqa: E402
 from engine.fhe.runtime import FHEServer  # noqa: E402
 from engine.fhe.threads import release_memory  # noqa: E402
+from engine.serve.hosting import rss_bytes  # noqa: E402
 from engine.study.evaluate import machine_info  # noqa: E402
 
 GIB = 2**30
 CIRCUIT = REPO / "models" / "pneumoniamnist" / "fcnn-16-w2a2i3-pool3" / "circuit"
 
 
-def rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
-
-
-def uncompressed_program_info(deployment: Path):
-    """The circuit's program info with every evaluation key stored without seed compression."""
+def uncompressed_program_info(program_info):
+    """``program_info`` with every evaluation key stored without seed compression."""
     from concrete.compiler import ProgramInfo
 
-    with zipfile.ZipFile(deployment / "client.zip") as z:
-        specs = json.loads(z.read("client.specs.json"))
-    specs.pop("tfhers_specs", None)
+    specs = json.loads(program_info.serialize())
     keyset = specs["keyset"]
     for key in keyset.get("lweBootstrapKeys", []) + keyset.get("lweKeyswitchKeys", []):
         key["compression"] = "none"
@@ -91,7 +85,7 @@ def main() -> None:
     client = FHEClient(deployment)
     client.keygen()
     forms = {"seeded": client.evaluation_keys(),
-             "uncompressed": evaluation_keys_for(client._keyset, uncompressed_program_info(deployment))}  # noqa: SLF001
+             "uncompressed": evaluation_keys_for(client._keyset, uncompressed_program_info(client.program_info))}  # noqa: SLF001
     ciphertext = client.encrypt(np.zeros(client.input_shape))
     server = FHEServer(deployment, library if library.exists() else None)
     one_reload(server, forms["seeded"], ciphertext)  # the circuit's own first run, paid once
