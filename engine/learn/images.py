@@ -13,7 +13,7 @@ Conversions, each reported in ``LoadedImage.notes``:
   that brings its graininess down to the training images' median (``sharpness``; MedMNIST's
   images are smoother than a sharp scan resized with Lanczos, and the model answers them best);
 - RGB for a grayscale dataset: luminance; grayscale for an RGB dataset: replicated;
-- DICOM (read with pydicom): the modality rescale and the file's VOI LUT or window applied,
+- DICOM (read with pydicom; compressed files with its pylibjpeg plugins): the modality rescale and the file's VOI LUT or window applied,
   MONOCHROME1 inverted, 12- or 16-bit values mapped to 0..255, the first frame of a multi-frame
   file. Only pixels leave the file: no header field (patient, study, institution) is kept,
   noted or returned.
@@ -59,6 +59,16 @@ def load_image(source: Path | bytes, size: int = 28, channels: int = 1, name: st
     size that is grainier than that is softened to it (None: never). ``framing``: the model's
     squeeze estimator (:mod:`engine.learn.framing`); a square that looks squeezed sideways keeps
     the central share of its width that undoes it (None: never)."""
+    notes: list[str] = []
+    original = decode(source, name, notes)
+    return LoadedImage(array=to_model_input(original, size, channels, notes, sharpness, framing),
+                       original=original, notes=notes)
+
+
+def decode(source: Path | bytes, name: str | None = None, notes: list[str] | None = None) -> np.ndarray:
+    """The decoded image at full size (uint8, H x W or H x W x 3): the first half of the upload
+    path. Conversions are appended to ``notes``."""
+    notes = [] if notes is None else notes
     if isinstance(source, (str, Path)):
         name = name or Path(source).name
         try:
@@ -72,17 +82,20 @@ def load_image(source: Path | bytes, size: int = 28, channels: int = 1, name: st
         raise ImageError(f"{name} is empty.")
     if len(data) > MAX_BYTES:
         raise ImageError(f"{name} is {len(data) / 1e6:.0f} MB; the limit is {MAX_BYTES // 2**20} MB. Downscale it first.")
-    notes: list[str] = []
     if name.lower().endswith(".npy") or data[:6] == b"\x93NUMPY":
-        arr = _from_npy(data, name, notes)
-    elif data[128:132] == b"DICM" or name.lower().endswith((".dcm", ".dicom")):
-        arr = _from_dicom(data, name, notes)
-    else:
-        arr = _from_pil(data, name, notes)
-    original = arr
-    arr = _to_channels(arr, channels, notes)
-    arr = _square_resize(arr, size, notes, sharpness, framing)
-    return LoadedImage(array=arr, original=original, notes=notes)
+        return _from_npy(data, name, notes)
+    if data[128:132] == b"DICM" or name.lower().endswith((".dcm", ".dicom")):
+        return _from_dicom(data, name, notes)
+    return _from_pil(data, name, notes)
+
+
+def to_model_input(original: np.ndarray, size: int = 28, channels: int = 1, notes: list[str] | None = None,
+                   sharpness: float | None = None, framing: "Framing | None" = None) -> np.ndarray:
+    """A decoded image (uint8, any size) -> what the model sees: the second half of the upload
+    path (channels, centre crop to a square, resize). Training images take it too."""
+    notes = [] if notes is None else notes
+    arr = _to_channels(np.asarray(original, dtype=np.uint8), channels, notes)
+    return _square_resize(arr, size, notes, sharpness, framing)
 
 
 def graininess(images) -> np.ndarray:
@@ -138,10 +151,22 @@ def _from_npy(data: bytes, name: str, notes: list[str]) -> np.ndarray:
 
 
 def _from_dicom(data: bytes, name: str, notes: list[str]) -> np.ndarray:
-    """The pixels of a DICOM file as a radiologist's viewer shows them; nothing else."""
+    """The pixels of a DICOM file as a radiologist's viewer shows them; nothing else. Anything
+    pydicom or its decoders raise on a malformed file ends as an :class:`ImageError`."""
+    try:
+        return _dicom_pixels(data, name, notes)
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed header value (badVR.dcm: IS '1A') raises anything
+        raise ImageError(f"{name} is a malformed DICOM file ({type(exc).__name__}: {str(exc)[:120]}).") from None
+
+
+# Compressed transfer syntaxes decode with pydicom's pylibjpeg plugins (JPEG baseline, extended
+# and lossless, JPEG-LS, JPEG 2000) and RLE; pixel_array returns YCbCr as RGB (pydicom 3's default).
+def _dicom_pixels(data: bytes, name: str, notes: list[str]) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=name.lower().endswith((".dcm", ".dicom")))
@@ -153,13 +178,18 @@ def _from_dicom(data: bytes, name: str, notes: list[str]) -> np.ndarray:
         raise ImageError(f"{name} is a DICOM file without pixel data (a report or structured document?): "
                          "export the image itself.")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - pydicom raises several kinds for undecodable pixel data
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        how = f"compressed as {syntax.name}" if syntax is not None else "encoded in a way"
-        raise ImageError(f"{name}: the DICOM pixel data is {how} that cannot be decoded here ({type(exc).__name__}). "
-                         "Export it uncompressed (Explicit VR Little Endian) or as PNG.") from None
+        if syntax is not None and syntax.is_compressed:
+            raise ImageError(f"{name}: the DICOM pixel data is compressed as {syntax.name} and could not be decoded "
+                             f"({type(exc).__name__}: the data is damaged or uses a variant no decoder here reads). "
+                             "Export it uncompressed (Explicit VR Little Endian) or as PNG.") from None
+        raise ImageError(f"{name}: the DICOM pixel data does not match its header (truncated or damaged: "
+                         f"{type(exc).__name__}). Export the image again.") from None
+    if syntax is not None and syntax.is_compressed:
+        notes.append(f"DICOM compressed as {syntax.name}: decoded")
     if frames > 1:
         arr = arr[0]
         notes.append(f"DICOM with {frames} frames: used the first frame")
@@ -175,10 +205,9 @@ def _from_dicom(data: bytes, name: str, notes: list[str]) -> np.ndarray:
             arr = 255 - arr
             notes.append("DICOM MONOCHROME1 (white is low): inverted")
         return arr
-    if photometric.startswith("YBR"):
-        from pydicom.pixels import convert_color_space
-
-        arr = convert_color_space(arr, photometric, "RGB")
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+        notes.append("DICOM palette colours: applied the file's colour table")
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise ImageError(f"{name}: DICOM {photometric} images are not supported; export it as PNG.")
     return _to_uint8(arr, notes)
