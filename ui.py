@@ -53,6 +53,19 @@ def data_dir() -> Path:
     return default_data_dir()
 
 
+def store_upload(name: str, data: bytes) -> str:
+    """An uploaded archive kept in the cache folder under its content hash (training reads it by
+    path, and the prepared images are cached by content); its path."""
+    import hashlib
+
+    folder = default_cache_dir() / "uploads" / hashlib.sha256(data).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / Path(name).name
+    if not path.exists():
+        path.write_bytes(data)
+    return str(path)
+
+
 def data_config(dataset: str, allow_download: bool = False) -> DataConfig:
     return DataConfig(dataset=dataset, data_dir=str(data_dir()), allow_download=allow_download)
 
@@ -378,8 +391,7 @@ def confidence_text(saved: registry.SavedModel, logits) -> str:
     g = guard(saved)
     if g is None:
         return ""
-    c = g.confidence(logits)
-    return f"calibrated confidence {100 * c.top:.0f}%" + (" — **uncertain** (the top two classes are close)" if c.uncertain else "")
+    return g.confidence(logits).text()
 
 
 def results_table(results: dict, info, labels_true=None, guard=None) -> pd.DataFrame:

@@ -38,10 +38,22 @@ class DataConfig:
     size: int = 28
     data_dir: str = ""  # empty: default_data_dir()
     allow_download: bool = True
+    # Labelled images to train on besides (or instead of) the MedMNIST file: a folder or .zip with
+    # one subfolder per class (engine.learn.labelled), put through the upload path.
+    images: str = ""
+    images_only: bool = False  # train on the images alone (MedMNIST's validation split still reports)
+    label_map: str = ""  # NAME=INDEX pairs for class folders named otherwise
+    holdout: float = 0.1  # stratified share of the images held out for validation
 
     @property
     def path(self) -> Path:
         return Path(self.data_dir) if self.data_dir else default_data_dir()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.holdout < 1:
+            raise ValueError("the held-out share of the images must be in [0, 1)")
+        if self.images_only and not self.images:
+            raise ValueError("--images-only needs --images DIR|ZIP")
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,12 @@ class TrainConfig:
     # range / 2**rounding_threshold_bits) added to each hidden pre-activation during training,
     # the circuit's approximate-rounding and lookup error (0: off).
     rounding_noise: float = 0.0
+    # Random real-upload versions made of each labelled image (engine.learn.augment.real_upload);
+    # each epoch trains on one of them or the image as uploaded.
+    image_copies: int = 8
+    # With pruning (ModelConfig.max_active_inputs): the share of the epochs trained dense before
+    # each neuron keeps its strongest inputs and fine-tunes under the mask (0: after one epoch).
+    prune_after: float = 0.0
 
     @property
     def augments(self) -> bool:

@@ -42,6 +42,7 @@ def status_row(patience_s: float) -> None:
     status_box.markdown(
         f"**Model** {saved.name} ({saved.dataset}, hidden {list(saved.config.model.hidden)}): validation accuracy "
         f"{100 * m['val']['accuracy']:.1f}%, test {100 * m['test']['accuracy']:.1f}% (float)  \n"
+        f"**Learned from** {saved.sources_text()}  \n"
         f"**Server** {ui.service_url()} ({ui.service_origin()})  \n"
         f"**This session's keys** {keys}"
     )

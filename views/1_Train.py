@@ -1,4 +1,4 @@
-"""Train a QAT FCNN on a MedMNIST subset, with live progress, and manage saved models."""
+"""Train a QAT FCNN on a MedMNIST subset, your own labelled images, or both, with live progress, and manage saved models."""
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -32,6 +32,17 @@ if st.session_state.get("train_recipe_for") != dataset:  # a new dataset: start 
         "train_rotate": int(t.augment_rotate), "train_zoom": t.augment_scale,
         "train_lr": min([3e-4, 1e-3, 2e-3, 3e-3, 1e-2], key=lambda v: abs(v - t.lr)),
     })
+SOURCES = ("MedMNIST subset", "MedMNIST + my labelled images (.zip)", "only my labelled images (.zip)")
+data_source = st.radio("Training data", SOURCES, key="train_source", horizontal=True,
+                       help="Your images: a .zip with one folder per class (named after the label or its index, as on "
+                            "the Validate page). Each image goes through the upload path and is augmented on its full-size "
+                            "image; 10% of each class is held out for validation.")
+own_zip, label_map = None, ""
+if data_source != SOURCES[0]:
+    c1, c2 = st.columns([2, 1])
+    own_zip = c1.file_uploader("Labelled images (.zip, one folder per class)", type=["zip"], key="train_zip")
+    label_map = c2.text_input("Label map (optional)", "", key="train_label_map", placeholder="NORMAL=0,PNEUMONIA=1",
+                              help="for class folders named otherwise than the labels: NAME=INDEX pairs")
 st.caption(f"Defaults: {source}. Compiled with rounding to {rec['compile'].rounding_threshold_bits} bits and "
            f"p_error {rec['compile'].p_error:g}, the stable settings the search chose.")
 with st.form("train_form"):
@@ -53,11 +64,18 @@ with st.form("train_form"):
     lr = c2.select_slider("Learning rate", [3e-4, 1e-3, 2e-3, 3e-3, 1e-2], key="train_lr")
     submitted = st.form_submit_button("Train", type="primary")
 
+if submitted and data_source != SOURCES[0] and own_zip is None:
+    st.error("Upload a .zip of labelled images first (or choose “MedMNIST subset”).", icon=":material/error:")
+    submitted = False
 if submitted:
     try:
         hidden = ModelConfig.parse_hidden(hidden_text)
+        images_path = ui.store_upload(own_zip.name, own_zip.getvalue()) if own_zip is not None else ""
+        from dataclasses import replace as _replace
+
         cfg = PipelineConfig(
-            data=ui.data_config(dataset, allow_download=True),
+            data=_replace(ui.data_config(dataset, allow_download=True), images=images_path, label_map=label_map,
+                          images_only=data_source == SOURCES[2]),
             model=ModelConfig(hidden, wbits, abits, ibits, int(prune), int(pool)),
             train=TrainConfig(epochs=int(epochs), lr=float(lr), limit_train=int(limit), augment_shift=int(augment),
                               augment_rotate=float(rotate), augment_scale=float(zoom)),
@@ -84,16 +102,31 @@ if submitted:
             return fig
 
         with ui.long_job("training"):
-            result = train(cfg, progress=on_epoch)
+            images = None
+            if cfg.data.images:
+                from engine.learn.labelled import training_images
+                from engine.learn.data import dataset_info
+
+                ibar = st.progress(0.0, text="preparing your images…")
+                images = training_images(cfg.data, dataset_info(dataset), cfg.train.image_copies, cfg.train.seed,
+                                         progress=lambda d, n: ibar.progress(d / max(n, 1), text=f"preparing your images: {d}/{n}"))
+                st.caption(f"{len(images.names)} labelled images ({len(images.unreadable)} unreadable): "
+                           f"{len(images.train_index)} to train on, {len(images.holdout_index)} held out for validation.")
+            result = train(cfg, progress=on_epoch, images=images)
             saved = registry.save(result, name.strip() or None)
             from engine.learn import guard as guards
 
-            guards.fit_for(saved, cfg.data)  # the input check and confidence calibration, on validation
+            guards.fit_for(saved, cfg.data, images=images)  # the input check and confidence calibration
         st.session_state["model"] = (saved.dataset, saved.name)
+        held = (f", your held-out images {100 * result.metrics['holdout']['accuracy']:.1f}%"
+                if "holdout" in result.metrics else "")
         st.success(f"Saved **{saved.dataset}/{saved.name}** (best epoch {result.best_epoch}): validation accuracy "
-                   f"{100 * result.metrics['val']['accuracy']:.1f}%, test {100 * result.metrics['test']['accuracy']:.1f}%. "
-                   "It is now the selected model.")
+                   f"{100 * result.metrics['val']['accuracy']:.1f}%{held}, test {100 * result.metrics['test']['accuracy']:.1f}%. "
+                   "It is now the selected model: compile it on the Compile page, then check it on the Validate page.")
+        st.caption(f"Learned from: {saved.sources_text()}")
     except (DataError, ValueError, FileExistsError) as exc:
+        ui.fail(exc)
+    except Exception as exc:  # noqa: BLE001 - a bad archive (LabelError) and the like: one clear message
         ui.fail(exc)
 
 st.subheader("Saved models")

@@ -44,11 +44,8 @@ def warn(item) -> None:
                    icon=":material/warning:")
 
 
-def confidence_text(fhe, i: int) -> str:
-    if guard is None:
-        return ""
-    c = guard.confidence(fhe.logits[i])
-    return f"calibrated confidence {100 * c.top:.0f}%" + (" — **uncertain** (the top two classes are close)" if c.uncertain else "")
+def confidence_text(fhe, i: int, verdict=None) -> str:
+    return "" if guard is None else guard.confidence(fhe.logits[i], verdict).text()
 
 
 if len(items) == 1:
@@ -69,8 +66,8 @@ if len(items) == 1:
                 p = ui.predictor(saved, cc)
                 results = p.run(item.image[None], ["fhe"])
             fhe = results["fhe"]
-            st.success(f"Encrypted prediction: **{ui.label_text(info, fhe.predictions[0])}** · {confidence_text(fhe, 0)}")
-            if not info.multi_label:
+            st.success(f"Encrypted prediction: **{ui.label_text(info, fhe.predictions[0])}** · {confidence_text(fhe, 0, item.verdict)}")
+            if not info.multi_label and not (item.verdict is not None and item.verdict.foreign):
                 probs = guard.confidence(fhe.logits[0]).probabilities if guard is not None else fhe.scores[0]
                 st.bar_chart(pd.DataFrame({"class": [info.labels[c] for c in info.labels],
                                            "probability (calibrated)": [float(probs[c]) for c in info.labels]}),

@@ -50,3 +50,10 @@ targets = target_rows(reports)
 if targets:
     st.subheader("Targets (from the benchmark runs)")
     st.dataframe(pd.DataFrame(targets), hide_index=True)
+
+st.subheader("What each saved model learned from")
+models = ui.registry.list_models()
+if models:
+    st.dataframe(pd.DataFrame([{"model": f"{m.dataset}/{m.name}", "learned from": m.sources_text(),
+                                "held-out images accuracy (float)": m.metrics.get("holdout", {}).get("accuracy")}
+                               for m in models]), hide_index=True)

@@ -45,6 +45,16 @@ def add_train(sub) -> None:
     g.add_argument("--teacher-epochs", type=int, default=None, help="epochs of the CNN teacher")
     g.add_argument("--rounding-noise", type=float, default=None,
                    help="noise-aware training: uniform noise of up to this many rounding steps on hidden pre-activations")
+    g = p.add_argument_group("your own labelled images (one subfolder per class, as for evaluate --images)")
+    g.add_argument("--images", default=None, metavar="DIR|ZIP",
+                   help="also train on these labelled images, each put through the upload path and augmented on its "
+                        "full-size image (framing, squeeze, exposure, blur, JPEG)")
+    g.add_argument("--images-only", action="store_true", help="train on the images alone, not on MedMNIST's training split")
+    g.add_argument("--label-map", default=None, help="class folders named otherwise: NAME=INDEX,... e.g. NORMAL=0,PNEUMONIA=1")
+    g.add_argument("--holdout", type=float, default=0.1,
+                   help="stratified share of the images held out for validation (default 0.1)")
+    g.add_argument("--image-copies", type=int, default=None,
+                   help="random real-upload versions made of each image (default 8; each epoch trains on one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-train", type=int, default=0, help="use only the first N training images")
     p.add_argument("--show-recipe", action="store_true", help="print the settings that would be used and exit")
@@ -75,8 +85,18 @@ def cmd_train(a) -> int:
     def pick(value, default):
         return default if value is None else value
 
+    if a.images_only and not a.images:
+        raise UserError("--images-only needs --images DIR|ZIP")
+    if not 0 <= a.holdout < 1:
+        raise UserError("--holdout must be in [0, 1)")
+    if a.images and not Path(a.images).exists():
+        raise UserError(f"{a.images} does not exist: give a folder or a .zip with one subfolder per class")
+    from dataclasses import replace
+
+    data = replace(data_cfg(a), images=str(Path(a.images).resolve()) if a.images else "", images_only=a.images_only,
+                   label_map=a.label_map or "", holdout=a.holdout)
     cfg = PipelineConfig(
-        data=data_cfg(a),
+        data=data,
         model=ModelConfig(tuple(pick(a.hidden, list(bm.hidden))), pick(a.weight_bits, bm.weight_bits),
                           pick(a.act_bits, bm.act_bits), pick(a.input_bits, bm.input_bits),
                           pick(a.max_active_inputs, bm.max_active_inputs), pick(a.input_pool, bm.input_pool)),
@@ -87,7 +107,8 @@ def cmd_train(a) -> int:
                           augment_stretch=pick(a.stretch, bt.augment_stretch),
                           augment_upload=pick(a.upload_augment, bt.augment_upload),
                           distill=pick(a.distill, bt.distill), teacher_epochs=pick(a.teacher_epochs, bt.teacher_epochs),
-                          rounding_noise=pick(a.rounding_noise, bt.rounding_noise)),
+                          rounding_noise=pick(a.rounding_noise, bt.rounding_noise),
+                          image_copies=pick(a.image_copies, bt.image_copies)),
         compile=compile_cfg(a, base["compile"]),
     )
     a.epochs = cfg.train.epochs
@@ -106,20 +127,48 @@ def cmd_train(a) -> int:
         bar.update(1)
         bar.set_postfix(loss=f"{r.train_loss:.3f}", val_acc=f"{r.val_accuracy:.3f}")
 
-    result = train(cfg, progress=on_epoch)
+    images = None
+    if cfg.data.images:
+        from ..learn.labelled import LabelError, training_images
+
+        ibar = tqdm(total=0, desc="preparing images", unit="img", file=sys.stderr, disable=None)
+
+        def on_image(done, total):
+            ibar.total, ibar.n = total, done
+            ibar.refresh()
+
+        try:
+            images = training_images(cfg.data, dataset_info(a.dataset), cfg.train.image_copies, cfg.train.seed,
+                                     progress=on_image)
+        except LabelError as exc:
+            raise UserError(str(exc)) from None
+        finally:
+            ibar.close()
+        held = len(images.holdout_index)
+        say(f"{len(images.names)} labelled images ({len(images.unreadable)} unreadable): {len(images.train_index)} train, "
+            f"{held} held out for validation")
+        for name, reason in images.unreadable[:10]:
+            say(f"unreadable: {name}: {reason}")
+    result = train(cfg, progress=on_epoch, images=images)
     bar.close()
     saved = registry.save(result, a.name, a.models_dir, overwrite=a.overwrite)
     from ..learn import guard as guards
 
-    g = guards.fit_for(saved, cfg.data)
+    g = guards.fit_for(saved, cfg.data, images=images)
     m = result.metrics
     print(f"saved {saved.dataset}/{saved.name} (best epoch {m['best_epoch']}) to {saved.path}")
-    print(f"val accuracy {m['val']['accuracy']:.4f}  test accuracy {m['test']['accuracy']:.4f}  test AUC {m['test']['auc'] or float('nan'):.4f}")
+    print(f"learned from: {saved.sources_text()}")
+    held = f"  held-out images accuracy {m['holdout']['accuracy']:.4f}" if "holdout" in m else ""
+    print(f"val accuracy {m['val']['accuracy']:.4f}{held}  test accuracy {m['test']['accuracy']:.4f}  "
+          f"test AUC {m['test']['auc'] or float('nan'):.4f}")
     print(f"input check fitted: {100 * g.val_pass_rate:.1f}% of validation images pass; confidence temperature {g.temperature:.3f}")
     from ..learn import framing
 
-    source = framing.inherit(saved, a.models_dir)
-    if source is not None:
+    source = None if images is not None else framing.inherit(saved, a.models_dir)
+    if images is not None:
+        print("uploads go to this model as the upload path makes them: it learned from real uploads, so neither the "
+              "squeeze estimator nor the softening applies")
+    elif source is not None:
         print(f"uploads squeezed sideways are reframed by the estimator copied from {source.parent.name}")
     elif saved.dataset in framing.SQUEEZED_DATASETS:
         print(f"uploads squeezed sideways are not reframed yet: `python -m engine framing --dataset {saved.dataset} "
@@ -244,7 +293,7 @@ def cmd_predict(a) -> int:
     guard = guards.for_model(p.saved, data_cfg(a))
     verdicts = {}
     if a.image:
-        sharpness = guard.texture_median if guard is not None else None
+        sharpness = guard.sharpness if guard is not None else None
         loaded = [load_image(Path(f), p.saved.config.data.size, info.n_channels, sharpness=sharpness,
                              framing=guard.framing if guard is not None else None) for f in a.image]
         images = np.stack([im.array for im in loaded])
@@ -274,10 +323,11 @@ def cmd_predict(a) -> int:
         conf_text = ""
         if guard is not None:
             last = results[list(results)[-1]]
-            c = guard.confidence(last.logits[i])
-            row["confidence"] = round(c.top, 4)
+            c = guard.confidence(last.logits[i], verdicts.get(name))
+            row["confidence"] = None if c.shown is None else round(c.shown, 4)
             row["uncertain"] = c.uncertain
-            conf_text = f"  confidence {100 * c.top:.0f}%" + (" (uncertain)" if c.uncertain else "")
+            conf_text = ("  uncertain (flagged input: no confidence)" if c.withheld else
+                         f"  confidence {100 * c.top:.0f}%" + (" (uncertain)" if c.uncertain else ""))
         if name in verdicts:
             row["foreign_input"] = verdicts[name].foreign
             row["warning"] = verdicts[name].message

@@ -111,3 +111,50 @@ def upload_copies(images: np.ndarray, copies: int = 4, seed: int = 0, sharpen: f
     out = [upload_like(random_affine(images, f["shift"], f["rotate"], f["scale"], rng, f["stretch"]), rng, 1.0, sharpen)
            for _ in range(copies)]
     return np.clip(np.rint(np.concatenate(out)), 0, 255).astype(np.uint8)
+
+
+# What real uploads of one scan differ by, applied to the full-size image before the upload
+# path brings it to the model's size (train --images): framing (each side keeps 70-100%, or a
+# margin is added), one axis squeezed or stretched, a small shift and rotation, exposure and
+# gamma, blur, JPEG, and the filter of an earlier resize.
+REAL_UPLOAD = {"keep": (0.7, 1.0), "margin": 0.15, "margin_share": 0.2, "aspect": (0.7, 1.4), "rotate": 7.0,
+               "blur_share": 0.3, "jpeg_share": 0.5, "resize_share": 0.5}
+
+
+def real_upload(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One random version of a full-size uint8 image (H x W[ x 3]) as another upload of the same
+    scan could come (:data:`REAL_UPLOAD`); uint8, any size."""
+    f = REAL_UPLOAD
+    im = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    w, h = im.size
+    # an earlier resize with some filter (a copy made elsewhere), and the squeeze of one axis
+    factor = float(np.exp(rng.uniform(*np.log(f["aspect"]))))
+    shrink = float(rng.uniform(0.35, 1.0)) if rng.random() < f["resize_share"] else 1.0
+    sx, sy = (factor, 1.0) if rng.random() < 0.5 else (1.0, factor)
+    size = (max(8, round(w * sx * shrink)), max(8, round(h * sy * shrink)))
+    if size != (w, h):
+        im = im.resize(size, FILTERS[rng.integers(len(FILTERS))])
+    w, h = im.size
+    # a small rotation, the corners filled dark (the background of a scan)
+    angle = float(rng.uniform(-f["rotate"], f["rotate"]))
+    if abs(angle) > 0.5:
+        im = im.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0 if im.mode == "L" else (0, 0, 0))
+    # framing: each side keeps 70-100% at a random place, or a dark margin is added around it
+    if rng.random() < f["margin_share"]:
+        mx, my = (int(rng.uniform(0, f["margin"]) * s) for s in (w, h))
+        canvas = Image.new(im.mode, (w + 2 * mx, h + 2 * my))
+        canvas.paste(im, (int(rng.integers(0, 2 * mx + 1)), int(rng.integers(0, 2 * my + 1))))
+        im = canvas
+    else:
+        kw, kh = (max(4, round(s * rng.uniform(*f["keep"]))) for s in (w, h))
+        left, top = int(rng.integers(0, w - kw + 1)), int(rng.integers(0, h - kh + 1))
+        im = im.crop((left, top, left + kw, top + kh))
+    x = photometric(np.asarray(im)[None], rng)[0]
+    im = Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
+    if rng.random() < f["blur_share"]:
+        im = im.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.5)) * max(im.size) / 224))
+    if rng.random() < f["jpeg_share"]:
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=int(rng.integers(40, 96)))
+        im = Image.open(io.BytesIO(buf.getvalue()))
+    return np.asarray(im)

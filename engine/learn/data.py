@@ -145,7 +145,7 @@ def to_features(images: np.ndarray, pool: int = 1) -> np.ndarray:
         n, h, w = x.shape[:3]
         hh, ww = h // pool, w // pool
         x = x[:, : hh * pool, : ww * pool].reshape(n, hh, pool, ww, pool, *x.shape[3:]).mean(axis=(2, 4))
-    x = x.reshape(len(images), -1)
+    x = x.reshape(len(x), int(np.prod(x.shape[1:])))  # (0, F) for no images
     return x / 127.5 - 1.0
 
 

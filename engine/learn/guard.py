@@ -40,6 +40,7 @@ VAL_QUANTILE = 0.995  # each distance's threshold: this quantile of the validati
 UNCERTAIN_MARGIN = 0.2
 MAX_ASPECT = 2.0  # longer side / shorter side of the original
 MIN_SIDE = 8  # pixels
+MIN_CONTRAST = 0.02  # standard deviation of grey levels (/255) below which an image is flat: no scan is
 COLOUR_SATURATION = 0.08  # mean |channel - grey| / 255 above which a greyscale model sees a colour image
 
 
@@ -61,10 +62,25 @@ class Confidence:
     probabilities: np.ndarray  # calibrated
     top: float
     margin: float
+    # why no confidence is given: the input check flagged the image, and a confidence calibrated
+    # on images of the right kind says nothing about another kind ('' when it is given)
+    withheld: str = ""
 
     @property
     def uncertain(self) -> bool:
-        return self.margin < UNCERTAIN_MARGIN
+        return bool(self.withheld) or self.margin < UNCERTAIN_MARGIN
+
+    @property
+    def shown(self) -> float | None:
+        """The confidence to show: None when withheld."""
+        return None if self.withheld else self.top
+
+    def text(self) -> str:
+        """How the dashboard and the CLI state it (markdown)."""
+        if self.withheld:
+            return "**uncertain**: no confidence is given for an image the input check flagged"
+        return f"calibrated confidence {100 * self.top:.0f}%" + (
+            " — **uncertain** (the top two classes are close)" if self.uncertain else "")
 
 
 @dataclass
@@ -84,6 +100,14 @@ class Guard:
     texture_threshold: float = float("inf")  # mean absolute difference between neighbouring pixels
     texture_median: float | None = None  # the training images' median graininess: uploads are softened to it
     framing: "Framing | None" = None  # the squeeze estimator stored beside the model (framing.npz), if any
+    # soften uploads grainier than texture_median (models that learned from MedMNIST's crops only);
+    # a model trained with --images learned real uploads as the upload path makes them: no correction
+    soften: bool = True
+
+    @property
+    def sharpness(self) -> float | None:
+        """The graininess the upload path softens an upload to (None: it does not)."""
+        return self.texture_median if self.soften else None
 
     # -- scoring
     @staticmethod
@@ -121,6 +145,8 @@ class Guard:
             reasons.append(f"its brightness/structure is unlike the training images ({maha:.1f}x the usual distance)")
         if recon > 1:
             reasons.append(f"it contains patterns the training images never show ({recon:.1f}x the usual residual)")
+        if float(np.asarray(image, dtype=np.float32).std()) / 255 < MIN_CONTRAST:
+            reasons.append("it is flat (one shade, no structure): not a scan")
         grain = max(float(self.texture([image])[0]), float(self.texture([original])[0]) if original is not None else 0.0)
         if grain > self.texture_threshold:
             reasons.append(f"it is far grainier than the training images (pixel-to-pixel change "
@@ -143,16 +169,19 @@ class Guard:
         return (stats <= 1) & (maha <= 1) & (recon <= 1) & (self.texture(images) <= self.texture_threshold)
 
     # -- confidence
-    def confidence(self, logits: np.ndarray) -> Confidence:
+    def confidence(self, logits: np.ndarray, verdict: "Verdict | None" = None) -> Confidence:
+        """The calibrated confidence of one answer; withheld (and the answer uncertain) when
+        ``verdict`` flagged the image as foreign."""
+        withheld = verdict.message or "flagged" if verdict is not None and verdict.foreign else ""
         z = np.asarray(logits, dtype=np.float64).reshape(-1) / self.temperature
         if self.multi_label:
             p = 1 / (1 + np.exp(-z))
             margin = float(np.min(np.abs(p - 0.5)) * 2)  # the least certain label
-            return Confidence(p, float(np.max(p)), margin)
+            return Confidence(p, float(np.max(p)), margin, withheld)
         e = np.exp(z - z.max())
         p = e / e.sum()
         top2 = np.sort(p)[-2:] if len(p) > 1 else np.array([0.0, p[0]])
-        return Confidence(p, float(top2[-1]), float(top2[-1] - top2[-2]))
+        return Confidence(p, float(top2[-1]), float(top2[-1] - top2[-2]), withheld)
 
     # -- storage
     def save(self, folder: Path) -> Path:
@@ -161,7 +190,8 @@ class Guard:
                             stats_mean=self.stats_mean, stats_icov=self.stats_icov,
                             scalars=np.array([self.maha_threshold, self.recon_threshold, self.stats_threshold, self.temperature,
                                               self.channels, self.multi_label, self.val_pass_rate, self.texture_threshold,
-                                              np.nan if self.texture_median is None else self.texture_median],
+                                              np.nan if self.texture_median is None else self.texture_median,
+                                              float(self.soften)],
                                              dtype=np.float64))
         return path
 
@@ -175,7 +205,8 @@ class Guard:
             return cls(f["mean"], f["components"], f["variances"], float(s[0]), float(s[1]), f["stats_mean"],
                        f["stats_icov"], float(s[2]), float(s[3]), int(s[4]), bool(s[5]), float(s[6]),
                        float(s[7]) if len(s) > 7 else float("inf"),
-                       float(s[8]) if len(s) > 8 and np.isfinite(s[8]) else None, Framing.load(folder))
+                       float(s[8]) if len(s) > 8 and np.isfinite(s[8]) else None, Framing.load(folder),
+                       bool(s[9]) if len(s) > 9 else True)
 
 
 def _fit_temperature(logits: np.ndarray, labels: np.ndarray, multi_label: bool) -> float:
@@ -259,9 +290,14 @@ def _keep_promise(logits: np.ndarray, labels: np.ndarray, temperature: float) ->
 SHIFTED_COPIES = 4  # upload-like copies of each validation image the guard is fitted on
 
 
-def fit_for(saved, data_cfg=None) -> Guard:
+def fit_for(saved, data_cfg=None, images=None) -> Guard:
     """Fit and store the guard of a saved model from its dataset's train and validation splits
-    (and upload-like copies of the validation images)."""
+    (and upload-like copies of the validation images).
+
+    ``images`` (:class:`engine.learn.labelled.TrainingImages`, a model trained with ``--images``):
+    their training part joins the training images, and their held-out part, as uploaded and as
+    two real-upload versions each, joins the upload-like copies that set the thresholds and the
+    temperature: the confidence is then calibrated on held-out real images too."""
     import torch
 
     from .augment import upload_copies
@@ -271,13 +307,23 @@ def fit_for(saved, data_cfg=None) -> Guard:
     train, val = load_split(cfg, "train"), load_split(cfg, "val")
     model = saved.load_torch()
     copies = upload_copies(val.images, SHIFTED_COPIES)
+    copy_labels = np.concatenate([val.labels] * SHIFTED_COPIES)
+    train_images = train.images
+    if images is not None and len(images.holdout_index):
+        held, own = images.holdout_index, images.train_index
+        real = np.concatenate([images.clean[held], *images.copies[:2, held]])
+        copies = np.concatenate([copies, real])
+        copy_labels = np.concatenate([copy_labels, np.tile(images.labels[held], 1 + min(2, len(images.copies)))
+                                      .reshape(-1, 1)])
+        train_images = np.concatenate([train.images, images.clean[own]])
     with torch.no_grad():
         logits = model(torch.from_numpy(to_features(np.concatenate([val.images, copies]),
                                                     saved.config.model.input_pool))).numpy()
     n = len(val)
-    shifted = (copies, logits[n:], np.concatenate([val.labels] * SHIFTED_COPIES))
-    g = fit(train.images, val.images, logits[:n], val.labels, val.info.n_channels, val.info.multi_label,
+    shifted = (copies, logits[n:], copy_labels)
+    g = fit(train_images, val.images, logits[:n], val.labels, val.info.n_channels, val.info.multi_label,
             shifted=shifted, grainy=upload_copies(val.images, 1, seed=1, sharpen=1.0))
+    g.soften = images is None
     g.save(saved.path)
     g.framing = Framing.load(saved.path)
     return g
@@ -314,12 +360,20 @@ def screen(files: list[tuple[str, bytes]], guard: Guard | None, size: int, chann
     for name, data in expand_uploads(files):
         try:
             loaded = load_image(data, size, channels, name=name,
-                                sharpness=guard.texture_median if guard is not None else None,
+                                sharpness=guard.sharpness if guard is not None else None,
                                 framing=guard.framing if guard is not None else None)
         except ImageError as exc:
             out.append(Screened(name, None, None, None, error=str(exc)))
             continue
         verdict = guard.check(loaded.array, loaded.original) if guard is not None else None
+        if verdict is not None and not verdict.foreign and any(n.startswith("softened") for n in loaded.notes):
+            # softening smooths a pattern (a sine wave, a checkerboard) into something scan-like:
+            # what the image was before it must pass the structure checks too
+            from .images import to_model_input
+
+            plain = guard.check(to_model_input(loaded.original, size, channels, framing=guard.framing), loaded.original)
+            if plain.foreign and any("patterns" in r or "structure" in r for r in plain.reasons):
+                verdict = plain
         out.append(Screened(name, loaded.array, loaded.original, verdict, loaded.notes))
     return out
 
@@ -333,9 +387,10 @@ def batch_rows(items: list[Screened], logits: np.ndarray, predictions, label_tex
             rows.append({"file": it.name, "prediction": None, "confidence": None, "uncertain": None,
                          "warning": f"not classified: {it.error}"})
             continue
-        conf = guard.confidence(logits[k]) if guard is not None else None
+        conf = guard.confidence(logits[k], it.verdict) if guard is not None else None
         rows.append({"file": it.name, "prediction": label_text(predictions[k]),
-                     "confidence": round(conf.top, 4) if conf else None, "uncertain": conf.uncertain if conf else None,
+                     "confidence": round(conf.shown, 4) if conf and conf.shown is not None else None,
+                     "uncertain": conf.uncertain if conf else None,
                      "warning": it.verdict.message if it.verdict is not None and it.verdict.foreign else ""})
         k += 1
     return rows

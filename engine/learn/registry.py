@@ -53,6 +53,12 @@ class SavedModel:
     thresholds: list[float] | None
     in_features: int
     n_outputs: int
+    # What the model learned from: [{"kind": "medmnist", ...}, {"kind": "images", "sha256": ...}]
+    sources: list[dict] = dataclasses.field(default_factory=list)
+
+    def sources_text(self) -> str:
+        """One line naming what the model learned from, with counts per class."""
+        return describe_sources(self.sources, self.dataset)
 
     def load_torch(self) -> "QATFCNN":
         import torch
@@ -131,9 +137,13 @@ def save(result: "TrainResult", name: str | None = None, models_dir: Path | None
         "metrics": result.metrics,
         "history": [dataclasses.asdict(h) for h in result.history],
         "thresholds": result.thresholds,
+        "sources": result.sources,
     }
-    # Data paths are machine-specific: the registry stores the dataset, not where it was read.
+    # Data paths are machine-specific: the registry stores the dataset, not where it was read
+    # (a labelled folder is named by its last part; its content hash is in "sources").
     meta["config"]["data"]["data_dir"] = ""
+    if meta["config"]["data"].get("images"):
+        meta["config"]["data"]["images"] = Path(meta["config"]["data"]["images"]).name
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     (tmp / WEIGHTS).write_bytes(weights)
@@ -190,7 +200,25 @@ def _read(path: Path) -> SavedModel:
         thresholds=meta.get("thresholds"),
         in_features=meta["in_features"],
         n_outputs=meta["n_outputs"],
+        sources=meta.get("sources") or [{"kind": "medmnist", "dataset": meta["dataset"], "split": "train"}],
     )
+
+
+def describe_sources(sources: list[dict], dataset: str = "") -> str:
+    """``sources`` of ``model.json`` as one line."""
+    parts = []
+    for s in sources:
+        counts = s.get("train")
+        count_text = f" ({', '.join(f'{k} {v}' for k, v in counts.items())})" if counts else ""
+        if s.get("kind") == "images":
+            held = sum((s.get("holdout") or {}).values())
+            parts.append(f"labelled images '{s.get('source')}': {sum((counts or {}).values())} trained on{count_text}, "
+                         f"{held} held out; sha256 {str(s.get('sha256'))[:12]}")
+        else:
+            n = s.get("files")
+            parts.append(f"MedMNIST {s.get('dataset', dataset)} {s.get('split', 'train')} split"
+                         + (f": {n} images{count_text}" if n else ""))
+    return "; ".join(parts) or "unknown"
 
 
 def list_models(dataset: str | None = None, models_dir: Path | None = None) -> list[SavedModel]:

@@ -30,6 +30,7 @@ class EpochReport:
     val_auc: float | None
     seconds: float
     val_balanced_accuracy: float | None = None
+    holdout_accuracy: float | None = None  # on the labelled images held out (train --images)
 
 
 @dataclass
@@ -41,6 +42,8 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
     thresholds: list[float] | None = None
     calibration: np.ndarray | None = None  # uint8 training images the compiler calibrates on
+    sources: list[dict] = field(default_factory=list)  # what the model learned from (model.json)
+    images: object = None  # the prepared labelled images (engine.learn.labelled.TrainingImages), if any
 
 
 CALIBRATION_SIZE = 512
@@ -168,22 +171,44 @@ def build_teacher(cfg: PipelineConfig, train_split: Split, val_split: Split, cri
 
 
 def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
-          say: Callable[[str], None] = lambda _m: None) -> TrainResult:
-    """Train a QAT FCNN per ``cfg``; keep the epoch with the best validation score."""
+          say: Callable[[str], None] = lambda _m: None, images=None,
+          image_progress: Callable[[int, int], None] | None = None) -> TrainResult:
+    """Train a QAT FCNN per ``cfg``; keep the epoch with the best validation score.
+
+    With ``cfg.data.images`` (or ``images``, a prepared :class:`engine.learn.labelled.TrainingImages`)
+    the labelled images train too, as one of their real-upload versions each epoch, and their
+    held-out part validates next to MedMNIST's validation split: an epoch competes on the mean of
+    the two scores. ``cfg.data.images_only``: the images alone train."""
     tc = cfg.train
     seed_everything(tc.seed)
-    train_split = load_split(cfg.data, "train").head(tc.limit_train)
     val_split = load_split(cfg.data, "val")
-    info = train_split.info
+    info = val_split.info
+    if images is None and cfg.data.images:
+        from .labelled import training_images
+
+        say(f"reading and augmenting the labelled images in {cfg.data.images}")
+        images = training_images(cfg.data, info, tc.image_copies, tc.seed, progress=image_progress)
+    train_split = load_split(cfg.data, "train").head(tc.limit_train)
+    if images is not None and cfg.data.images_only:
+        train_split = train_split.subset(np.arange(0))
+    own = images.train_index if images is not None else np.arange(0)
+    own_labels = images.labels[own] if images is not None else np.zeros(0, np.int64)
+    held = images.holdout_index if images is not None else np.arange(0)
 
     pool = cfg.model.input_pool
     x_train = torch.from_numpy(to_features(train_split.images, pool))
-    y_train = torch.from_numpy(train_split.targets)
+    y_all = np.concatenate([train_split.targets, own_labels]) if len(own) else train_split.targets
+    y_train = torch.from_numpy(y_all)
     x_val = to_features(val_split.images, pool)
     y_val = torch.from_numpy(val_split.targets)
+    x_held = to_features(images.clean[held], pool) if len(held) else None
+    if len(train_split) + len(own) == 0:
+        raise ValueError("nothing to train on: the labelled folder has no training image")
 
-    model = build_model(x_train.shape[1], info.n_outputs, cfg.model)
-    criterion = loss_fn(train_split, tc.class_weighting)
+    model = build_model(x_val.shape[1], info.n_outputs, cfg.model)
+    combined = Split(cfg.data.dataset, "train", np.zeros((len(y_all), 1), np.uint8),
+                     y_all.reshape(len(y_all), -1).astype(np.int64), info)
+    criterion = loss_fn(combined, tc.class_weighting)
     val_criterion = loss_fn(val_split, tc.class_weighting)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(tc.epochs, 1))
@@ -194,11 +219,14 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
     noise = RoundingNoise(model, cfg.compile.rounding_threshold_bits, tc.rounding_noise)
     soft = None  # the teacher's logits for this epoch's training images
 
-    calib_idx = np.random.default_rng(tc.seed).permutation(len(train_split))[:CALIBRATION_SIZE]
-    result = TrainResult(model=model, config=cfg, calibration=train_split.images[np.sort(calib_idx)])
+    pool_images = train_split.images if not len(own) else np.concatenate([train_split.images, images.clean[own]])
+    calib_idx = np.random.default_rng(tc.seed).permutation(len(pool_images))[:CALIBRATION_SIZE]
+    result = TrainResult(model=model, config=cfg, calibration=pool_images[np.sort(calib_idx)])
+    copy_rng = np.random.default_rng(tc.seed + 1)
     best_score, best_state = -np.inf, None
     # With pruning: one dense epoch, then fine-tune under the mask; only masked epochs compete.
-    prune_epoch = min(2, tc.epochs) if cfg.model.max_active_inputs else 0
+    prune_epoch = (min(max(2, int(round(tc.prune_after * tc.epochs)) + 1), tc.epochs)
+                   if cfg.model.max_active_inputs else 0)
     for epoch in range(1, tc.epochs + 1):
         t0 = time.perf_counter()
         if epoch == prune_epoch:
@@ -206,8 +234,13 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
             best_score, best_state = -np.inf, None
         model.train()
         moved = train_split.images
-        if tc.augments:
+        if tc.augments and len(train_split):
             moved = augment(train_split.images, tc, aug_rng)
+            x_train = torch.from_numpy(to_features(moved, pool))
+        if len(own):  # each labelled image as one of its real-upload versions, or as it is
+            pick = copy_rng.integers(0, len(images.copies) + 1, len(own))
+            versions = np.concatenate([images.copies, images.clean[None]])[pick, own]
+            moved = np.concatenate([np.asarray(moved, dtype=np.float32), versions.astype(np.float32)])
             x_train = torch.from_numpy(to_features(moved, pool))
         if teacher is not None and (soft is None or tc.augments):  # unmoved images: their logits once
             soft = teacher_logits(teacher, moved)
@@ -232,7 +265,14 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
         val_loss = float(val_criterion(torch.from_numpy(logits), y_val))
         select, acc, bal = selection_score(val_split.labels, scores, info, tc.class_weighting)
         auc = metrics.auc(val_split.labels, scores, info)
-        report = EpochReport(epoch, tc.epochs, total / len(perm), val_loss, acc, auc, time.perf_counter() - t0, bal)
+        held_acc = None
+        if x_held is not None:  # the labelled images' held-out part competes as much as MedMNIST's split
+            held_scores = metrics.scores_from_logits(logits_of(model, x_held), info)
+            held_select, held_acc, _ = selection_score(images.labels[held].reshape(-1, 1), held_scores, info,
+                                                       tc.class_weighting)
+            select = (select + held_select) / 2
+        report = EpochReport(epoch, tc.epochs, total / len(perm), val_loss, acc, auc, time.perf_counter() - t0, bal,
+                             held_acc)
         result.history.append(report)
         score = select + 1e-3 * (auc or 0.0)  # AUC breaks ties
         if score > best_score:
@@ -253,4 +293,14 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
         "val": evaluate_float(model, val_split, pool, result.thresholds),
         "test": evaluate_float(model, load_split(cfg.data, "test"), pool, result.thresholds),
     }
+    medmnist_source = {"kind": "medmnist", "dataset": cfg.data.dataset, "split": "train", "files": len(train_split),
+                       "train": {info.labels[c]: int((train_split.labels[:, 0] == c).sum()) for c in sorted(info.labels)}
+                       if not info.multi_label else None}
+    result.sources = ([medmnist_source] if len(train_split) else [])
+    if images is not None:
+        result.images = images
+        result.sources.append(images.provenance(info))
+        held_split = Split(cfg.data.dataset, "holdout", images.clean[held], images.labels[held].reshape(-1, 1), info)
+        if len(held):
+            result.metrics["holdout"] = evaluate_float(model, held_split, pool, result.thresholds)
     return result

@@ -9,120 +9,19 @@ a label map (``NORMAL=0,PNEUMONIA=1``) names others.
 
 from __future__ import annotations
 
-import io
-import zipfile
-from dataclasses import dataclass
 from itertools import combinations
-from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from ..learn import metrics
 from ..learn.data import DatasetInfo
 from ..learn.guard import CONFIDENT, Guard, Screened, screen  # CONFIDENT: answers at this confidence are counted apart
-from ..learn.images import EXTENSIONS, MAX_ARCHIVE_FILES, MAX_BYTES, ImageError
+from ..learn.images import ImageError
+# The labelled folder is read by the learn wing (training reads it the same way); re-exported here.
+from ..learn.labelled import LabelError, LabelledFile, label_of, parse_label_map, read_labelled  # noqa: F401
 from .evaluate import agreement
+
 RELIABILITY_BINS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-IGNORED = ("__MACOSX", ".DS_Store", "Thumbs.db")
-
-
-class LabelError(ValueError):
-    """The folder's layout does not say each image's label; the message names what to change."""
-
-
-def parse_label_map(text: str | None) -> dict[str, int]:
-    """``"NORMAL=0,PNEUMONIA=1"`` -> ``{"normal": 0, "pneumonia": 1}`` (names case-insensitive)."""
-    out: dict[str, int] = {}
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        name, sep, index = part.partition("=")
-        try:
-            if not sep or not name.strip():
-                raise ValueError
-            out[name.strip().lower()] = int(index)
-        except ValueError:
-            raise LabelError(f"--label-map takes NAME=INDEX pairs separated by commas, got '{part.strip()}'.") from None
-    return out
-
-
-def label_of(folder: str, info: DatasetInfo, label_map: dict[str, int]) -> int | None:
-    """The label index a class folder's name stands for, or None."""
-    key = folder.strip().lower()
-    if key in label_map:
-        return label_map[key]
-    for index, name in info.labels.items():
-        if key == name.lower() or key in (p.strip().lower() for p in name.split(",")):
-            return index
-    if key.isdigit() and int(key) in info.labels:
-        return int(key)
-    return None
-
-
-@dataclass
-class LabelledFile:
-    name: str  # the path inside the folder or archive, class folder first
-    label: int
-    data: bytes | None
-    error: str | None = None  # set when the file could not be read at all
-
-
-def _members(source: Path | bytes, name: str) -> list[tuple[str, int, object]]:
-    """(relative posix path, size, reader) of every file in a folder or zip archive."""
-    if isinstance(source, Path) and source.is_dir():
-        return [(p.relative_to(source).as_posix(), p.stat().st_size, p.read_bytes)
-                for p in sorted(source.rglob("*")) if p.is_file()]
-    data = source.read_bytes() if isinstance(source, Path) else source
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
-        raise LabelError(f"{name} is neither a folder nor a readable zip archive.") from None
-    return [(m.filename, m.file_size, (lambda m=m: archive.read(m))) for m in archive.infolist() if not m.is_dir()]
-
-
-def read_labelled(source: Path | bytes, info: DatasetInfo, label_map: dict[str, int] | None = None,
-                  name: str | None = None) -> list[LabelledFile]:
-    """Every image file under ``source`` (a folder, a zip's path or its bytes) with the label of
-    its class folder. A single top folder holding the class folders (a zipped folder) is looked
-    through. Files that are not images by extension are skipped; a class folder that matches no
-    label is a :class:`LabelError` naming it."""
-    if info.multi_label:
-        raise LabelError(f"{info.flag} is multi-label: one folder per class cannot say an image's labels.")
-    label_map = label_map or {}
-    name = name or (str(source) if isinstance(source, Path) else "the archive")
-    if isinstance(source, Path) and not source.exists():
-        raise LabelError(f"{source} does not exist.")
-    files = [(PurePosixPath(p).parts, size, read) for p, size, read in _members(source, name)
-             if not any(part in IGNORED or part.startswith("._") for part in PurePosixPath(p).parts)]
-    images = [f for f in files if f[0][-1].rsplit(".", 1)[-1].lower() in (*EXTENSIONS, "dcm", "dicom")]
-    if len(images) > MAX_ARCHIVE_FILES * 10:
-        raise LabelError(f"{name} holds {len(images)} images; the limit is {MAX_ARCHIVE_FILES * 10}. Split it.")
-    # a zipped folder: one top folder around the class folders
-    while images and all(len(parts) > 2 for parts, _s, _r in images) and len({p[0] for p, _s, _r in images}) == 1:
-        images = [(parts[1:], size, read) for parts, size, read in images]
-    loose = [("/".join(p), s, r) for p, s, r in images if len(p) < 2]
-    if loose and len(loose) == len(images):
-        raise LabelError(f"{name} has no class folders: put each image in a folder named after its label "
-                         f"({', '.join(info.labels.values())}) or its index.")
-    classes = sorted({parts[0] for parts, _s, _r in images if len(parts) >= 2})
-    unknown = [c for c in classes if label_of(c, info, label_map) is None]
-    if unknown:
-        names = "; ".join(f"{i} = {n}" for i, n in info.labels.items())
-        raise LabelError(f"Folder '{unknown[0]}' in {name} matches no {info.flag} label ({names}). Rename it, or map it "
-                         f"with --label-map, e.g. {unknown[0]}={min(info.labels)}.")
-    out = []
-    for parts, size, read in images:
-        path = "/".join(parts)
-        if len(parts) < 2:
-            out.append(LabelledFile(path, -1, None, "not in a class folder"))
-        elif size > MAX_BYTES:
-            out.append(LabelledFile(path, label_of(parts[0], info, label_map), None,
-                                    f"{size / 1e6:.0f} MB; the limit is {MAX_BYTES // 2**20} MB"))
-        else:
-            out.append(LabelledFile(path, label_of(parts[0], info, label_map), read()))
-    if not out:
-        raise LabelError(f"{name} holds no image ({', '.join(EXTENSIONS)}, dcm).")
-    return out
 
 
 def screen_labelled(files: list[LabelledFile], guard: Guard | None, size: int, channels: int) -> list[Screened]:
@@ -195,9 +94,10 @@ def validate(predictor, guard: Guard | None, files: list[LabelledFile], modes, p
     last = results[modes[-1]]
     pred = last.predictions.reshape(-1)
     right = pred == labels
-    conf = np.asarray([guard.confidence(z).top if guard is not None else float(np.max(s))
-                       for z, s in zip(last.logits, last.scores)])
-    uncertain = [guard.confidence(z).uncertain if guard is not None else None for z in last.logits]
+    confs = [guard.confidence(z, it.verdict) if guard is not None else None for z, it in zip(last.logits, good)]
+    # a flagged image gets no confidence: it counts as 0 (never among the confident answers)
+    conf = np.asarray([(c.shown or 0.0) if c is not None else float(np.max(s)) for c, s in zip(confs, last.scores)])
+    uncertain = [c.uncertain if c is not None else None for c in confs]
     flagged = np.asarray([bool(it.verdict is not None and it.verdict.foreign) for it in good])
     confident = conf >= CONFIDENT
     report.update({
@@ -210,7 +110,7 @@ def validate(predictor, guard: Guard | None, files: list[LabelledFile], modes, p
         "accuracy_confident": _accuracy(confident, right),
         "reliability": reliability(conf, right),
         "images": [{"file": it.name, "label": int(y), "label_name": info.labels[int(y)], "prediction": int(p),
-                    "prediction_name": info.labels[int(p)], "right": bool(p == y), "confidence": round(float(c), 4),
+                    "prediction_name": info.labels[int(p)], "right": bool(p == y), "confidence": None if f else round(float(c), 4),
                     "uncertain": u, "flagged": bool(f),
                     "warning": it.verdict.message if it.verdict is not None and it.verdict.foreign else ""}
                    for it, y, p, c, u, f in zip(good, labels, pred, conf, uncertain, flagged)],
