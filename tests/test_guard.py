@@ -45,6 +45,26 @@ def test_shipped_guard_passes_real_validation_images_and_flags_foreign_ones(data
         assert g.check(np.full((28, 28), value, np.uint8)).foreign
 
 
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("dataset", ["pneumoniamnist", "breastmnist"])
+def test_shipped_guard_flags_patterns_and_flat_images_uploaded_as_files(dataset):
+    """Uploaded as a user would (the whole upload path, softening included): a sine-wave pattern,
+    stripes, a checkerboard, a flat grey and a white page are flagged."""
+    saved = registry.load(dataset, None, REPO / "models")
+    g = guards.Guard.load(saved.path)
+    yy, xx = np.mgrid[0:224, 0:224]
+    files = {"sine.png": 127.5 + 127.5 * np.sin(xx / 6.0) * np.sin(yy / 9.0), "stripes.png": 127.5 + 127.5 * np.sin(xx / 4.0),
+             "checker.png": (xx // 16 + yy // 16) % 2 * 255.0, "grey.png": np.full((224, 224), 128.0),
+             "white.png": np.full((224, 224), 255.0)}
+    items = guards.screen([(k, _png(v.astype(np.uint8))) for k, v in files.items()], g, 28, g.channels)
+    assert [it.name for it in items if not it.verdict.foreign] == []
+
+
 def test_guard_is_fitted_on_validation_and_stored_with_the_model(tiny_saved, data_dir):
     g = guards.fit_for(tiny_saved, DataConfig("pneumoniamnist", data_dir=str(data_dir), allow_download=False))
     assert (tiny_saved.path / guards.GUARD_FILE).exists()
@@ -81,7 +101,12 @@ def test_batch_upload_with_a_zip_gives_one_row_per_file(tiny_saved, predictor, d
     assert [r["file"] for r in rows] == [it.name for it in items]
     assert [bool(r["warning"]) for r in rows] == [False, False, True, True]
     assert rows[3]["prediction"] is None and rows[0]["prediction"] == str(res.predictions[0])
-    assert all(0.5 <= r["confidence"] <= 1 for r in rows[:3])
+    assert all(0.5 <= r["confidence"] <= 1 for r in rows[:2])
+    # a flagged image gets no confidence, and its answer is uncertain
+    assert rows[2]["confidence"] is None and rows[2]["uncertain"] is True
+    c = g.confidence(np.array([-8.0, 8.0]), items[2].verdict)
+    assert c.withheld and c.uncertain and c.shown is None and "no confidence" in c.text()
+    assert g.confidence(np.array([-8.0, 8.0]), items[0].verdict).shown > 0.9
 
 
 def test_a_zip_without_images_is_refused_clearly():
