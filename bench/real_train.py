@@ -40,7 +40,7 @@ from engine.learn.train import train  # noqa: E402
 
 SHARES = (1.0, 0.85, 0.75)
 KEYS = {"hidden": ("model", "hidden", lambda v: tuple(int(h) for h in v.split("/"))),
-        "pool": ("model", "input_pool", int), "w": ("model", "weight_bits", int), "a": ("model", "act_bits", int),
+        "pool": ("model", "input_pool", float), "w": ("model", "weight_bits", int), "a": ("model", "act_bits", int),
         "i": ("model", "input_bits", int), "prune": ("model", "max_active_inputs", int),
         "epochs": ("train", "epochs", int), "lr": ("train", "lr", float), "copies": ("train", "image_copies", int),
         "upload": ("train", "augment_upload", float), "stretch": ("train", "augment_stretch", float),

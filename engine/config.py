@@ -67,7 +67,13 @@ class ModelConfig:
     max_active_inputs: int = 0
     # Average-pool the image by this factor on the client, before quantization and encryption
     # (1: the full image). Fewer encrypted inputs: cheaper encryption and linear layer.
-    input_pool: int = 1
+    input_pool: float = 1  # whole factors crop to a multiple; fractional ones average by area (2.8: 28 px -> 10x10)
+
+    def __post_init__(self) -> None:
+        if float(self.input_pool).is_integer():  # 2.0 and 2 are one model (and one content hash)
+            object.__setattr__(self, "input_pool", int(self.input_pool))
+        if self.input_pool < 1:
+            raise ValueError("input_pool must be at least 1")
 
     @staticmethod
     def parse_hidden(text: str) -> tuple[int, ...]:

@@ -89,8 +89,10 @@ def test_training_with_images_holds_out_part_and_records_what_it_learned_from(fo
     assert own["holdout"] == {"normal": 3, "pneumonia": 3} and own["unreadable"] == 1
     assert meta["config"]["data"]["images"] == "xrays"  # no machine path in the registry
     assert "labelled images 'xrays': 18 trained on" in saved.sources_text()
-    # calibration images for the compiler come from both sources
-    assert len(result.calibration) == 256 + 18
+    # the compiler's input set, stored with the model, holds MedMNIST's images only: none of the folder's
+    assert len(result.calibration) == 256
+    own_images = {im.tobytes() for im in images.clean}
+    assert not any(im.tobytes() in own_images for im in result.calibration)
 
 
 def test_images_only_trains_on_the_folder_alone(folder, data_dir, tmp_path):
@@ -146,3 +148,22 @@ def test_train_page_trains_with_my_labelled_images(archive, data_dir, tmp_path, 
     assert any("labelled images 'xrays.zip" in c.value for c in at.caption)
     saved = registry.load("pneumoniamnist", "ui-images", tmp_path / "models")
     assert [s["kind"] for s in saved.sources] == ["medmnist", "images"]
+
+
+def test_fractional_pooling_averages_the_whole_image_by_area():
+    from engine.config import ModelConfig
+    from engine.learn.data import area_matrix, to_features
+
+    x = np.random.default_rng(0).integers(0, 256, (3, 28, 28)).astype(np.uint8)
+    f = to_features(x, 2.8)
+    assert f.shape == (3, 100) and to_features(x, 2).shape == (3, 196) and to_features(x, 3).shape == (3, 81)
+    # each input is the area-weighted mean of its span: a constant image stays constant, and the
+    # mean over all inputs is the image's mean (every pixel counts the same)
+    flat = np.full((1, 28, 28), 200, np.uint8)
+    assert np.allclose(to_features(flat, 2.8), 200 / 127.5 - 1)
+    assert np.allclose(f.mean(axis=1), x.reshape(3, -1).astype(np.float32).mean(axis=1) / 127.5 - 1, atol=1e-5)
+    m = area_matrix(28, 10)
+    assert np.allclose(m.sum(axis=1), 1) and np.allclose(m.sum(axis=0), 10 / 28)
+    assert ModelConfig(input_pool=2.0).input_pool == 2 and isinstance(ModelConfig(input_pool=2.0).input_pool, int)
+    with pytest.raises(ValueError):
+        ModelConfig(input_pool=0.5)

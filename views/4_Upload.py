@@ -17,8 +17,9 @@ st.markdown(
 )
 pool = saved.config.model.input_pool
 if pool > 1:
-    st.caption(f"Before encrypting, the client averages {pool}×{pool} pixel blocks: "
-               f"{(size // pool) ** 2 * channels} encrypted inputs per image.")
+    grid = size // pool if pool == int(pool) else round(size / pool)
+    st.caption(f"Before encrypting, the client averages the image onto a {grid}×{grid} grid: "
+               f"{grid ** 2 * channels} encrypted inputs per image.")
 guard = ui.guard(saved)
 if guard is None:
     st.caption("No input check for this model: its guard file is missing and the dataset is not on this machine.")
@@ -99,5 +100,14 @@ batch = st.session_state.get("upload_batch")
 if batch and batch[0] == saved.hash and batch[1] == [it.name for it in items]:
     table = batch[2]
     st.dataframe(table, hide_index=True)
+    SHOWN = 24
+    with st.expander(f"Each image and the {size}×{size} picture the model saw"
+                     + (f" (the first {SHOWN})" if len(good) > SHOWN else ""), icon=":material/image:"):
+        answers = dict(zip(table["file"], table["prediction"]))
+        for row_items in [good[i:i + 4] for i in range(0, min(len(good), SHOWN), 4)]:
+            cols = st.columns(8)
+            for k, it in enumerate(row_items):
+                cols[2 * k].image(it.original, caption=it.name.rsplit("/", 1)[-1][:24], width=110, clamp=True)
+                cols[2 * k + 1].image(it.image, caption=f"→ {answers.get(it.name, '')}", width=110, clamp=True)
     st.download_button("Download CSV", table.to_csv(index=False).encode(), file_name=f"encrypted_predictions_{saved.dataset}.csv",
                        mime="text/csv", icon=":material/download:", key="upload_csv")

@@ -29,7 +29,8 @@ def add_train(sub) -> None:
     g.add_argument("--act-bits", type=int, default=None)
     g.add_argument("--input-bits", type=int, default=None)
     g.add_argument("--max-active-inputs", type=int, default=None, help="prune to this many inputs per neuron (0: off)")
-    g.add_argument("--input-pool", type=int, default=None, help="average-pool the image by this factor on the client")
+    g.add_argument("--input-pool", type=float, default=None,
+                   help="average-pool the image by this factor on the client (2: 14x14 inputs; 2.8: 10x10, by area)")
     g.add_argument("--augment", type=int, default=None, help="random shifts of up to N pixels during training")
     g.add_argument("--rotate", type=float, default=None, help="random rotations of up to N degrees during training")
     g.add_argument("--scale", type=float, default=None, help="random zoom by a factor in [1-S, 1+S] during training")
@@ -37,6 +38,8 @@ def add_train(sub) -> None:
                    help="squeeze or stretch one axis by a factor in [1/(1+S), 1+S] during training (uploads squeezed to a square)")
     g.add_argument("--upload-augment", type=float, default=None,
                    help="share of training images given an upload's round trips each epoch (exposure, resize filters, blur, JPEG)")
+    g.add_argument("--prune-after", type=float, default=None,
+                   help="with --max-active-inputs: share of the epochs trained dense before pruning (0: after one epoch)")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--lr", type=float, default=None)
@@ -108,7 +111,8 @@ def cmd_train(a) -> int:
                           augment_upload=pick(a.upload_augment, bt.augment_upload),
                           distill=pick(a.distill, bt.distill), teacher_epochs=pick(a.teacher_epochs, bt.teacher_epochs),
                           rounding_noise=pick(a.rounding_noise, bt.rounding_noise),
-                          image_copies=pick(a.image_copies, bt.image_copies)),
+                          image_copies=pick(a.image_copies, bt.image_copies),
+                          prune_after=pick(a.prune_after, bt.prune_after)),
         compile=compile_cfg(a, base["compile"]),
     )
     a.epochs = cfg.train.epochs

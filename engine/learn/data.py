@@ -137,16 +137,34 @@ def to_features(images: np.ndarray, pool: int = 1) -> np.ndarray:
 
     ``pool > 1`` averages ``pool x pool`` pixel blocks first: client-side preprocessing in the
     clear (the data owner's own computation) that divides the number of encrypted inputs. When
-    the size is not a multiple of ``pool`` the trailing rows and columns are dropped (28 px with
-    ``pool=3``: the top-left 27x27 pixels, 9x9 inputs).
+    the size is not a multiple of a whole ``pool`` the trailing rows and columns are dropped (28 px
+    with ``pool=3``: the top-left 27x27 pixels, 9x9 inputs); a fractional ``pool`` averages the
+    whole image onto a ``round(28 / pool)`` grid by area (``pool=2.8``: 10x10 inputs).
     """
     x = np.asarray(images, dtype=np.float32)
-    if pool > 1:
+    if pool > 1 and pool != int(pool):  # a fractional factor: area averaging onto a round(H / pool) grid
+        n, h, w = x.shape[:3]
+        rows, cols = area_matrix(h, round(h / pool)), area_matrix(w, round(w / pool))
+        x = np.einsum("ih,nhw...,jw->nij...", rows, x, cols)
+    elif pool > 1:
+        pool = int(pool)
         n, h, w = x.shape[:3]
         hh, ww = h // pool, w // pool
         x = x[:, : hh * pool, : ww * pool].reshape(n, hh, pool, ww, pool, *x.shape[3:]).mean(axis=(2, 4))
     x = x.reshape(len(x), int(np.prod(x.shape[1:])))  # (0, F) for no images
     return x / 127.5 - 1.0
+
+
+def area_matrix(size: int, out: int) -> np.ndarray:
+    """(out, size) weights averaging each of ``out`` equal spans of ``size`` pixels, partial
+    pixels counted by their covered share (what an area resize computes): a fixed transform."""
+    edges = np.linspace(0, size, out + 1)
+    m = np.zeros((out, size), np.float32)
+    for i in range(out):
+        lo, hi = edges[i], edges[i + 1]
+        for px in range(int(np.floor(lo)), min(size, int(np.ceil(hi)))):
+            m[i, px] = min(hi, px + 1) - max(lo, px)
+    return m / m.sum(axis=1, keepdims=True)
 
 
 def load_split(cfg: DataConfig, split: str) -> Split:

@@ -26,18 +26,21 @@ import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
+from typing import Protocol
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
-
-if TYPE_CHECKING:
-    from .framing import Framing
 
 MAX_BYTES = 25 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "MPO")
 EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "gif", "npy", "dcm", "dicom")
+
+
+class Reframer(Protocol):
+    """What the upload path needs of a squeeze estimator (:class:`engine.learn.framing.Framing`):
+    typed here without importing it (framing reads the registry, which reads training)."""
+
+    def reframe(self, square: np.ndarray) -> tuple[np.ndarray, float | None]: ...
 
 
 class ImageError(Exception):
@@ -52,7 +55,7 @@ class LoadedImage:
 
 
 def load_image(source: Path | bytes, size: int = 28, channels: int = 1, name: str | None = None,
-               sharpness: float | None = None, framing: "Framing | None" = None) -> LoadedImage:
+               sharpness: float | None = None, framing: "Reframer | None" = None) -> LoadedImage:
     """Decode ``source`` (a path or the uploaded bytes) into the model's input format.
 
     ``sharpness``: the training images' median :func:`graininess`; an image shrunk to the model's
@@ -90,7 +93,7 @@ def decode(source: Path | bytes, name: str | None = None, notes: list[str] | Non
 
 
 def to_model_input(original: np.ndarray, size: int = 28, channels: int = 1, notes: list[str] | None = None,
-                   sharpness: float | None = None, framing: "Framing | None" = None) -> np.ndarray:
+                   sharpness: float | None = None, framing: "Reframer | None" = None) -> np.ndarray:
     """A decoded image (uint8, any size) -> what the model sees: the second half of the upload
     path (channels, centre crop to a square, resize). Training images take it too."""
     notes = [] if notes is None else notes
@@ -278,7 +281,7 @@ def _to_channels(arr: np.ndarray, channels: int, notes: list[str]) -> np.ndarray
 
 
 def _square_resize(arr: np.ndarray, size: int, notes: list[str], sharpness: float | None = None,
-                   framing: "Framing | None" = None) -> np.ndarray:
+                   framing: "Reframer | None" = None) -> np.ndarray:
     h, w = arr.shape[:2]
     if h != w:
         s = min(h, w)

@@ -219,7 +219,10 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
     noise = RoundingNoise(model, cfg.compile.rounding_threshold_bits, tc.rounding_noise)
     soft = None  # the teacher's logits for this epoch's training images
 
-    pool_images = train_split.images if not len(own) else np.concatenate([train_split.images, images.clean[own]])
+    # The compiler's input set is stored with the model (calibration.npz): MedMNIST's training
+    # images where the model learned from them, so that no image of one's own folder is stored
+    # (a hospital's images stay where they are); the folder's only for a model trained on it alone.
+    pool_images = train_split.images if len(train_split) else images.clean[own]
     calib_idx = np.random.default_rng(tc.seed).permutation(len(pool_images))[:CALIBRATION_SIZE]
     result = TrainResult(model=model, config=cfg, calibration=pool_images[np.sort(calib_idx)])
     copy_rng = np.random.default_rng(tc.seed + 1)
