@@ -242,7 +242,9 @@ def _validate_images(a) -> int:
     if a.backend or a.batch_size > 1:
         raise UserError("--images runs the upload path one image at a time: drop --backend and --batch-size")
     p = predictor(a)
-    files = validate.read_labelled(Path(a.images), p.info, validate.parse_label_map(a.label_map))
+    from ..learn.labelled import TRAIN_LIMIT
+
+    files = validate.read_labelled(Path(a.images), p.info, validate.parse_label_map(a.label_map), limit=TRAIN_LIMIT)
     guard = guards.for_model(p.saved, data_cfg(a))
     if guard is None:
         say("no input check and no calibration: the model has no guard file and its dataset is not on this machine")
