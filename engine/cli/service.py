@@ -113,10 +113,12 @@ def cmd_loadtest(a) -> int:
 
     r = run_loadtest(a.server, a.clients, a.requests, a.dataset, a.model, say=say, token=a.token, ca_file=a.ca_file)
     ms = lambda v: "-" if v is None else f"{1000 * v:.0f} ms"  # noqa: E731
+    num = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731 - every request may have failed
     print(f"{r['clients']} clients x {r['requests']} requests: {r['completed']} answered, {r['errors']} errors, "
           f"p50 {ms(r['latency_p50_s'])}, p95 {ms(r['latency_p95_s'])}, max {ms(r['latency_max_s'])}, "
-          f"{r['throughput_rps']:.2f} req/s, first request {ms(r['first_request_latency_s'])}, "
-          f"key re-uploads {r['key_reuploads']}, server RSS peak {r['server_rss_peak_bytes'] / 2**20:.0f} MiB")
+          f"{num(r['throughput_rps'], '.2f')} req/s, first request {ms(r['first_request_latency_s'])}, "
+          f"key re-uploads {r['key_reuploads']}, server RSS peak "
+          f"{num(None if r['server_rss_peak_bytes'] is None else r['server_rss_peak_bytes'] / 2**20, '.0f')} MiB")
     print(f"answers re-sent alone: {r['answers_differing']} of {r['answers_rechecked']} differ")
     if a.json:
         write_json(r, Path(a.json))

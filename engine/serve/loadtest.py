@@ -184,7 +184,7 @@ def markdown(runs: list[dict]) -> str:
         lines.append(
             f"| {r['clients']} x {r['requests']} | {r['server_key_store_capacity_bytes'] / 2**30:.2f} GiB | {r['errors']} | "
             f"{ms(r['latency_p50_s'])} | {ms(r['latency_p95_s'])} | {ms(r['latency_max_s'])} | "
-            f"{r['throughput_rps']:.2f} req/s | {ms(r['first_request_latency_s'])} | {ms(r['later_request_latency_s'])} | "
+            f"{'-' if r['throughput_rps'] is None else format(r['throughput_rps'], '.2f')} req/s | {ms(r['first_request_latency_s'])} | {ms(r['later_request_latency_s'])} | "
             f"{r['key_reuploads']} | {r.get('server_key_reloads', '-')} | {r['server_rss_peak_bytes'] / 2**20:.0f} MiB | "
             f"{r.get('answers_differing', '-')} of {r.get('answers_rechecked', '-')} |")
     return "\n".join(lines) + "\n"
