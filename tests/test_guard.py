@@ -166,3 +166,19 @@ def test_an_unstable_setting_is_replaced_by_the_nearest_stable_one_unless_asked_
     assert s.adopted and s.proposal.stable and s.proposal.compile in stability.candidates(shaky) and s.latency_s > 0
     stored = registry.load("pneumoniamnist", tiny_saved.name, tmp_path)
     assert stored.config.compile == s.proposal.compile and stored.hash == mine.hash  # same weights, safer circuit
+
+
+def test_validation_gives_a_flagged_image_no_confidence(tiny_saved, predictor, data_dir):
+    from engine.study.validate import LabelledFile, validate
+
+    g = guards.fit_for(tiny_saved, DataConfig("pneumoniamnist", data_dir=str(data_dir), allow_download=False))
+    val = load_split(DataConfig("pneumoniamnist", data_dir=str(data_dir), allow_download=False), "val")
+    noise = (np.random.default_rng(3).random((120, 90)) * 255).astype(np.uint8)
+    files = [LabelledFile("normal/a.png", int(val.labels[0, 0]), _png(val.images[0])),
+             LabelledFile("pneumonia/noise.png", 1, _png(noise))]
+    r = validate(predictor, g, files, "quantized")
+    rows = {im["file"]: im for im in r["images"]}
+    flagged = rows["pneumonia/noise.png"]
+    assert flagged["flagged"] and flagged["confidence"] is None and flagged["uncertain"] is True and flagged["warning"]
+    assert not rows["normal/a.png"]["flagged"] and rows["normal/a.png"]["confidence"] >= 0.5
+    assert r["flagged_share"] == 0.5 and r["confident_share"] <= 0.5  # the flagged one is never among the confident
