@@ -32,20 +32,8 @@ from engine.learn import guard as guards  # noqa: E402
 from engine.learn.data import DataConfig, load_split  # noqa: E402
 from engine.learn.framing import Framing  # noqa: E402
 from engine.study.infer import Predictor  # noqa: E402
+from bench.real_train import SHARES, variant  # noqa: E402 - centre crops of the width, as there
 from engine.study.validate import LabelledFile, parse_label_map, read_labelled, validate  # noqa: E402
-
-SHARES = (1.0, 0.85, 0.75)
-
-
-def width_crop(f: LabelledFile, share: float) -> LabelledFile:
-    im = Image.open(io.BytesIO(f.data))
-    w, h = im.size
-    cw = int(round(share * w))
-    left = (w - cw) // 2
-    b = io.BytesIO()
-    im.crop((left, 0, left + cw, h)).save(b, "PNG")
-    return LabelledFile(f.name, f.label, b.getvalue())
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -65,7 +53,7 @@ def main() -> int:
     if g is None or stored is None:
         sys.exit(f"{a.dataset}/{p.saved.name} needs its guard.npz and framing.npz")
     files = read_labelled(Path(a.images), p.info, parse_label_map(a.label_map))
-    crops = {s: [width_crop(f, s) for f in files] if s < 1 else files for s in SHARES}
+    crops = {s: variant(files, s) if s < 1 else files for s in SHARES}
     uploads = {}  # MedMNIST splits uploaded as PNG files: their framing must stay as it is
     for split in a.splits.split(","):
         data = load_split(DataConfig(a.dataset, allow_download=False), split)

@@ -27,6 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.real_train import SHARES, variant  # noqa: E402
 from engine.learn import guard as guards  # noqa: E402
+from engine.learn import registry  # noqa: E402
+from engine.learn.framing import Framing  # noqa: E402
 from engine.study.infer import Predictor  # noqa: E402
 from engine.study.validate import parse_label_map, read_labelled, validate  # noqa: E402
 
@@ -48,11 +50,8 @@ def main() -> int:
     if not a.no_crops:
         sets.update({f"crop {int(100 * s)}%": variant(files, s) for s in SHARES[1:]})
         sets["stretched 1.2"] = variant(files, 1.0, 1.2)
-    from engine.learn.framing import Framing
-
-    # the squeeze estimator: the model's own, else the one the dataset's other models carry (to measure it)
-    stored_framing = g.framing or next((Framing.load(m.path) for m in __import__("engine.learn.registry", fromlist=["x"])
-                                        .list_models(a.dataset) if Framing.load(m.path) is not None), None)
+    # the squeeze estimator: the model's own, else the one another model of the dataset carries (to measure it)
+    stored_framing = g.framing or next(filter(None, (Framing.load(m.path) for m in registry.list_models(a.dataset))), None)
     settings = {"no correction": (None, False), "softening only": (None, True)}
     if stored_framing is not None:
         settings["squeeze estimator only"] = (stored_framing, False)

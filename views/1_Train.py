@@ -9,7 +9,6 @@ from engine.learn import registry
 from engine.config import ModelConfig, PipelineConfig, TrainConfig
 from engine.learn.data import DataError, locate
 from engine.learn.recipes import recipe
-from engine.learn.train import train
 
 st.set_page_config(page_title="Train", page_icon=ui.FAVICON, layout="wide")
 st.title("Train a quantization-aware model")
@@ -102,21 +101,16 @@ if submitted:
             return fig
 
         with ui.long_job("training"):
-            images = None
-            if cfg.data.images:
-                from engine.learn.labelled import training_images
-                from engine.learn.data import dataset_info
+            ibar = st.progress(0.0, text="preparing your images…") if cfg.data.images else None
 
-                ibar = st.progress(0.0, text="preparing your images…")
-                images = training_images(cfg.data, dataset_info(dataset), cfg.train.image_copies, cfg.train.seed,
-                                         progress=lambda d, n: ibar.progress(d / max(n, 1), text=f"preparing your images: {d}/{n}"))
+            def on_images(done, total):
+                ibar.progress(done / max(total, 1), text=f"preparing your images: {done}/{total}")
+
+            def on_prepared(images):
                 st.caption(f"{len(images.names)} labelled images ({len(images.unreadable)} unreadable): "
                            f"{len(images.train_index)} to train on, {len(images.holdout_index)} held out for validation.")
-            result = train(cfg, progress=on_epoch, images=images)
-            saved = registry.save(result, name.strip() or None)
-            from engine.learn import guard as guards
 
-            guards.fit_for(saved, cfg.data, images=images)  # the input check and confidence calibration
+            result, saved = ui.train_and_save(cfg, name.strip() or None, on_epoch, on_images, on_prepared)
         st.session_state["model"] = (saved.dataset, saved.name)
         held = (f", your held-out images {100 * result.metrics['holdout']['accuracy']:.1f}%"
                 if "holdout" in result.metrics else "")

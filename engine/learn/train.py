@@ -66,20 +66,21 @@ def augment(images: np.ndarray, tc: TrainConfig, rng: np.random.Generator) -> np
     return moved
 
 
-def class_weights(split: Split) -> torch.Tensor | None:
-    """Inverse-frequency weights (single-label) or positive weights (multi-label)."""
-    y = split.targets
-    if split.info.multi_label:
+def class_weights(targets: np.ndarray, info) -> torch.Tensor | None:
+    """Inverse-frequency weights (single-label) or positive weights (multi-label) of
+    ``targets`` (:attr:`Split.targets`)."""
+    y = targets
+    if info.multi_label:
         pos = y.mean(axis=0).clip(1e-3, 1 - 1e-3)
         return torch.tensor((1 - pos) / pos, dtype=torch.float32)
-    counts = np.bincount(y, minlength=split.info.n_outputs).astype(np.float64)
+    counts = np.bincount(y, minlength=info.n_outputs).astype(np.float64)
     w = len(y) / (len(counts) * np.maximum(counts, 1))
     return torch.tensor(w, dtype=torch.float32)
 
 
-def loss_fn(split: Split, weighted: bool) -> nn.Module:
-    w = class_weights(split) if weighted else None
-    if split.info.multi_label:
+def loss_fn(targets: np.ndarray, info, weighted: bool) -> nn.Module:
+    w = class_weights(targets, info) if weighted else None
+    if info.multi_label:
         return nn.BCEWithLogitsLoss(pos_weight=w)
     return nn.CrossEntropyLoss(weight=w)
 
@@ -206,10 +207,8 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
         raise ValueError("nothing to train on: the labelled folder has no training image")
 
     model = build_model(x_val.shape[1], info.n_outputs, cfg.model)
-    combined = Split(cfg.data.dataset, "train", np.zeros((len(y_all), 1), np.uint8),
-                     y_all.reshape(len(y_all), -1).astype(np.int64), info)
-    criterion = loss_fn(combined, tc.class_weighting)
-    val_criterion = loss_fn(val_split, tc.class_weighting)
+    criterion = loss_fn(y_all, info, tc.class_weighting)
+    val_criterion = loss_fn(val_split.targets, info, tc.class_weighting)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(tc.epochs, 1))
     gen = torch.Generator().manual_seed(tc.seed)
@@ -226,6 +225,8 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
     calib_idx = np.random.default_rng(tc.seed).permutation(len(pool_images))[:CALIBRATION_SIZE]
     result = TrainResult(model=model, config=cfg, calibration=pool_images[np.sort(calib_idx)])
     copy_rng = np.random.default_rng(tc.seed + 1)
+    # each labelled training image's real-upload versions and the image as uploaded, gathered once
+    versions_of_own = np.concatenate([images.copies[:, own], images.clean[own][None]]) if len(own) else None
     best_score, best_state = -np.inf, None
     # With pruning: one dense epoch, then fine-tune under the mask; only masked epochs compete.
     prune_epoch = (min(max(2, int(round(tc.prune_after * tc.epochs)) + 1), tc.epochs)
@@ -241,8 +242,8 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
             moved = augment(train_split.images, tc, aug_rng)
             x_train = torch.from_numpy(to_features(moved, pool))
         if len(own):  # each labelled image as one of its real-upload versions, or as it is
-            pick = copy_rng.integers(0, len(images.copies) + 1, len(own))
-            versions = np.concatenate([images.copies, images.clean[None]])[pick, own]
+            pick = copy_rng.integers(0, len(versions_of_own), len(own))
+            versions = versions_of_own[pick, np.arange(len(own))]
             moved = np.concatenate([np.asarray(moved, dtype=np.float32), versions.astype(np.float32)])
             x_train = torch.from_numpy(to_features(moved, pool))
         if teacher is not None and (soft is None or tc.augments):  # unmoved images: their logits once
