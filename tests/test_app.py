@@ -66,7 +66,10 @@ def test_home_encrypted_prediction(app_env):
     if note.startswith("Encrypted and decrypted with this session's own keys"):
         assert "**This session's keys** generated" in status
     else:
-        assert "shared key set" in note and "the app's shared key set answers" in status
+        # the status row is redrawn at the end of the run with the keys' state then (views/0_Home.py):
+        # this session's keys may have arrived after the shared set answered
+        assert "shared key set" in note and ("the app's shared key set answers" in status
+                                             or "**This session's keys** generated" in status)
     wire = next(m.value for m in at.markdown if "What crossed the wire" in m.value)
     assert f"(to {app_env_url(at)})" in wire and "bytes of ciphertext" in wire
     hexes = next(m.value for m in at.markdown if m.value.startswith("ciphertext `"))
