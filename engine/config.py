@@ -185,6 +185,11 @@ class ServiceConfig:
     max_queue: int = 64  # runs waiting, over all clients; past it: 429
     backend: str = "local"  # or "dask"
     scheduler: str = ""  # dask scheduler address for backend "dask"
+    # TLS to the Dask cluster (tls://HOST:PORT): the CA, and this service's certificate and key
+    # (PEM). Empty: Dask's own configuration (distributed.comm.tls.*) applies.
+    dask_tls_ca: str = ""
+    dask_tls_cert: str = ""
+    dask_tls_key: str = ""
     # > 1: also host each model's circuit for this many images per call, as its own circuit id
     # that runs with the keys registered for the 1-image circuit (the key parameters are equal)
     batch_size: int = 1
@@ -203,6 +208,9 @@ class ServiceConfig:
             raise ValueError("batch size must be at least 1")
         if self.batch_size > 1 and self.backend == "dask":
             raise ValueError("batched circuits are served by the local backend only")
+        tls = (self.dask_tls_ca, self.dask_tls_cert, self.dask_tls_key)
+        if any(tls) and not all(tls):
+            raise ValueError("--dask-tls-ca, --dask-tls-cert and --dask-tls-key go together")
 
 
 @dataclass(frozen=True)

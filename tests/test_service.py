@@ -463,7 +463,7 @@ def test_dask_backend_equals_local_pool(tiny_saved, models_dir, cache_dir, feats
         remote = Service(config(models_dir, cache_dir, backend="dask", scheduler=cluster.scheduler_address))
         try:
             remote.host(tiny_saved)
-            assert remote.pool.workers == 2
+            assert len(remote.store.workers()) == 2  # each worker with its own key store
             b = EncryptedClient(InProcessTransport(remote), cid, client_fhe, keep_evaluation_keys=True)
             with ThreadPoolExecutor(3) as ex:
                 got = list(ex.map(lambda i: b.predict(feats[i : i + 1])[0], range(3)))

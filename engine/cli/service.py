@@ -32,6 +32,9 @@ def add_serve(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="runs waiting before the service answers 429")
     p.add_argument("--backend", choices=["local", "dask"], default="local")
     p.add_argument("--scheduler", default="", help="dask scheduler address for --backend dask")
+    p.add_argument("--dask-tls-ca", default="", help="TLS to the Dask cluster (tls://...): the CA (PEM)")
+    p.add_argument("--dask-tls-cert", default="", help="this service's certificate for the Dask cluster (PEM)")
+    p.add_argument("--dask-tls-key", default="", help="that certificate's private key (PEM)")
     p.add_argument("--first", default="", metavar="DATASETS",
                    help="host these datasets' circuits first (comma-separated): their clients are answered while "
                         "the others load")
@@ -56,7 +59,8 @@ def cmd_serve(a) -> int:
                         key_dir=a.key_dir or "", key_disk_bytes=a.key_disk_bytes, key_ttl_s=a.key_ttl,
                         key_linger_s=a.key_linger,
                         workers=a.workers, max_queue=a.max_queue, backend=a.backend,
-                        scheduler=a.scheduler, batch_size=a.batch_size, first=a.first)
+                        scheduler=a.scheduler, batch_size=a.batch_size, first=a.first,
+                        dask_tls_ca=a.dask_tls_ca, dask_tls_cert=a.dask_tls_cert, dask_tls_key=a.dask_tls_key)
     import ipaddress
 
     from ..serve.tenants import Tenants, audit_logger, read_tokens
@@ -120,6 +124,8 @@ def cmd_loadtest(a) -> int:
           f"key re-uploads {r['key_reuploads']}, server RSS peak "
           f"{num(None if r['server_rss_peak_bytes'] is None else r['server_rss_peak_bytes'] / 2**20, '.0f')} MiB")
     print(f"answers re-sent alone: {r['answers_differing']} of {r['answers_rechecked']} differ")
+    for kind, n in sorted(r["errors_by_kind"].items(), key=lambda kv: -kv[1]):  # what failed, most first
+        print(f"  {n} failed: {kind}")
     if a.json:
         write_json(r, Path(a.json))
         print(f"wrote {a.json}")

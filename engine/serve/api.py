@@ -73,6 +73,29 @@ class Metrics:
               registry=r).set_function(lambda: float(statistics.median(service.reload_seconds)) if service.reload_seconds else 0.0)
         Gauge("engine_process_rss_bytes", "resident memory of the service process", registry=r).set_function(
             lambda: service.stats()["rss_bytes"])
+        Gauge("engine_key_replacements", "key sets placed again after their Dask worker left", registry=r).set_function(
+            lambda: service.replacements)
+        r.register(_WorkerCollector(service))
+
+
+class _WorkerCollector:
+    """``engine_worker_*{worker=...}``: what each Dask worker holds and has run (read at each scrape;
+    the label's values are the cluster's worker addresses, bounded by the operator)."""
+
+    def __init__(self, service: Service):
+        self.service = service
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        sets = GaugeMetricFamily("engine_worker_key_sets", "key sets placed on each Dask worker", labels=["worker"])
+        size = GaugeMetricFamily("engine_worker_key_bytes", "memory of the key sets on each Dask worker", labels=["worker"])
+        runs = GaugeMetricFamily("engine_worker_runs", "FHE runs finished on each Dask worker so far", labels=["worker"])
+        for w in self.service.workers():
+            sets.add_metric([w["worker"]], w["key_sets"])
+            size.add_metric([w["worker"]], w["key_bytes"])
+            runs.add_metric([w["worker"]], w["runs"])
+        yield from (sets, size, runs)
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -188,8 +211,12 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
             return JSONResponse({"status": "starting", "circuits": len(service.circuits), "step": service.step,
                                  "hosted": [{"id": c.id, "dataset": c.dataset, "model": c.model}
                                             for c in list(service.circuits.values())]}, 503)
-        return {"status": "ok", "circuits": len(service.circuits), "backend": service.config.backend,
-                "workers": service.pool.workers, "uptime_s": round(time.time() - service.started, 1)}
+        answer = {"status": "ok", "circuits": len(service.circuits), "backend": service.config.backend,
+                  "workers": service.pool.workers, "uptime_s": round(time.time() - service.started, 1)}
+        if service.config.backend == "dask":  # each Dask worker and the key sets it holds
+            answer["dask_workers"] = service.workers()
+            answer["key_replacements"] = service.replacements
+        return answer
 
     @app.get("/circuits")
     async def circuits():
@@ -208,13 +235,13 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
         if not tenants.may_add_key_set(tenant):
             raise Busy(f"tenant '{tenant.name}' holds {tenants.key_sets(tenant)} key sets, its limit: "
                        "delete one first", retry_after=5.0)
-        c = await run_in_threadpool(service.admit, cid)  # room first: 429 before reading 56 MB
+        admitted = await run_in_threadpool(service.admit, cid)  # room first: 429 before reading 56 MB
         try:
-            body = await _body(request, c.max_key_body)
+            body = await _body(request, admitted.circuit.max_key_body)
         except BaseException:
-            service.release(c)
+            service.release(admitted)
             raise
-        key_id = await run_in_threadpool(service.register, cid, body, True, tenant.name)
+        key_id = await run_in_threadpool(service.register, cid, body, admitted, tenant.name)
         return {"key_id": key_id}
 
     @app.delete("/circuits/{cid}/keys/{key_id}")

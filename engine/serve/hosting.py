@@ -39,6 +39,7 @@ from ..fhe.runtime import FHEServer, WarmUp, warmup_material
 from ..fhe.threads import release_memory, set_run_threads
 from .keystore import KeyStore, StoreFull
 from .keyvault import KeyVault, name_of
+from .placement import KeysMissing, Placement, WorkerLost
 from .workpool import QueueFull, WorkPool
 
 
@@ -157,12 +158,20 @@ def rss_bytes() -> int:
 
 
 class LocalRunner:
-    """FHE runs in this process (threads: Concrete releases the GIL while it computes)."""
+    """FHE runs in this process (threads: Concrete releases the GIL while it computes).
+
+    The runner interface (also :class:`engine.serve.cluster.DaskRunner`'s): ``where`` is the key
+    store a key set goes to (its ``name``: here "local", there a worker's address), and the
+    value a key store keeps is what ``warm`` or ``reload`` answers (here the keys themselves)."""
 
     def load(self, c: HostedCircuit, key_id: str, body: bytes):
         return FHEServer.load_keys(body)
 
-    def reload(self, c: HostedCircuit, key_id: str, body: bytes):
+    def warm(self, c: HostedCircuit, key_id: str, keys, where: str):
+        c.server.execute(c.warm.ciphertext, keys)
+        return keys
+
+    def reload(self, c: HostedCircuit, key_id: str, body: bytes, where: str):
         """Keys checked at their upload, read back from the key folder (SHA-256 checked): the
         first run prepares them."""
         from concrete.compiler import ServerKeyset
@@ -171,90 +180,24 @@ class LocalRunner:
 
     def prepare(self, c: HostedCircuit, key_id: str, keys) -> None:
         """The first run with reloaded keys, on the warm-up ciphertext (a start-up's preload)."""
-        self.warm(c, key_id, keys)
-
-    def warm(self, c: HostedCircuit, key_id: str, keys) -> None:
         c.server.execute(c.warm.ciphertext, keys)
 
     def run(self, c: HostedCircuit, key_id: str, keys, ciphertext: bytes) -> bytes:
         return c.server.execute(ciphertext, keys)
 
-    def drop(self, key_id: str) -> None:
+    def drop(self, key_id: str, keys) -> None:
         release_memory()
 
     def close(self) -> None:
         pass
 
 
-class DaskRunner:
-    """FHE runs on a Dask cluster: circuits sent to each worker once, key sets once per worker."""
+@dataclass
+class Admitted:
+    """Room reserved for one key set of ``circuit`` in ``slot`` (a worker's key store, with Dask)."""
 
-    def __init__(self, scheduler: str):
-        from dask.distributed import Client
-
-        self.client = Client(scheduler)
-        self.threads = max(1, sum(self.client.nthreads().values()))
-
-    def add_circuit(self, c: HostedCircuit) -> None:
-        self.client.run(_worker_load_circuit, c.server_zip_digest, c.warm.library.read_bytes())
-
-    def load(self, c: HostedCircuit, key_id: str, body: bytes):
-        FHEServer.load_keys(body)  # validate here, so no worker ever sees malformed keys
-        return body
-
-    def warm(self, c: HostedCircuit, key_id: str, body: bytes) -> None:
-        self.client.run(_worker_register, c.server_zip_digest, key_id, body, c.warm.ciphertext)
-
-    def reload(self, c: HostedCircuit, key_id: str, body: bytes):
-        self.warm(c, key_id, body)  # registered on every worker, with its first run
-        return body
-
-    def prepare(self, c: HostedCircuit, key_id: str, keys) -> None:
-        pass
-
-    def run(self, c: HostedCircuit, key_id: str, _keys, ciphertext: bytes) -> bytes:
-        return self.client.submit(_worker_run, c.server_zip_digest, key_id, ciphertext, pure=False).result()
-
-    def drop(self, key_id: str) -> None:
-        try:
-            self.client.run(_worker_drop, key_id)
-        except Exception:  # noqa: BLE001 - a worker that left has nothing to drop
-            pass
-
-    def close(self) -> None:
-        self.client.close()
-
-
-# Per Dask worker process: loaded circuits and registered key sets.
-_W_SERVERS: dict[str, FHEServer] = {}
-_W_KEYS: dict[str, object] = {}
-
-
-def _worker_load_circuit(digest: str, library_zip: bytes) -> None:
-    if digest not in _W_SERVERS:
-        import tempfile
-
-        folder = Path(tempfile.mkdtemp(prefix="fhe-worker-"))
-        (folder / "library.zip").write_bytes(library_zip)
-        _W_SERVERS[digest] = FHEServer(folder, library=folder / "library.zip")
-
-
-def _worker_register(digest: str, key_id: str, body: bytes, warm_ciphertext: bytes) -> None:
-    keys = FHEServer.load_keys(body)
-    _W_SERVERS[digest].execute(warm_ciphertext, keys)
-    _W_KEYS[key_id] = keys
-
-
-def _worker_run(digest: str, key_id: str, ciphertext: bytes) -> bytes:
-    keys = _W_KEYS.get(key_id)
-    if keys is None:
-        raise KeyError(key_id)
-    return _W_SERVERS[digest].execute(ciphertext, keys)
-
-
-def _worker_drop(key_id: str) -> None:
-    if _W_KEYS.pop(key_id, None) is not None:
-        release_memory()
+    circuit: HostedCircuit
+    slot: KeyStore
 
 
 def _check_body(body: bytes, size: int, limit: int, fits: Callable[[bytes], bool], what: str) -> None:
@@ -275,14 +218,29 @@ class Service:
         c = self.config
         self.models_dir = Path(c.models_dir) if c.models_dir else default_models_dir()
         self.cache_dir = Path(c.cache_dir) if c.cache_dir else default_cache_dir()
-        self.runner = DaskRunner(c.scheduler) if c.backend == "dask" else LocalRunner()
-        if c.backend == "dask":  # the runs happen in the Dask workers, with their own threads
-            self.pool = WorkPool(self.runner.threads, c.max_queue)
+        options = dict(ttl_s=c.key_ttl_s or None, grace_s=c.key_grace_s, linger_s=c.key_linger_s)
+        self.replacements = 0  # key sets placed again after their worker left (Dask)
+        self._displaced: set[str] = set()
+        if c.backend == "dask":
+            from .cluster import DaskRunner
+
+            security = None
+            if c.dask_tls_ca:  # ciphertexts and keys cross the network: encrypted, both sides checked
+                from distributed.security import Security
+
+                security = Security(tls_ca_file=c.dask_tls_ca, tls_client_cert=c.dask_tls_cert,
+                                    tls_client_key=c.dask_tls_key, require_encryption=True)
+            self.runner = DaskRunner(c.scheduler, security=security)
+            # the runs happen in the Dask workers, with their own threads; the pool's threads
+            # only wait on them: two per worker thread, so a busy worker never idles another
+            self.pool = WorkPool(1, c.max_queue)  # grows as workers join (_worker_joined)
+            self.store = Placement(c.key_store_bytes, on_evict=self._left_memory, **options)
+            self.runner.on_run = self.store.count_run
         else:
+            self.runner = LocalRunner()
             cores = cpu_cores()
             self.pool = WorkPool(c.workers or cores, c.max_queue, threads=set_run_threads, cores=cores)
-        self.store = KeyStore(c.key_store_bytes, ttl_s=c.key_ttl_s or None, grace_s=c.key_grace_s,
-                              on_evict=self._left_memory, linger_s=c.key_linger_s)
+            self.store = KeyStore(c.key_store_bytes, on_evict=self._left_memory, **options)
         self.discards: list[str] = []  # key files found partial or corrupt (reported, never served)
         self.vault = KeyVault(c.key_dir or None, c.key_disk_bytes, on_discard=self._discarded)
         self.reloads = 0
@@ -292,6 +250,8 @@ class Service:
         self.ready = False
         self.step = "starting"  # what the start-up is doing (for /health while not ready)
         self.started = time.time()
+        if c.backend == "dask":
+            self.runner.watch(self._worker_joined, self._worker_left)
 
     # -- circuits
     def load(self, progress: Callable[[str], None] | None = None) -> "Service":
@@ -309,9 +269,39 @@ class Service:
         self.ready = True
         return self
 
-    def _left_memory(self, name: str, _entry) -> None:
+    def _left_memory(self, name: str, entry) -> None:
         self.vault.touch(name)  # in use until now: the key folder's order of use (and a restart's) says so
-        self.runner.drop(name)
+        self.runner.drop(name, entry.value)
+
+    # -- Dask workers that come and go
+    def _worker_joined(self, worker: str, threads: int) -> None:
+        if self.store.add_worker(worker):
+            self.pool.grow(2 * threads)
+
+    def _worker_left(self, worker: str) -> None:
+        """Place the key sets of a worker that left again, from their serialized copies: as many
+        as fit now in the background, the others when their client's next request comes."""
+        lost = self.store.remove_worker(worker)
+        self._displaced.update(name for name, _ in lost)
+        for name, _ in reversed(lost):  # most recently used first
+            kept = self.vault.entry(name)
+            c = self.circuits.get(kept.circuit) if kept is not None else None
+            if c is None or name in self.store or not self.store.room_for(c.footprint):
+                continue
+            try:
+                slot = self.store.reserve(c.footprint)
+                fut = self.pool.submit(name, self._load_cold, c, name, None, slot, background=True, tenant=kept.tenant)
+            except (StoreFull, QueueFull):
+                continue
+            fut.add_done_callback(self._unpin_loaded)
+
+    def _unpin_loaded(self, fut) -> None:
+        if fut.exception() is None and fut.result()[0] is not None:
+            self.store.unpin(fut.result()[0])
+
+    def workers(self) -> list[dict]:
+        """The Dask workers and what each holds (empty for the local backend)."""
+        return self.store.describe() if isinstance(self.store, Placement) else []
 
     def _discarded(self, name: str, why: str) -> None:
         self.discards.append(f"{name[:16]}: {why}")
@@ -325,8 +315,8 @@ class Service:
             c = self.circuits.get(e.circuit)
             if c is None or name in self.store or not self.store.room_for(c.footprint):
                 continue
-            self.store.reserve(c.footprint)
-            jobs.append(self.pool.submit(name, self._load_cold, c, name, background=True, tenant=e.tenant))
+            slot = self.store.reserve(c.footprint)
+            jobs.append(self.pool.submit(name, self._load_cold, c, name, None, slot, background=True, tenant=e.tenant))
         if self.discards:
             say(f"discarded {len(self.discards)} partial or corrupt key file(s) in {self.vault.folder}: "
                 + "; ".join(self.discards[:5]))
@@ -376,7 +366,7 @@ class Service:
         c = HostedCircuit(cid, saved.dataset, saved.name, saved.hash, compiled, server, warm,
                           warm.key_bytes, len(warm.ciphertext), footprint, zip_digest,
                           saved.config.model.input_pool, keys_from=pair.id if pair else "")
-        if isinstance(self.runner, DaskRunner):
+        if hasattr(self.runner, "add_circuit"):  # Dask: every worker, present and future, loads it
             self.runner.add_circuit(c)
         self.circuits[cid] = c
         return c
@@ -409,24 +399,29 @@ class Service:
         return self.circuit(cid).compiled.deployment_dir / "client.zip"
 
     # -- keys and runs
-    def admit(self, cid: str) -> HostedCircuit:
-        """Reserve room for one key set of ``cid`` before its upload is read (429 if none can be
-        made): a crowd of uploads then never holds more than the store's bound in memory.
-        Pass ``reserved=True`` to :meth:`register`, or :meth:`release` the room."""
-        c = self.circuit(cid)
+    def _reserve(self, c: HostedCircuit, avoid: str | None = None) -> KeyStore:
         try:
-            self.store.reserve(c.footprint, wait_s=self.config.key_wait_s)
+            if avoid is not None:
+                return self.store.reserve(c.footprint, wait_s=self.config.key_wait_s, avoid=avoid)
+            return self.store.reserve(c.footprint, wait_s=self.config.key_wait_s)
         except StoreFull as exc:
             raise Busy(str(exc), retry_after=1.0) from None
-        return c
 
-    def release(self, c: HostedCircuit) -> None:
-        self.store.release(c.footprint)
+    def admit(self, cid: str) -> Admitted:
+        """Reserve room for one key set of ``cid`` before its upload is read (429 if none can be
+        made): a crowd of uploads then never holds more than the store's bound in memory.
+        Pass the answer to :meth:`register`, or :meth:`release` the room."""
+        c = self.circuit(cid)
+        return Admitted(c, self._reserve(c))
 
-    def register(self, cid: str, body: bytes, reserved: bool = False, tenant: str = "-") -> str:
-        """Check, prepare and store a client's evaluation keys (in memory and in the key folder);
-        returns a new, unguessable key id."""
-        c = self.admit(cid) if not reserved else self.circuit(cid)
+    def release(self, admitted: Admitted) -> None:
+        admitted.slot.release(admitted.circuit.footprint)
+
+    def register(self, cid: str, body: bytes, admitted: Admitted | None = None, tenant: str = "-") -> str:
+        """Check, prepare and store a client's evaluation keys (in memory, on one worker with
+        Dask, and in the key folder); returns a new, unguessable key id."""
+        admitted = admitted or self.admit(cid)
+        c, slot = admitted.circuit, admitted.slot
         key_id = secrets.token_urlsafe(24)
         name = name_of(key_id)
         try:
@@ -435,21 +430,31 @@ class Service:
                 keys = self.runner.load(c, name, body)
             except Exception as exc:  # noqa: BLE001 - any deserialization failure is the body's fault
                 raise BadRequest(f"malformed evaluation keys ({type(exc).__name__})") from None
-            try:
-                self.pool.run(name, self.runner.warm, c, name, keys, background=True, tenant=tenant)
-            except QueueFull as exc:
-                raise Busy(str(exc), exc.retry_after) from None
-            except (ValueError, RuntimeError) as exc:  # Concrete refused to run with these keys
-                raise BadRequest(f"evaluation keys do not fit this circuit ({type(exc).__name__})") from None
+            for attempt in (1, 2):
+                try:
+                    value = self.pool.run(name, self.runner.warm, c, name, keys, slot.name, background=True,
+                                          tenant=tenant)[0]
+                    break
+                except QueueFull as exc:
+                    raise Busy(str(exc), exc.retry_after) from None
+                except (WorkerLost, KeysMissing) as exc:  # its worker left: another one
+                    slot.release(c.footprint)
+                    slot = None
+                    if attempt == 2:
+                        raise Busy(f"{exc}; retry", retry_after=1.0) from None
+                    slot = self._reserve(c, avoid=exc.worker)
+                except (ValueError, RuntimeError) as exc:  # Concrete refused to run with these keys
+                    raise BadRequest(f"evaluation keys do not fit this circuit ({type(exc).__name__})") from None
             try:
                 self.vault.put(name, body, c.key_owner, tenant, in_use=self.store.__contains__)
             except OSError as exc:
                 raise NoStorage(f"the service cannot store the keys ({type(exc).__name__}); retry later") from None
         except BaseException:
-            self.store.release(c.footprint)
+            if slot is not None:
+                slot.release(c.footprint)
             raise
-        self.store.put(name, keys, c.footprint, owner=c.key_owner)
-        del body
+        slot.put(name, value, c.footprint, owner=c.key_owner)
+        del body, keys, value
         release_memory()  # the upload's buffers and the preparation's scratch go back to the system
         return key_id
 
@@ -461,30 +466,34 @@ class Service:
     def key_sets_of(self, tenant: str) -> int:
         return self.vault.count(tenant)
 
-    def _load_cold(self, c: HostedCircuit, name: str, ciphertext: bytes | None = None):
-        """In a worker, with room reserved for ``c.footprint``: put the key set in memory from the
-        key folder (unless a request before this one did) and run ``ciphertext`` with it, or the
-        warm-up ciphertext. Returns the pinned entry (without a ciphertext) or the result."""
+    def _load_cold(self, c: HostedCircuit, name: str, ciphertext: bytes | None, slot: KeyStore):
+        """In a worker, with room reserved for ``c.footprint`` in ``slot``: put the key set in
+        memory from the key folder (unless a request before this one did) and run ``ciphertext``
+        with it, or the warm-up ciphertext. Returns the pinned entry (without a ciphertext) or the result."""
         entry = self.store.acquire(name)
         start = time.perf_counter()
         if entry is not None:  # loaded meanwhile
-            self.store.release(c.footprint)
+            slot.release(c.footprint)
         else:
             got = self.vault.read(name)
             if got is None:
-                self.store.release(c.footprint)
+                slot.release(c.footprint)
                 raise KeyError(name)  # gone, or found corrupt and discarded: the client uploads again
             try:
-                keys = self.runner.reload(c, name, got[0])
+                keys = self.runner.reload(c, name, got[0], slot.name)
                 del got
                 if ciphertext is None:
                     self.runner.prepare(c, name, keys)
             except BaseException:
-                self.store.release(c.footprint)
+                slot.release(c.footprint)
                 raise
-            self.store.put(name, keys, c.footprint, owner=c.key_owner)
-            entry = self.store.acquire(name)
+            slot.put(name, keys, c.footprint, owner=c.key_owner)
+            entry = slot.acquire(name)
+            del keys
             release_memory()
+            if name in self._displaced:  # its worker left: placed again, no client noticed
+                self._displaced.discard(name)
+                self.replacements += 1
         if ciphertext is None:
             self._count_reload(start)
             return entry
@@ -500,7 +509,8 @@ class Service:
         del self.reload_seconds[:-200]
 
     def predict(self, cid: str, key_id: str, body: bytes, tenant: str = "-") -> tuple[bytes, float, float]:
-        """One encrypted run: (serialized result, seconds queued, seconds computing)."""
+        """One encrypted run: (serialized result, seconds queued, seconds computing). With Dask, a
+        run whose worker leaves is run once more, its key set placed on another worker."""
         c = self.circuit(cid)
         _check_body(body, c.ciphertext_bytes, c.max_ciphertext_body, c.warm.ciphertext_fits, "ciphertext")
         try:
@@ -511,6 +521,17 @@ class Service:
         kept = self.vault.entry(name)
         if kept is None or kept.circuit != c.key_owner:
             raise NotFound("unknown or evicted key id: upload the evaluation keys again")
+        for attempt in (1, 2):
+            try:
+                return self._predict(c, name, body, tenant)
+            except (WorkerLost, KeysMissing) as exc:
+                self.store.remove(name)  # (a worker that left took it already)
+                self._displaced.add(name)
+                if attempt == 2:
+                    raise Busy(f"{exc} twice in a row; retry", retry_after=1.0) from None
+        raise AssertionError("unreachable")
+
+    def _predict(self, c: HostedCircuit, name: str, body: bytes, tenant: str) -> tuple[bytes, float, float]:
         entry = self.store.acquire(name)
         if entry is not None and entry.owner != c.key_owner:  # cannot happen: the folder says whose they are
             self.store.unpin(entry)
@@ -518,20 +539,17 @@ class Service:
         try:
             if entry is not None:
                 return self.pool.run(name, self.runner.run, c, name, entry.value, body, tenant=tenant)
-            try:  # out of memory: reload from the key folder, in the room reserved here
-                self.store.reserve(c.footprint, wait_s=self.config.key_wait_s)
-            except StoreFull as exc:
-                raise Busy(str(exc), retry_after=1.0) from None
+            slot = self._reserve(c)  # out of memory: reload from the key folder, in the room reserved here
             try:
-                fut = self.pool.submit(name, self._load_cold, c, name, body, tenant=tenant, cold=True)
+                fut = self.pool.submit(name, self._load_cold, c, name, body, slot, tenant=tenant, cold=True)
             except QueueFull:
-                self.store.release(c.footprint)
+                slot.release(c.footprint)
                 raise
             return fut.result()
         except QueueFull as exc:
             raise Busy(str(exc), exc.retry_after) from None
-        except KeyError:  # the key folder lost them (already discarded), or a Dask worker does not have
-            self.store.remove(name)  # them: the next request reloads them from the folder
+        except KeyError:  # the key folder lost them (already discarded): the client uploads again
+            self.store.remove(name)
             raise NotFound("unknown or evicted key id: upload the evaluation keys again") from None
         except (ValueError, RuntimeError) as exc:  # Concrete refused this ciphertext
             raise BadRequest(f"the ciphertext does not fit this circuit ({type(exc).__name__})") from None
@@ -553,7 +571,8 @@ class Service:
                 "key_store_evictions": self.store.evictions, "key_dir_bytes": self.vault.used_bytes,
                 "key_dir_capacity_bytes": self.vault.capacity, "key_dir_entries": len(self.vault),
                 "key_dir_evictions": self.vault.evictions, "key_dir_discarded": self.vault.discarded,
-                "key_reloads": self.reloads, "rss_bytes": rss_bytes(), "workers": self.pool.workers,
+                "key_reloads": self.reloads, "key_replacements": self.replacements, "rss_bytes": rss_bytes(),
+                "workers": self.pool.workers,
                 "backend": self.config.backend}
 
     def close(self) -> None:

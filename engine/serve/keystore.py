@@ -43,10 +43,11 @@ class Entry:
 class KeyStore:
     def __init__(self, capacity_bytes: int, ttl_s: float | None = None, grace_s: float = 30.0,
                  on_evict: Callable[[str, Entry], None] | None = None, clock: Callable[[], float] = time.monotonic,
-                 linger_s: float = 0.0):
+                 linger_s: float = 0.0, name: str = "local"):
         if capacity_bytes <= 0:
             raise ValueError("the key store needs a positive capacity in bytes")
         self.capacity = int(capacity_bytes)
+        self.name = name  # where the entries live: this process, or a Dask worker's address
         self.ttl_s = ttl_s
         self.grace_s = grace_s
         self.linger_s = linger_s
@@ -62,6 +63,18 @@ class KeyStore:
     def used_bytes(self) -> int:
         with self._lock:
             return sum(e.nbytes for e in self._entries.values())
+
+    @property
+    def free_bytes(self) -> int:
+        """Room left without evicting anything (reservations count as used)."""
+        with self._lock:
+            return self.capacity - sum(e.nbytes for e in self._entries.values()) - self._reserved
+
+    @property
+    def in_use(self) -> int:
+        """Requests using an entry now (the load of this store's worker)."""
+        with self._lock:
+            return sum(e.pins for e in self._entries.values())
 
     def __len__(self) -> int:
         with self._lock:
@@ -81,10 +94,12 @@ class KeyStore:
             return sum(e.nbytes for e in self._entries.values()) + self._reserved + nbytes <= self.capacity
 
     # -- admission
-    def reserve(self, nbytes: int, wait_s: float = 0.0) -> None:
+    def reserve(self, nbytes: int, wait_s: float = 0.0) -> "KeyStore":
         """Make room for ``nbytes`` and hold it for a ``put``: evict idle entries, least recently
         used first, but only if that makes enough room (never for nothing). Waits up to
-        ``wait_s`` for entries in use to become idle, then raises :class:`StoreFull`."""
+        ``wait_s`` for entries in use to become idle, then raises :class:`StoreFull`. Returns the
+        store that holds the room (this one; :class:`engine.serve.placement.Placement` answers
+        the chosen worker's)."""
         if nbytes > self.capacity:
             raise ValueError(f"one key set needs {nbytes:,} bytes but the key store holds {self.capacity:,}")
         evicted: list[tuple[str, Entry]] = []
@@ -104,6 +119,7 @@ class KeyStore:
                     raise StoreFull(f"key store full ({len(self._entries)} key sets in use)")
                 self._lock.wait(min(left, 0.5))
         self._notify(evicted)
+        return self
 
     def _victims_locked(self, nbytes: int) -> list[str] | None:
         """Least recently used idle entries whose removal makes room for ``nbytes`` (None: impossible now)."""
@@ -160,6 +176,15 @@ class KeyStore:
         if e is not None:
             self._notify([(key_id, e)], count=False)
         return e is not None
+
+    def drain(self) -> list[tuple[str, Entry]]:
+        """Take every entry out without notifying (their memory is already gone: a worker that left)."""
+        with self._lock:
+            gone = list(self._entries.items())
+            self._entries.clear()
+            self._reserved = 0
+            self._lock.notify_all()
+        return gone
 
     def expire(self) -> int:
         """Drop entries idle for longer than the time-to-live; returns how many."""

@@ -57,6 +57,7 @@ class WorkPool:
         if workers < 1 or max_queue < 1:
             raise ValueError("workers and max_queue must be at least 1")
         self.workers = workers
+        self._name = name
         self._threads_for = threads
         self.cores = cores or workers
         self.max_queue = max_queue
@@ -152,6 +153,18 @@ class WorkPool:
             cold: bool = False) -> tuple[Any, float, float]:
         """Submit and wait: (result, seconds queued, seconds running)."""
         return self.submit(owner, fn, *args, background=background, tenant=tenant, cold=cold).result()
+
+    def grow(self, n: int) -> None:
+        """``n`` more workers (the Dask backend's pool grows as workers join the cluster)."""
+        with self._cond:
+            if self._closed:
+                return
+            start = len(self._threads)
+            added = [threading.Thread(target=self._work, name=f"{self._name}-{start + i}", daemon=True) for i in range(n)]
+            self._threads += added
+            self.workers += n
+        for t in added:
+            t.start()
 
     def close(self) -> None:
         with self._cond:

@@ -1,0 +1,208 @@
+"""The service's FHE runs on a Dask cluster: circuits on every worker, each key set on one.
+
+- **Circuits** reach every worker through a Dask ``WorkerPlugin`` per circuit (its compiled
+  library, a few KB): the scheduler keeps the plugins and sets them up on each worker that
+  joins later, before it runs anything.
+- **Key sets** are placed by the service (:class:`engine.serve.placement.Placement`): a key set
+  is registered on one worker and its runs are restricted to that worker (``workers=[addr]``,
+  ``allow_other_workers=False``).
+- **Membership**: a watcher polls the scheduler and tells the service which workers joined and
+  left. A run whose worker left raises :class:`WorkerLost`; the service places the key set again
+  from its serialized copy and retries the run once.
+
+The serialized key sets stay with the service (its key folder, ``--key-dir``, or memory): a
+worker needs no shared file system, and a placement sends 56 MiB to one worker.
+
+Workers import this module: start them with the project on ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from concurrent.futures import CancelledError
+from pathlib import Path
+from typing import Callable
+
+from distributed import Client, WorkerPlugin, get_worker
+
+from ..fhe.runtime import FHEServer
+from ..fhe.threads import release_memory
+from .placement import KeysMissing, WorkerLost
+
+# Per Dask worker process: loaded circuits and registered key sets.
+_W_SERVERS: dict[str, FHEServer] = {}
+_W_KEYS: dict[str, object] = {}
+
+
+class CircuitPlugin(WorkerPlugin):
+    """Loads one hosted circuit on every worker, present or future."""
+
+    def __init__(self, digest: str, library_zip: bytes):
+        self.digest = digest
+        self.library_zip = library_zip
+
+    def setup(self, worker) -> None:
+        _worker_load_circuit(self.digest, self.library_zip)
+
+
+def _worker_load_circuit(digest: str, library_zip: bytes) -> None:
+    if digest not in _W_SERVERS:
+        folder = Path(tempfile.mkdtemp(prefix="fhe-worker-"))
+        (folder / "library.zip").write_bytes(library_zip)
+        _W_SERVERS[digest] = FHEServer(folder, library=folder / "library.zip")
+
+
+def _worker_register(digest: str, key_id: str, body: bytes, warm_ciphertext: bytes) -> str:
+    """Deserialize a key set and prepare it (one run on the warm-up ciphertext); answers where."""
+    keys = FHEServer.load_keys(body)
+    del body
+    _W_SERVERS[digest].execute(warm_ciphertext, keys)
+    _W_KEYS[key_id] = keys
+    release_memory()
+    return get_worker().address
+
+
+def _worker_run(digest: str, key_id: str, ciphertext: bytes) -> bytes:
+    keys = _W_KEYS.get(key_id)
+    if keys is None:
+        raise LookupError(f"no key set {key_id}")
+    return _W_SERVERS[digest].execute(ciphertext, keys)
+
+
+def _worker_drop(key_id: str) -> None:
+    if _W_KEYS.pop(key_id, None) is not None:
+        release_memory()
+
+
+def worker_state() -> dict:
+    """What this worker holds (``client.run(worker_state)``): circuits, key sets, memory."""
+    import psutil
+
+    return {"circuits": sorted(_W_SERVERS), "key_sets": sorted(_W_KEYS), "rss_bytes": psutil.Process().memory_info().rss}
+
+
+class DaskRunner:
+    """The service's runner for ``--backend dask`` (see the module's docstring)."""
+
+    def __init__(self, scheduler: str, poll_s: float = 0.5, security=None):
+        self.client = Client(scheduler, security=security)
+        self.poll_s = poll_s
+        self.workers: dict[str, int] = {}  # address -> threads
+        self._joined: Callable[[str, int], None] = lambda _a, _n: None
+        self._left: Callable[[str], None] = lambda _a: None
+        self._sync_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.on_run: Callable[[str], None] = lambda _a: None
+        self._sync()
+
+    @property
+    def threads(self) -> int:
+        return max(1, sum(self.workers.values()))
+
+    # -- membership
+    def watch(self, joined: Callable[[str, int], None], left: Callable[[str], None]) -> None:
+        """Call ``joined(address, threads)`` for each worker now and later, ``left(address)`` for each that goes."""
+        self._joined, self._left = joined, left
+        for a, n in list(self.workers.items()):
+            joined(a, n)
+        self._watcher = threading.Thread(target=self._watch, name="dask-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self._sync()
+            except Exception:  # noqa: BLE001 - the scheduler may be briefly unreachable: poll again
+                continue
+
+    def _sync(self) -> None:
+        with self._sync_lock:
+            now = {a: int(w.get("nthreads", 1)) for a, w in self.client.scheduler_info(n_workers=-1)["workers"].items()}
+            joined = [(a, n) for a, n in now.items() if a not in self.workers]
+            left = [a for a in self.workers if a not in now]
+            for a, n in joined:
+                self.workers[a] = n
+            for a in left:
+                del self.workers[a]
+        for a in left:
+            self._left(a)
+        for a, n in joined:
+            self._joined(a, n)
+
+    def alive(self, worker: str) -> bool:
+        self._sync()
+        return worker in self.workers
+
+    # -- circuits
+    def add_circuit(self, c) -> None:
+        self.client.register_plugin(CircuitPlugin(c.server_zip_digest, c.warm.library.read_bytes()),
+                                    name=f"fhe-circuit-{c.server_zip_digest[:16]}")
+
+    # -- key sets and runs (the runner interface of engine.serve.hosting)
+    def _wait(self, fut, worker: str, name: str):
+        """The task's result; :class:`WorkerLost` if its worker leaves first."""
+        while True:
+            try:
+                return fut.result(timeout=self.poll_s)
+            except TimeoutError:
+                if not self.alive(worker):
+                    fut.cancel()
+                    raise WorkerLost(worker) from None
+            except LookupError:
+                raise KeysMissing(worker, name) from None
+            except (CancelledError, OSError) as exc:  # the task or its worker went away
+                if not self.alive(worker):
+                    raise WorkerLost(worker) from None
+                raise RuntimeError(f"run on {worker} failed: {type(exc).__name__}") from exc
+            except Exception as exc:  # noqa: BLE001 - KilledWorker and friends: lost if the worker is gone
+                if type(exc).__name__ == "KilledWorker" or not self.alive(worker):
+                    raise WorkerLost(worker) from None
+                raise
+
+    def _submit(self, worker: str, fn, *args):
+        return self.client.submit(fn, *args, workers=[worker], allow_other_workers=False, pure=False)
+
+    def load(self, c, key_id: str, body: bytes):
+        FHEServer.load_keys(body)  # validated here, so no worker ever sees malformed keys
+        return body
+
+    def warm(self, c, key_id: str, body: bytes, worker: str) -> str:
+        """Register the key set on ``worker`` (with its first run); the store keeps the address."""
+        if worker not in self.workers:
+            raise WorkerLost(worker)
+        data = self.client.scatter(body, workers=[worker], hash=False)
+        try:
+            fut = self._submit(worker, _worker_register, c.server_zip_digest, key_id, data, c.warm.ciphertext)
+            return self._wait(fut, worker, key_id)
+        finally:
+            data.release()
+
+    def reload(self, c, key_id: str, body: bytes, worker: str) -> str:
+        return self.warm(c, key_id, body, worker)
+
+    def prepare(self, c, key_id: str, worker: str) -> None:
+        pass  # registering prepared them
+
+    def run(self, c, key_id: str, worker: str, ciphertext: bytes) -> bytes:
+        fut = self._submit(worker, _worker_run, c.server_zip_digest, key_id, ciphertext)
+        out = self._wait(fut, worker, key_id)
+        self.on_run(worker)
+        return out
+
+    def drop(self, key_id: str, worker: str) -> None:
+        if worker in self.workers:
+            try:
+                self.client.run(_worker_drop, key_id, workers=[worker], wait=False)
+            except Exception:  # noqa: BLE001 - a worker that left has nothing to drop
+                pass
+
+    def states(self) -> dict:
+        return self.client.run(worker_state, on_error="return")
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+        self.client.close()
