@@ -82,7 +82,7 @@ class Cluster:
 
     def wait_workers(self, n: int, timeout: float = 120) -> None:
         deadline = time.time() + timeout
-        while len(self.client.scheduler_info(n_workers=-1)["workers"]) < n:
+        while len(self.client.sync(self.client.scheduler.identity, n_workers=-1)["workers"]) < n:
             if time.time() > deadline:
                 raise RuntimeError(f"{n} workers did not join")
             time.sleep(0.2)

@@ -30,7 +30,12 @@ def wait_for(what, timeout=60.0):
 
 def holdings(service: Service) -> dict[str, list[str]]:
     """Each live worker's key sets, as the workers themselves report them."""
-    return {a: s["key_sets"] for a, s in service.runner.states().items() if isinstance(s, dict)}
+    return {a: sorted(s["key_sets"]) for a, s in service.runner.states().items() if isinstance(s, dict)}
+
+
+def booked(service: Service) -> dict[str, list[str]]:
+    """Each worker's key sets, as the service's books say."""
+    return {w: sorted(service.store.store_of(w).names()) for w in service.store.workers()}
 
 
 def where(service: Service, client: EncryptedClient) -> str | None:
@@ -143,7 +148,19 @@ def test_placement_late_worker_and_a_killed_worker(dask_svc, cluster, cid, feats
     held = holdings(service)
     names = [n for ks in held.values() for n in ks]
     assert len(names) == len(set(names)) == 3  # placed again, still once each
+    assert held == booked(service)
+
+    # a key set evicted from a worker, or forgotten by its client, leaves that worker too
+    more = [EncryptedClient.download(HTTPTransport(dask_svc.url), cid, tmp_path / f"m{k}") for k in range(2)]
+    for k, cl in enumerate(more):
+        cl.predict(feats[k : k + 1])
+    assert service.store.evictions >= 1  # 5 key sets, room for 4
+    assert booked(service) == holdings(service) and len(service.store) == 4
+    resident = next(cl for cl in clients + more if name_of(next(iter(cl.key_ids.values()))) in service.store)
+    resident.close()  # forgets its keys
+    assert booked(service) == holdings(service) and len(service.store) == 3
     metrics = httpx.get(f"{dask_svc.url}/metrics").text
+    held = holdings(service)
     for w in held:
         assert f'engine_worker_key_sets{{worker="{w}"}} {float(len(held[w]))}' in metrics
     assert f"engine_key_replacements {float(service.replacements)}" in metrics

@@ -119,7 +119,10 @@ class DaskRunner:
 
     def _sync(self) -> None:
         with self._sync_lock:
-            now = {a: int(w.get("nthreads", 1)) for a, w in self.client.scheduler_info(n_workers=-1)["workers"].items()}
+            # asked of the scheduler directly: client.scheduler_info() answers a cached copy that the
+            # client's periodic refresh overwrites without the workers (they all seemed to leave)
+            identity = self.client.sync(self.client.scheduler.identity, n_workers=-1)
+            now = {a: int(w.get("nthreads", 1)) for a, w in identity["workers"].items()}
             joined = [(a, n) for a, n in now.items() if a not in self.workers]
             left = [a for a in self.workers if a not in now]
             for a, n in joined:
@@ -194,7 +197,7 @@ class DaskRunner:
     def drop(self, key_id: str, worker: str) -> None:
         if worker in self.workers:
             try:
-                self.client.run(_worker_drop, key_id, workers=[worker], wait=False)
+                self.client.run(_worker_drop, key_id, workers=[worker])
             except Exception:  # noqa: BLE001 - a worker that left has nothing to drop
                 pass
 
