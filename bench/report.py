@@ -1,0 +1,222 @@
+"""Turn bench/results/ into the tables the documentation shows (docs/generated/*.md).
+
+    python bench/report.py            # write docs/generated/
+    python bench/report.py --check    # exit 1 if docs/generated/ is not what the results give
+
+Nothing in the docs' figure tables is copied by hand: each table here is read from one results
+file and says which file, its date (the date the file records, else the date of the commit that
+last changed it) and the machine it came from. The docs include these files
+(``--8<-- "docs/generated/NAME.md"``), and the test suite runs ``--check``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RESULTS = REPO / "bench" / "results"
+OUT = REPO / "docs" / "generated"
+
+
+def pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def ms(v) -> str:
+    return "-" if v is None else f"{1000 * v:.0f} ms"
+
+
+def secs(v) -> str:
+    return "-" if v is None else f"{v:.2f} s"
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def committed_date(path: Path) -> str:
+    """The date of the commit that last changed ``path`` (a shallow clone does not know it)."""
+    if _git("rev-parse", "--is-shallow-repository") != "false":
+        return "date not recorded"
+    return _git("log", "-1", "--format=%cs", "--", str(path.relative_to(REPO))) or "not committed yet"
+
+
+def source(path: Path, data: dict | None = None) -> str:
+    """The line under each table: file, date, machine."""
+    data = data if isinstance(data, dict) else {}
+    date = data.get("date") or committed_date(path)
+    m = data.get("machine") or {}
+    machine = f"{m.get('cpu') or 'CPU not recorded'}, {m.get('cores', '?')} cores" if m else "machine not recorded"
+    return f"*Source: `{path.relative_to(REPO)}`, {date}, {machine}.*"
+
+
+def load(name: str) -> tuple[Path, dict]:
+    path = RESULTS / name
+    return path, json.loads(path.read_text())
+
+
+# -- the tables
+def benchmark(dataset: str) -> str:
+    from engine.study.bench import markdown
+
+    path, r = load(f"{dataset}.json")
+    body = markdown(r).strip().splitlines()
+    body = [line for line in body if not line.startswith("Machine:")]  # said in the source line
+    return "\n".join(body) + "\n\n" + source(path, r) + "\n"
+
+
+def real_images() -> str:
+    rows = ["| images | model | n | mode | accuracy | balanced accuracy | AUC | recall per class | flagged | answers at >= 90% confidence: share, right |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name in ("real/pneumoniamnist_test_grid10.json", "real/chest_xray_224.json", "real/busi.json"):
+        path, r = load(name)
+        what = r.get("source") or f"{r['dataset']} {r.get('split', '')} split"
+        for mode, m in r["modes"].items():
+            recall = ", ".join(f"{k} {pct(v)}" for k, v in (m.get("recall") or {}).items()) or "-"
+            rows.append(f"| {Path(what).name if '/' in what else what} | `{r['model']}` | {m.get('n', r.get('n'))} | {mode} | "
+                        f"{pct(m.get('accuracy'))} | {pct(m.get('balanced_accuracy'))} | "
+                        f"{'-' if m.get('auc') is None else format(m['auc'], '.3f')} | {recall} | "
+                        f"{pct(r.get('flagged_share')) if 'flagged_share' in r else '-'} | "
+                        f"{pct(r.get('confident_share')) + ', ' + pct(r.get('accuracy_confident')) if 'confident_share' in r else '-'} |")
+        notes.append(source(path, r))
+    return "\n".join(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def corrections() -> str:
+    path, r = load("real/chest_xray_224_corrections.json")
+    rows = [f"`{r['model']}` on `{r['images']}`, {r['mode']} mode.", "",
+            "| correction | accuracy | balanced | crops of 100/85/75% agree | stretched back by 1.2 | >= 90% confident: share, right |",
+            "|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        rows.append(f"| {x['setting']} | {pct(x['accuracy'])} | {pct(x['balanced'])} | {pct(x.get('framing_agreement'))} | "
+                    f"{pct(x.get('stretched_accuracy'))} | {pct(x.get('confident_share'))}, {pct(x.get('accuracy_confident'))} |")
+    return "\n".join(rows) + "\n\n" + source(path, r) + "\n"
+
+
+def framing() -> str:
+    path, r = load("real/framing.json")
+    shares = "/".join(f"{100 * x:.0f}" for x in r.get("shares", []))
+    rows = [f"`{r['model']}` on `{r['images']}` (quantized): the squeeze estimator's settings (keep s x scale of the "
+            "width when the estimate is below the threshold).", "",
+            f"| setting | accuracy | recall per class | >= 90% confident: share, right | crops of {shares}% agree | "
+            "validation images uploaded as PNG |", "|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        recall = ", ".join(f"{k} {pct(v)}" for k, v in (x.get("recall") or {}).items())
+        rows.append(f"| {x['setting']} | {pct(x['accuracy'])} | {recall} | {pct(x.get('confident_share'))}, "
+                    f"{pct(x.get('accuracy_confident'))} | {pct(x.get('framing_agreement'))} | "
+                    f"{pct((x.get('accuracy_as_uploads') or {}).get('val'))} |")
+    return "\n".join(rows) + "\n\n" + source(path, r) + "\n"
+
+
+def service_load() -> str:
+    from engine.serve.loadtest import markdown
+
+    out = []
+    path, r = load("tenants.json")
+    runs = [v for v in r["load"].values() if isinstance(v, dict) and "clients" in v]
+    out += [f"One service process, `{runs[0]['model']}` (`bench/tenants_report.py`):", "", markdown(runs).strip(), "",
+            source(path, r), ""]
+    path, r = load("serve_pneumoniamnist.json")
+    runs = r["loadtest"] if isinstance(r["loadtest"], list) else list(r["loadtest"].values())
+    runs = [x for x in runs if isinstance(x, dict) and "clients" in x]
+    for x in runs:
+        x.setdefault("answers_differing", "-")
+        x.setdefault("answers_rechecked", "-")
+    out += [f"The service's first load tests, `{r['model']}` (`bench/serve_report.py`):", "", markdown(runs).strip(), "",
+            source(path, r)]
+    return "\n".join(out) + "\n"
+
+
+def scaleout() -> str:
+    path = RESULTS / "scaleout.md"
+    if not path.exists():
+        return "*No scale-out run yet: `python bench/scaleout.py` writes it.*\n"
+    data = json.loads(path.with_suffix(".json").read_text())
+    body = [line for line in path.read_text().splitlines() if not line.startswith("# ") and "Generated by" not in line]
+    return "\n".join(body).strip() + "\n\n" + source(path.with_suffix(".json"), data) + "\n"
+
+
+def startup() -> str:
+    rows = ["| run | commit | page title | button shown | click | first encrypted answer | after the click |",
+            "|---|---|---|---|---|---|---|"]
+    notes = []
+    for name in ("startup_before.json", "startup.json"):
+        path, r = load(name)
+        for kind in ("fresh", "restart"):
+            first = (r.get(kind) or {}).get("first") or {}
+            rows.append(f"| {name.removesuffix('.json')}: {'fresh clone' if kind == 'fresh' else 'restart'} | "
+                        f"`{r.get('commit', '?')}` | {secs(first.get('title_s'))} | {secs(first.get('button_s'))} | "
+                        f"{secs(first.get('click_s'))} | {secs(first.get('answer_s'))} | {secs(first.get('after_click_s'))} |")
+        notes.append(source(path, r))
+    return ("Seconds from `streamlit run app.py` (`python bench/startup.py`):\n\n" + "\n".join(rows) + "\n\n"
+            + "\n".join(f"- {n}" for n in notes) + "\n")
+
+
+def defaults() -> str:
+    path = RESULTS / "generic_defaults.txt"
+    return ("```text\n" + path.read_text().strip() + "\n```\n\n" + source(path)
+            + " Made by `bash bench/generic_defaults.sh`.\n")
+
+
+def search(dataset: str) -> str:
+    path, r = load(f"{dataset}_search.json")
+    chosen = r.get("chosen") or {}
+    pts = r.get("points", [])
+    stable = [p for p in pts if p.get("stable", p.get("agreement", 1) >= r.get("min_agreement", 0.995))]
+    lines = [f"{len(pts)} points searched, {len(stable)} stable (repeated simulations agree on at least "
+             f"{pct(r.get('min_agreement'))}), {len(r.get('pareto', []))} on the Pareto front.", ""]
+    if chosen:
+        lines.append(f"Chosen: `{chosen.get('name', chosen.get('label', '?'))}`, validation score "
+                     f"{pct(chosen.get('score'))}, encrypted latency {ms(chosen.get('latency_s'))}.")
+    return "\n".join(lines) + "\n\n" + source(path, r) + "\n"
+
+
+TABLES = {
+    "benchmark_pneumoniamnist": lambda: benchmark("pneumoniamnist"),
+    "benchmark_breastmnist": lambda: benchmark("breastmnist"),
+    "real_images": real_images,
+    "real_corrections": corrections,
+    "real_framing": framing,
+    "service_load": service_load,
+    "scaleout": scaleout,
+    "startup": startup,
+    "defaults": defaults,
+}
+
+
+def render() -> dict[str, str]:
+    return {name: "<!-- generated by bench/report.py from bench/results/: do not edit -->\n\n" + make()
+            for name, make in TABLES.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if docs/generated/ differs from what the results give")
+    a = ap.parse_args()
+    tables = render()
+    if a.check:
+        stale = [n for n, text in tables.items() if not (OUT / f"{n}.md").exists() or (OUT / f"{n}.md").read_text() != text]
+        if stale:
+            print(f"docs/generated/ is stale: {', '.join(stale)}; run python bench/report.py", file=sys.stderr)
+            return 1
+        print(f"docs/generated/: {len(tables)} tables current")
+        return 0
+    OUT.mkdir(parents=True, exist_ok=True)
+    for n, text in tables.items():
+        (OUT / f"{n}.md").write_text(text)
+    print(f"wrote {len(tables)} tables to {OUT.relative_to(REPO)}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
