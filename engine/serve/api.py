@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import json
 import statistics
+import sys
 import threading
 import time
 import traceback
@@ -279,7 +280,9 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
 async def _call(call_next, request: Request):
     try:
         return await call_next(request)
-    except Exception as exc:  # noqa: BLE001 - never a traceback to the client
+    except Exception as exc:  # noqa: BLE001 - never a traceback to the client; the operator's log gets it
+        print(f"[engine] internal error on {request.method} {request.url.path}:\n{traceback.format_exc()}",
+              file=sys.stderr, flush=True)
         return _error(500, f"internal error: {type(exc).__name__}")
 
 

@@ -28,7 +28,7 @@ from distributed import Client, WorkerPlugin, get_worker
 
 from ..fhe.runtime import FHEServer
 from ..fhe.threads import release_memory
-from .placement import KeysMissing, WorkerLost
+from .placement import ClusterError, KeysMissing, WorkerLost
 
 # Per Dask worker process: loaded circuits and registered key sets.
 _W_SERVERS: dict[str, FHEServer] = {}
@@ -135,7 +135,12 @@ class DaskRunner:
             self._joined(a, n)
 
     def alive(self, worker: str) -> bool:
-        self._sync()
+        """Whether ``worker`` is still in the cluster (asked of the scheduler; if the scheduler does
+        not answer now, the last known membership)."""
+        try:
+            self._sync()
+        except Exception:  # noqa: BLE001 - the watcher keeps polling
+            pass
         return worker in self.workers
 
     # -- circuits
@@ -155,10 +160,10 @@ class DaskRunner:
                     raise WorkerLost(worker) from None
             except LookupError:
                 raise KeysMissing(worker, name) from None
-            except (CancelledError, OSError) as exc:  # the task or its worker went away
+            except (CancelledError, OSError) as exc:  # the task, its worker or a connection went away
                 if not self.alive(worker):
                     raise WorkerLost(worker) from None
-                raise RuntimeError(f"run on {worker} failed: {type(exc).__name__}") from exc
+                raise ClusterError(f"a call to {worker} failed ({type(exc).__name__})") from exc
             except Exception as exc:  # noqa: BLE001 - KilledWorker and friends: lost if the worker is gone
                 if type(exc).__name__ == "KilledWorker" or not self.alive(worker):
                     raise WorkerLost(worker) from None
@@ -175,7 +180,12 @@ class DaskRunner:
         """Register the key set on ``worker`` (with its first run); the store keeps the address."""
         if worker not in self.workers:
             raise WorkerLost(worker)
-        data = self.client.scatter(body, workers=[worker], hash=False)
+        try:
+            data = self.client.scatter(body, workers=[worker], hash=False)
+        except Exception as exc:  # noqa: BLE001 - a transfer that failed: the worker left, or try again later
+            if not self.alive(worker):
+                raise WorkerLost(worker) from None
+            raise ClusterError(f"sending a key set to {worker} failed ({type(exc).__name__})") from exc
         try:
             fut = self._submit(worker, _worker_register, c.server_zip_digest, key_id, data, c.warm.ciphertext)
             return self._wait(fut, worker, key_id)

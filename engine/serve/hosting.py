@@ -39,7 +39,7 @@ from ..fhe.runtime import FHEServer, WarmUp, warmup_material
 from ..fhe.threads import release_memory, set_run_threads
 from .keystore import KeyStore, StoreFull
 from .keyvault import KeyVault, name_of
-from .placement import KeysMissing, Placement, WorkerLost
+from .placement import ClusterError, KeysMissing, Placement, WorkerLost
 from .workpool import QueueFull, WorkPool
 
 
@@ -437,6 +437,8 @@ class Service:
                     break
                 except QueueFull as exc:
                     raise Busy(str(exc), exc.retry_after) from None
+                except ClusterError as exc:
+                    raise Busy(f"{exc}; retry", retry_after=1.0) from None
                 except (WorkerLost, KeysMissing) as exc:  # its worker left: another one
                     slot.release(c.footprint)
                     slot = None
@@ -548,6 +550,8 @@ class Service:
             return fut.result()
         except QueueFull as exc:
             raise Busy(str(exc), exc.retry_after) from None
+        except ClusterError as exc:
+            raise Busy(f"{exc}; retry", retry_after=1.0) from None
         except KeyError:  # the key folder lost them (already discarded): the client uploads again
             self.store.remove(name)
             raise NotFound("unknown or evicted key id: upload the evaluation keys again") from None

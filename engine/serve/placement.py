@@ -35,6 +35,11 @@ class WorkerLost(Exception):
         self.worker = worker
 
 
+class ClusterError(Exception):
+    """The cluster did not carry out a step (a transfer or a call timed out) though the worker
+    is still there: the service answers 429, and the client retries."""
+
+
 class KeysMissing(Exception):
     """A worker was asked to run with keys it does not hold (it restarted at the same address)."""
 
