@@ -18,6 +18,7 @@ Workers import this module: start them with the project on ``PYTHONPATH``.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 from concurrent.futures import CancelledError
@@ -27,12 +28,19 @@ from typing import Callable
 from distributed import Client, WorkerPlugin, get_worker
 
 from ..fhe.runtime import FHEServer
-from ..fhe.threads import release_memory
+from ..fhe.threads import release_memory, set_run_threads
 from .placement import ClusterError, KeysMissing, WorkerLost
 
 # Per Dask worker process: loaded circuits and registered key sets.
 _W_SERVERS: dict[str, FHEServer] = {}
 _W_KEYS: dict[str, object] = {}
+
+
+def _one_run_per_thread() -> None:
+    """Each run on one core (``ENGINE_RUN_THREADS`` to change it): a worker runs ``--nthreads``
+    runs side by side, and workers are started one thread per core, so spreading a run over more
+    threads would only oversubscribe the cores (several workers on one machine, as in the bench)."""
+    set_run_threads(int(os.environ.get("ENGINE_RUN_THREADS", "1")))
 
 
 class CircuitPlugin(WorkerPlugin):
@@ -57,6 +65,7 @@ def _worker_register(digest: str, key_id: str, body: bytes, warm_ciphertext: byt
     """Deserialize a key set and prepare it (one run on the warm-up ciphertext); answers where."""
     keys = FHEServer.load_keys(body)
     del body
+    _one_run_per_thread()
     _W_SERVERS[digest].execute(warm_ciphertext, keys)
     _W_KEYS[key_id] = keys
     release_memory()
@@ -67,6 +76,7 @@ def _worker_run(digest: str, key_id: str, ciphertext: bytes) -> bytes:
     keys = _W_KEYS.get(key_id)
     if keys is None:
         raise LookupError(f"no key set {key_id}")
+    _one_run_per_thread()
     return _W_SERVERS[digest].execute(ciphertext, keys)
 
 

@@ -175,6 +175,11 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
     }
 
 
+def rechecked(r: dict) -> str:
+    """"k of n" re-sent answers that differed ("-" for a run from before the check)."""
+    return f"{r['answers_differing']} of {r['answers_rechecked']}" if "answers_rechecked" in r else "-"
+
+
 def markdown(runs: list[dict]) -> str:
     """A table of load-test runs (the JSON of each ``loadtest --json``)."""
     ms = lambda v: "-" if v is None else f"{1000 * v:.0f} ms"  # noqa: E731
@@ -186,5 +191,5 @@ def markdown(runs: list[dict]) -> str:
             f"{ms(r['latency_p50_s'])} | {ms(r['latency_p95_s'])} | {ms(r['latency_max_s'])} | "
             f"{'-' if r['throughput_rps'] is None else format(r['throughput_rps'], '.2f')} req/s | {ms(r['first_request_latency_s'])} | {ms(r['later_request_latency_s'])} | "
             f"{r['key_reuploads']} | {r.get('server_key_reloads', '-')} | {r['server_rss_peak_bytes'] / 2**20:.0f} MiB | "
-            f"{r.get('answers_differing', '-')} of {r.get('answers_rechecked', '-')} |")
+            f"{rechecked(r)} |")
     return "\n".join(lines) + "\n"
