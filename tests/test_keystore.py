@@ -136,3 +136,38 @@ def test_key_folder_is_bounded_atomic_and_discards_what_it_cannot_trust(tmp_path
     temporary.put(name_of("k"), b"k", "c", "t")
     temporary.close()
     assert not folder.exists()
+
+
+def test_placement_takes_the_worker_with_the_most_free_budget_then_the_least_load():
+    from engine.serve.placement import Placement
+
+    dropped = []
+    p = Placement(300, on_evict=lambda name, e: dropped.append((name, e.value)), grace_s=0.0)
+    for w in ("a", "b"):
+        p.add_worker(w)
+
+    def place(name, avoid=None):
+        slot = p.reserve(100, avoid=avoid) if avoid else p.reserve(100)
+        slot.put(name, slot.name, 100, owner="c")  # the entry's value is its worker, as with Dask
+        return slot.name
+
+    first = place("k1")
+    assert place("k2") != first  # the other worker has more room
+    pinned = p.acquire("k1")  # a run in flight on k1's worker
+    assert place("k3") != first  # equal room: the worker without a run in flight
+    p.unpin(pinned)
+    assert sorted(len(p.store_of(w)) for w in ("a", "b")) == [1, 2] and len(p) == 3
+    assert p.where("k2") != p.where("k1") and p.capacity == 600 and p.used_bytes == 300
+    # a worker that leaves takes its entries, without a drop (its memory is gone)
+    lost = p.remove_worker(p.where("k3"))
+    assert {name for name, _ in lost} >= {"k3"} and "k3" not in p and dropped == []
+    assert p.left and p.workers() == [w for w in ("a", "b") if w not in p.left]
+    # full: the idle least recently used entry on the remaining worker goes, and is dropped there
+    for k in range(4, 7):
+        place(f"k{k}")
+    assert len(p) == 3 and dropped and all(value == p.workers()[0] for _, value in dropped)
+    p.remove_worker(p.workers()[0])
+    with pytest.raises(StoreFull, match="no worker"):
+        p.reserve(100)
+    with pytest.raises(ValueError):
+        Placement(300).reserve(400)
