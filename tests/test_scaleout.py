@@ -159,6 +159,16 @@ def test_placement_late_worker_and_a_killed_worker(dask_svc, cluster, cid, feats
     resident = next(cl for cl in clients + more if name_of(next(iter(cl.key_ids.values()))) in service.store)
     resident.close()  # forgets its keys
     assert booked(service) == holdings(service) and len(service.store) == 3
+    # a key set a worker holds that the books do not place there (a registration the service gave
+    # up on) is dropped by the sweep, on the second sweep that finds it
+    w = service.store.workers()[0]
+    service.runner.client.run(exec, "from engine.serve import cluster; cluster._W_KEYS['orphan'] = b'x'", workers=[w])
+    assert "orphan" in holdings(service)[w]
+    before = service.runner.orphans_dropped
+    service.runner.sweep()
+    service.runner.sweep()
+    assert "orphan" not in holdings(service)[w] and service.runner.orphans_dropped > before
+    assert booked(service) == holdings(service)  # and nothing booked was touched
     metrics = httpx.get(f"{dask_svc.url}/metrics").text
     held = holdings(service)
     for w in held:

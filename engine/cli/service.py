@@ -53,7 +53,11 @@ def add_serve(sub) -> None:
 
 
 def cmd_serve(a) -> int:
+    import faulthandler
+
     from ..serve.api import serve
+
+    faulthandler.enable()  # a crash in native code (Concrete's runtime) leaves its Python stack in the log
 
     cfg = ServiceConfig(models_dir=a.models_dir or "", cache_dir=a.cache_dir or "", key_store_bytes=a.key_store_bytes,
                         key_dir=a.key_dir or "", key_disk_bytes=a.key_disk_bytes, key_ttl_s=a.key_ttl,

@@ -217,6 +217,7 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
         if service.config.backend == "dask":  # each Dask worker and the key sets it holds
             answer["dask_workers"] = service.workers()
             answer["key_replacements"] = service.replacements
+            answer["orphans_dropped"] = service.runner.orphans_dropped  # key sets a worker held unbooked
         return answer
 
     @app.get("/circuits")

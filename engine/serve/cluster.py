@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import Callable
 
@@ -105,6 +104,13 @@ class DaskRunner:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self.on_run: Callable[[str], None] = lambda _a: None
+        # the service's books: the key sets it placed on a worker (set by the service)
+        self.booked: Callable[[str], set[str]] | None = None
+        self._pending: dict[str, set[str]] = {}  # worker -> key sets being registered there now
+        self._pending_lock = threading.Lock()
+        self._suspects: dict[str, set[str]] = {}
+        self.sweep_every = 10  # polls between two sweeps (5 s)
+        self.orphans_dropped = 0
         self._sync()
 
     @property
@@ -121,11 +127,34 @@ class DaskRunner:
         self._watcher.start()
 
     def _watch(self) -> None:
+        polls = 0
         while not self._stop.wait(self.poll_s):
             try:
                 self._sync()
+                polls += 1
+                if self.booked is not None and polls % self.sweep_every == 0:
+                    self.sweep()
             except Exception:  # noqa: BLE001 - the scheduler may be briefly unreachable: poll again
                 continue
+
+    def sweep(self) -> int:
+        """Drop the key sets a worker holds that the service's books do not place there, and that
+        no registration is putting there now: a registration the service gave up on (a call that
+        failed while the task still ran) would otherwise hold a worker's memory for good. A key set
+        is dropped only when two sweeps in a row find it so. Returns how many this sweep dropped."""
+        states = self.client.run(worker_state, on_error="ignore")
+        dropped = 0
+        for w, st in states.items():
+            with self._pending_lock:
+                pending = set(self._pending.get(w, ()))
+            extra = set(st["key_sets"]) - self.booked(w) - pending
+            again = extra & self._suspects.get(w, set())
+            for name in again:
+                self.drop(name, w)
+            dropped += len(again)
+            self._suspects[w] = extra - again
+        self.orphans_dropped += dropped
+        return dropped
 
     def _sync(self) -> None:
         with self._sync_lock:
@@ -160,24 +189,30 @@ class DaskRunner:
 
     # -- key sets and runs (the runner interface of engine.serve.hosting)
     def _wait(self, fut, worker: str, name: str):
-        """The task's result; :class:`WorkerLost` if its worker leaves first."""
-        while True:
-            try:
-                return fut.result(timeout=self.poll_s)
-            except TimeoutError:
-                if not self.alive(worker):
-                    fut.cancel()
-                    raise WorkerLost(worker) from None
-            except LookupError:
-                raise KeysMissing(worker, name) from None
-            except (CancelledError, OSError) as exc:  # the task, its worker or a connection went away
-                if not self.alive(worker):
-                    raise WorkerLost(worker) from None
-                raise ClusterError(f"a call to {worker} failed ({type(exc).__name__})") from exc
-            except Exception as exc:  # noqa: BLE001 - KilledWorker and friends: lost if the worker is gone
-                if type(exc).__name__ == "KilledWorker" or not self.alive(worker):
-                    raise WorkerLost(worker) from None
-                raise
+        """The task's result; :class:`WorkerLost` if its worker leaves first.
+
+        Waits on the future's done callback, checking the worker every ``poll_s``: a loop of
+        ``fut.result(timeout=...)`` calls raised ``UnboundLocalError`` from inside Dask under load
+        (``distributed.utils.sync`` leaves its result unset when the awaited future is cancelled,
+        which ``asyncio.wait_for`` can do on Python 3.11 when a timeout and the answer cross)."""
+        done = threading.Event()
+        fut.add_done_callback(lambda _f: done.set())
+        while not done.wait(self.poll_s):
+            if not self.alive(worker):
+                fut.cancel()
+                raise WorkerLost(worker)
+        if fut.status == "finished":
+            return fut.result()
+        if fut.status == "error":
+            exc = fut.exception()
+            if isinstance(exc, LookupError):
+                raise KeysMissing(worker, name)
+            if type(exc).__name__ == "KilledWorker" or not self.alive(worker):
+                raise WorkerLost(worker)
+            raise exc  # the worker's own error (Concrete refusing the input: a bad request)
+        if not self.alive(worker):  # cancelled or lost with its worker
+            raise WorkerLost(worker)
+        raise ClusterError(f"a call to {worker} ended {fut.status}")
 
     def _submit(self, worker: str, fn, *args):
         return self.client.submit(fn, *args, workers=[worker], allow_other_workers=False, pure=False)
@@ -190,6 +225,15 @@ class DaskRunner:
         """Register the key set on ``worker`` (with its first run); the store keeps the address."""
         if worker not in self.workers:
             raise WorkerLost(worker)
+        with self._pending_lock:
+            self._pending.setdefault(worker, set()).add(key_id)
+        try:
+            return self._register(c, key_id, body, worker)
+        finally:
+            with self._pending_lock:
+                self._pending.get(worker, set()).discard(key_id)
+
+    def _register(self, c, key_id: str, body: bytes, worker: str) -> str:
         try:
             data = self.client.scatter(body, workers=[worker], hash=False)
         except Exception as exc:  # noqa: BLE001 - a transfer that failed: the worker left, or try again later

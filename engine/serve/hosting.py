@@ -15,8 +15,10 @@ in-process or over HTTP through the same client API.
   has lost it. With ``key_dir`` the folder outlives the process: a restarted service loads the
   most recently used key sets before it reports ready, and knows every other one.
 - Every FHE run, warm-up included, goes through one fair :class:`WorkPool`.
-- ``backend="dask"``: the pool's runs execute on a Dask cluster; each worker loads a circuit
-  once and receives a key set once (at registration), so one front scales over machines.
+- ``backend="dask"``: the pool's runs execute on a Dask cluster (:mod:`engine.serve.cluster`).
+  Every worker loads the circuits; each key set lives on one worker, placed by
+  :class:`engine.serve.placement.Placement` (one byte-bounded key store per worker), and is placed
+  again from the key folder when its worker leaves: memory and cores grow with the workers.
 """
 
 from __future__ import annotations
@@ -236,6 +238,7 @@ class Service:
             self.pool = WorkPool(1, c.max_queue)  # grows as workers join (_worker_joined)
             self.store = Placement(c.key_store_bytes, on_evict=self._left_memory, **options)
             self.runner.on_run = self.store.count_run
+            self.runner.booked = self._booked
         else:
             self.runner = LocalRunner()
             cores = cpu_cores()
@@ -298,6 +301,10 @@ class Service:
     def _unpin_loaded(self, fut) -> None:
         if fut.exception() is None and fut.result()[0] is not None:
             self.store.unpin(fut.result()[0])
+
+    def _booked(self, worker: str) -> set[str]:
+        store = self.store.store_of(worker)
+        return set(store.names()) if store is not None else set()
 
     def workers(self) -> list[dict]:
         """The Dask workers and what each holds (empty for the local backend)."""
