@@ -113,7 +113,8 @@ class Sampler:
     def __init__(self, cluster: Cluster, url: str):
         self.cluster, self.url = cluster, url
         self.rss_peak: dict[str, int] = {}
-        self.events: list[dict] = []
+        self.fullest: dict = {}  # the placement seen with the most key sets since reset()
+        self.on_two = 0  # most key sets seen on two workers at once
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -121,11 +122,24 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.wait(1.0):
             try:
-                for w, s in self.cluster.states().items():
-                    if isinstance(s, dict):
-                        self.rss_peak[w] = max(self.rss_peak.get(w, 0), s["rss_bytes"])
+                states = {w: s for w, s in self.cluster.states().items() if isinstance(s, dict)}
+                for w, s in states.items():
+                    self.rss_peak[w] = max(self.rss_peak.get(w, 0), s["rss_bytes"])
+                names = [n for s in states.values() for n in s["key_sets"]]
+                self.on_two = max(self.on_two, len(names) - len(set(names)))
+                if len(names) >= self.fullest.get("key_sets_total", -1):
+                    h = health(self.url)
+                    self.fullest = {"key_sets_total": len(names), "workers_say": {w: len(s["key_sets"]) for w, s in states.items()},
+                                    "service_says": {w["worker"]: w["key_sets"] for w in h.get("dask_workers", [])}}
             except Exception:  # noqa: BLE001 - a worker killed on purpose; sample again
                 pass
+
+    def reset(self) -> None:
+        self.fullest, self.on_two = {}, 0
+
+    def placement(self) -> dict:
+        """The fullest placement seen since reset(): key sets per worker, as the service and the workers say."""
+        return {**self.fullest, "key_sets_on_two_workers": self.on_two}
 
     def stop(self) -> dict:
         self._stop.set()
@@ -160,6 +174,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--key-store-bytes", default="1GiB", help="each worker's key budget")
     ap.add_argument("--baseline-bytes", default="4GiB", help="the one-process baseline's key budget")
+    ap.add_argument("--repeat", type=int, default=3, help="8 x 3 rounds against each service, alternated")
     ap.add_argument("--quick", action="store_true", help="smaller loads (16 clients instead of 32, 8 x 4 for the kill)")
     ap.add_argument("--out", default=str(OUT / "scaleout"))
     a = ap.parse_args()
@@ -170,14 +185,8 @@ def main() -> int:
     many = 16 if a.quick else 32
     kill_requests = 4 if a.quick else 6
 
-    say(f"baseline: one process, {a.baseline_bytes}")
+    say(f"baseline: one process, {a.baseline_bytes}; cluster: {a.workers} dask workers x {a.key_store_bytes}")
     base = Server("--key-store-bytes", a.baseline_bytes, log=logs / "serve-local.log")
-    try:
-        result["baseline_8x3"] = load(base.url, 8, 3, say)
-    finally:
-        base.stop()
-
-    say(f"cluster: {a.workers} dask workers x {a.key_store_bytes}")
     cluster = Cluster(a.workers, logs)
     svc = None
     try:
@@ -185,12 +194,22 @@ def main() -> int:
                      log=logs / "serve-dask.log")
         result["service_start_s"] = svc.ready_s
         sampler = Sampler(cluster, svc.url)
-        result["dask_8x3"] = load(svc.url, 8, 3, say)
-        result["dask_8x3_placement"] = placement(svc.url, cluster)
-        say(f"    placement {result['dask_8x3_placement']}")
+        # 8 x 3 against each, alternated (this machine's speed drifts between runs): medians reported
+        base_runs, dask_runs = [], []
+        for k in range(a.repeat):
+            say(f"round {k + 1} of {a.repeat}: one process, then the cluster")
+            base_runs.append(load(base.url, 8, 3, say))
+            dask_runs.append(load(svc.url, 8, 3, say))
+        base.stop()
+        base = None
+        result["baseline_8x3_runs"], result["dask_8x3_runs"] = base_runs, dask_runs
+        result["baseline_8x3"], result["dask_8x3"] = median_run(base_runs), median_run(dask_runs)
+        result["dask_8x3_placement"] = sampler.placement()
+        say(f"    fullest placement during the load {result['dask_8x3_placement']}")
 
+        sampler.reset()
         result[f"dask_{many}x1"] = load(svc.url, many, 1, say)
-        result[f"dask_{many}x1_placement"] = placement(svc.url, cluster)
+        result[f"dask_{many}x1_placement"] = sampler.placement()
         result[f"dask_{many}x1_worker_rss_peak"] = dict(sampler.rss_peak)
         say(f"    worker RSS peaks (MiB) {[round(v / 2**20) for v in sampler.rss_peak.values()]}")
 
@@ -211,13 +230,14 @@ def main() -> int:
             say(f"    killed -9 {victim['worker']} (pid {pid}, {victim['key_sets']} key sets)")
 
         t = threading.Thread(target=killer, daemon=True)
+        sampler.reset()
         t.start()
         result[f"dask_8x{kill_requests}_kill"] = load(svc.url, 8, kill_requests, say)
         t.join(timeout=5)
-        after = placement(svc.url, cluster)
+        after = placement(svc.url, cluster)  # its clients have gone: only the replacement count matters
         kill["replacements_after"] = after["key_replacements"]
         kill["placed_again"] = after["key_replacements"] - kill.get("replacements_before", 0)
-        result["kill"] = {**kill, "placement_after": after}
+        result["kill"] = {**kill, "placement_after": after, "fullest_placement": sampler.placement()}
         say(f"    key sets placed again: {kill['placed_again']}; placement {after}")
 
         # a worker added while 4 new clients generate their keys
@@ -245,14 +265,22 @@ def main() -> int:
                 time.sleep(0.25)
 
         t = threading.Thread(target=adder, daemon=True)
+        sampler.reset()
         t.start()
         result["dask_4x2_add"] = load(svc.url, 4, 2, say)
         t.join(timeout=60)
-        result["add"] = {**added, "placement_after": placement(svc.url, cluster)}
+        result["add"] = {**added, "fullest_placement": sampler.placement()}
         say(f"    added worker: {added}")
         result["worker_rss_peak"] = sampler.stop()
         result["health"] = health(svc.url)
+        result["service_alive_at_end"] = svc.proc.poll() is None
+    except Exception:
+        if svc is not None and svc.proc.poll() is not None:
+            say(f"the service exited with code {svc.proc.returncode}: {svc.log}")
+        raise
     finally:
+        if base is not None:
+            base.stop()
         if svc is not None:
             svc.stop()
         cluster.stop()
@@ -262,6 +290,12 @@ def main() -> int:
     out.with_suffix(".md").write_text(report(result, many, kill_requests))
     say(f"wrote {out.with_suffix('.json')} and .md")
     return 0
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run whose throughput is the median (its own p50 and p95 with it)."""
+    ranked = sorted(runs, key=lambda r: r["throughput_rps"] or 0.0)
+    return ranked[len(ranked) // 2]
 
 
 def _answered(url: str) -> float:
@@ -284,17 +318,26 @@ def report(r: dict, many: int, kill_requests: int) -> str:
              "Generated by `python bench/scaleout.py` (bench/results/scaleout.json).", "",
              "| service | clients x requests | errors | throughput (req/s) | p50 | p95 | key re-uploads | server reloads |",
              "|---|---|---|---|---|---|---|---|"]
+    previous = 0
     for name, load_, x in rows:
+        if name.startswith("one process"):
+            reloads = x["server_key_reloads"]
+        else:  # the cluster's counter runs over all its loads: each load's own share
+            reloads, previous = x["server_key_reloads"] - previous, x["server_key_reloads"]
+        x = {**x, "server_key_reloads": reloads}
         lines.append(f"| {name} | {load_} | {x['errors']} | {rps(x['throughput_rps'])} | {ms(x['latency_p50_s'])} | "
                      f"{ms(x['latency_p95_s'])} | {x['key_reuploads']} | {x['server_key_reloads']} |")
     p = r["dask_8x3_placement"]
     k = r["kill"]
     add = r["add"]
     rss = r.get(f"dask_{many}x1_worker_rss_peak", {})
-    lines += ["", f"- 8 x 3: key sets per worker (service) {sorted(p['service_says'].values())}, "
-                  f"(workers) {sorted(p['workers_say'].values())}; on two workers at once: {p['key_sets_on_two_workers']}.",
-              f"- Throughput against one process: {d['throughput_rps'] / b['throughput_rps']:.0%}; "
-              f"p95 {d['latency_p95_s'] / b['latency_p95_s']:.2f}x." if b["throughput_rps"] and d["throughput_rps"] else "",
+    lines += ["", f"- 8 x 3, the fullest moment: key sets per worker as the service says "
+                  f"{sorted(p.get('service_says', {}).values())}, as the workers say {sorted(p.get('workers_say', {}).values())}; "
+                  f"key sets on two workers at once: {p.get('key_sets_on_two_workers')}.",
+              f"- Throughput against one process (median of {len(r.get('dask_8x3_runs', [d]))} alternated rounds): "
+              f"{d['throughput_rps'] / b['throughput_rps']:.0%}; p95 {d['latency_p95_s'] / b['latency_p95_s']:.2f}x. "
+              f"Each round, one process: {', '.join(format(x['throughput_rps'], '.2f') for x in r.get('baseline_8x3_runs', [b]))} req/s; "
+              f"the cluster: {', '.join(format(x['throughput_rps'], '.2f') for x in r.get('dask_8x3_runs', [d]))} req/s.",
               f"- {many} x 1: peak RSS per worker {', '.join(f'{v / 2**30:.2f} GiB' for v in rss.values())}.",
               f"- Kill -9 of {k.get('worker')} ({k.get('key_sets')} key sets) after {k.get('answered_before')} answers: "
               f"{k.get('placed_again')} key sets placed again.",
