@@ -491,3 +491,21 @@ def test_key_pool_hands_each_user_fresh_ready_keys(svc, circuit, predictor, feat
     expected = predictor.compiled.dequantize(predictor.compiled.simulator.run(predictor.compiled.quantize(x)))
     assert np.array_equal(a.predict(x)[0].argmax(1), expected.argmax(1))
     pool.close()
+
+
+def test_loadtest_reports_a_load_whose_requests_all_failed(tiny_saved, models_dir, cache_dir, capsys):
+    """A key store too small for one key set: every upload is refused (507, not a 500), and
+    loadtest prints the failures by kind and exits 1 instead of crashing."""
+    from engine.cli import main
+
+    s = RunningService(config(models_dir, cache_dir, key_store_bytes=4096))
+    try:
+        code = main(["loadtest", "--server", s.url, "--clients", "2", "--requests", "1", "--dataset",
+                     tiny_saved.dataset, "--model", tiny_saved.name])
+        out = capsys.readouterr().out
+        assert code == 1
+        assert "0 answered, 2 errors" in out and "2 failed: upload: ServiceUnavailable" in out
+        m = httpx.get(f"{s.url}/metrics").text
+        assert 'route="/circuits/{cid}/keys",status="507"' in m and 'status="500"' not in m
+    finally:
+        s.stop()

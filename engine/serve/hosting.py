@@ -413,6 +413,8 @@ class Service:
             return self.store.reserve(c.footprint, wait_s=self.config.key_wait_s)
         except StoreFull as exc:
             raise Busy(str(exc), retry_after=1.0) from None
+        except ValueError as exc:  # one key set is larger than the store: no wait makes room
+            raise NoStorage(str(exc)) from None
 
     def admit(self, cid: str) -> Admitted:
         """Reserve room for one key set of ``cid`` before its upload is read (429 if none can be
