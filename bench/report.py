@@ -178,6 +178,24 @@ def search(dataset: str) -> str:
     return "\n".join(lines) + "\n\n" + source(path, r) + "\n"
 
 
+def levers() -> str:
+    path, r = load("subset_levers.json")
+    subsets = list(dict.fromkeys(x["subset"] for x in r["rows"]))
+    variants = list(dict.fromkeys(x["variant"] for x in r["rows"]))
+    cell = {(x["subset"], x["variant"]): x for x in r["rows"]}
+    rows = ["Validation accuracy of the quantized model, mean of seeds 0, 1, 2 (spread: best - worst), "
+            "generic recipe with one change (`bench/subset_levers.py`; `retinamnist` and `bloodmnist` are the generated "
+            "ordinal and RGB files):", "",
+            "| variant | " + " | ".join(subsets) + " |", "|---|" + "---|" * len(subsets)]
+    for v in variants:
+        cells = []
+        for d in subsets:
+            x = cell.get((d, v))
+            cells.append("-" if x is None else f"{pct(x['mean'])} (spread {100 * x['spread']:.1f})")
+        rows.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n\n" + source(path, r) + "\n"
+
+
 TABLES = {
     "benchmark_pneumoniamnist": lambda: benchmark("pneumoniamnist"),
     "benchmark_breastmnist": lambda: benchmark("breastmnist"),
@@ -188,6 +206,7 @@ TABLES = {
     "scaleout": scaleout,
     "startup": startup,
     "defaults": defaults,
+    "subset_levers": levers,
 }
 
 

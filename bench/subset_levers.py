@@ -31,6 +31,9 @@ VARIANTS = {
     "default": {},  # pruned to 8 inputs per neuron after one dense epoch
     "late": {"train": {"prune_after": 0.5}},  # dense for half the epochs, then pruned and fine-tuned
     "late-grid7": {"train": {"prune_after": 0.5}, "model": {"input_pool": 4}},  # 7x7 inputs per channel
+    "grid7": {"model": {"input_pool": 4}},  # 7x7 inputs per channel (each the mean of 4x4 pixels)
+    "grid4": {"model": {"input_pool": 7}},  # 4x4 inputs per channel (each the mean of 7x7 pixels)
+    "wide32": {"model": {"hidden": (32,)}},  # twice the neurons, 8 inputs each (twice the lookups)
     "unpruned": {"model": {"max_active_inputs": 0}},  # the reference (its circuit is wider and slower)
 }
 
