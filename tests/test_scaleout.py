@@ -59,7 +59,7 @@ def cluster():
     os.environ["PYTHONPATH"] = str(REPO)  # the workers import engine.serve.cluster
     try:
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address=None) as c:
+                          dashboard_address="127.0.0.1:0") as c:  # a free loopback port
             yield c
     finally:
         if old is None:
@@ -196,7 +196,7 @@ def test_tls_cluster(tiny_saved, models_dir, cache_dir, footprint, feats, predic
     os.environ["PYTHONPATH"] = str(REPO)
     try:
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, protocol="tls://", host="127.0.0.1",
-                          security=sec, dashboard_address=None) as cluster:
+                          security=sec, dashboard_address="127.0.0.1:0") as cluster:
             assert cluster.scheduler_address.startswith("tls://")
             with pytest.raises(ValueError, match="go together"):
                 config(models_dir, cache_dir, backend="dask", scheduler=cluster.scheduler_address,
