@@ -165,19 +165,6 @@ def defaults() -> str:
             + " Made by `bash bench/generic_defaults.sh`.\n")
 
 
-def search(dataset: str) -> str:
-    path, r = load(f"{dataset}_search.json")
-    chosen = r.get("chosen") or {}
-    pts = r.get("points", [])
-    stable = [p for p in pts if p.get("stable", p.get("agreement", 1) >= r.get("min_agreement", 0.995))]
-    lines = [f"{len(pts)} points searched, {len(stable)} stable (repeated simulations agree on at least "
-             f"{pct(r.get('min_agreement'))}), {len(r.get('pareto', []))} on the Pareto front.", ""]
-    if chosen:
-        lines.append(f"Chosen: `{chosen.get('name', chosen.get('label', '?'))}`, validation score "
-                     f"{pct(chosen.get('score'))}, encrypted latency {ms(chosen.get('latency_s'))}.")
-    return "\n".join(lines) + "\n\n" + source(path, r) + "\n"
-
-
 def levers() -> str:
     path, r = load("subset_levers.json")
     subsets = list(dict.fromkeys(x["subset"] for x in r["rows"]))

@@ -113,10 +113,6 @@ class DaskRunner:
         self.orphans_dropped = 0
         self._sync()
 
-    @property
-    def threads(self) -> int:
-        return max(1, sum(self.workers.values()))
-
     # -- membership
     def watch(self, joined: Callable[[str, int], None], left: Callable[[str], None]) -> None:
         """Call ``joined(address, threads)`` for each worker now and later, ``left(address)`` for each that goes."""

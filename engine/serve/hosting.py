@@ -287,16 +287,7 @@ class Service:
         lost = self.store.remove_worker(worker)
         self._displaced.update(name for name, _ in lost)
         for name, _ in reversed(lost):  # most recently used first
-            kept = self.vault.entry(name)
-            c = self.circuits.get(kept.circuit) if kept is not None else None
-            if c is None or name in self.store or not self.store.room_for(c.footprint):
-                continue
-            try:
-                slot = self.store.reserve(c.footprint)
-                fut = self.pool.submit(name, self._load_cold, c, name, None, slot, background=True, tenant=kept.tenant)
-            except (StoreFull, QueueFull):
-                continue
-            fut.add_done_callback(self._unpin_loaded)
+            self._load_if_room(name)
 
     def _unpin_loaded(self, fut) -> None:
         if fut.exception() is None and fut.result()[0] is not None:
@@ -317,13 +308,7 @@ class Service:
     def preload(self, say: Callable[[str], None] = lambda _m: None) -> int:
         """Load the most recently used key sets of the key folder into memory, as many as fit
         without evicting anything (after a restart: their clients' first answers are warm)."""
-        jobs = []
-        for name, e in self.vault.recent():
-            c = self.circuits.get(e.circuit)
-            if c is None or name in self.store or not self.store.room_for(c.footprint):
-                continue
-            slot = self.store.reserve(c.footprint)
-            jobs.append(self.pool.submit(name, self._load_cold, c, name, None, slot, background=True, tenant=e.tenant))
+        jobs = [j for name, _e in self.vault.recent() if (j := self._load_if_room(name)) is not None]
         if self.discards:
             say(f"discarded {len(self.discards)} partial or corrupt key file(s) in {self.vault.folder}: "
                 + "; ".join(self.discards[:5]))
@@ -332,13 +317,25 @@ class Service:
         loaded = 0
         for j in jobs:
             try:
-                entry = j.result()[0]
+                loaded += j.result()[0] is not None
             except Exception:  # noqa: BLE001 - a key set that does not load is reloaded (or re-uploaded) on demand
                 continue
-            if entry is not None:
-                self.store.unpin(entry)
-                loaded += 1
         return loaded
+
+    def _load_if_room(self, name: str):
+        """Load a kept key set into memory in the background if it fits without evicting anything
+        (a restart's preload, a lost worker's key sets); the future of that job, or None."""
+        kept = self.vault.entry(name)
+        c = self.circuits.get(kept.circuit) if kept is not None else None
+        if c is None or name in self.store or not self.store.room_for(c.footprint):
+            return None
+        try:
+            slot = self.store.reserve(c.footprint)
+            fut = self.pool.submit(name, self._load_cold, c, name, None, slot, background=True, tenant=kept.tenant)
+        except (StoreFull, QueueFull):
+            return None
+        fut.add_done_callback(self._unpin_loaded)  # loaded and prepared: free to be evicted like any other
+        return fut
 
     def host(self, saved: registry.SavedModel, say: Callable[[str], None] = lambda _m: None,
              compiled: CompiledModel | None = None) -> HostedCircuit:

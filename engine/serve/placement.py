@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Callable
 
 from .keystore import Entry, KeyStore, StoreFull
@@ -61,7 +61,7 @@ class Placement:
         self._lock = threading.Lock()
         self._gone_evictions = 0
         self.runs: Counter = Counter()  # worker -> runs finished there
-        self.left: list[str] = []  # workers that left, in order
+        self.left: deque[str] = deque(maxlen=100)  # the last workers that left, in order
 
     # -- the cluster
     def add_worker(self, worker: str) -> bool:
