@@ -34,6 +34,21 @@ VARIANTS = {
     "grid7": {"model": {"input_pool": 4}},  # 7x7 inputs per channel (each the mean of 4x4 pixels)
     "grid4": {"model": {"input_pool": 7}},  # 4x4 inputs per channel (each the mean of 7x7 pixels)
     "wide32": {"model": {"hidden": (32,)}},  # twice the neurons, 8 inputs each (twice the lookups)
+    "levels7": {"model": {"input_levels": 7}},  # + each channel's share of pixels above 7 fixed levels
+    "levels15": {"model": {"input_levels": 15}},
+    "levels7-grid7": {"model": {"input_levels": 7, "input_pool": 4}},
+    "levels7-wide32": {"model": {"input_levels": 7, "hidden": (32,)}},
+    "gradual10": {"train": {"prune_epochs": 10}},  # cut down to 8 inputs over 10 epochs
+    "gradual20": {"train": {"prune_epochs": 20}},
+    "gradual10-levels7": {"train": {"prune_epochs": 10}, "model": {"input_levels": 7}},
+    "gradual10-levels7-grid7": {"train": {"prune_epochs": 10}, "model": {"input_levels": 7, "input_pool": 4}},
+    "gradual20-levels7": {"train": {"prune_epochs": 20}, "model": {"input_levels": 7}},
+    "gradual10-levels15": {"train": {"prune_epochs": 10}, "model": {"input_levels": 15}},
+    "gradual10-levels7-wide32": {"train": {"prune_epochs": 10}, "model": {"input_levels": 7, "hidden": (32,)}},
+    "unpruned-levels7": {"model": {"max_active_inputs": 0, "input_levels": 7}},
+    "gradual10-levels7-e80": {"train": {"prune_epochs": 10, "epochs": 80}, "model": {"input_levels": 7}},
+    "gradual10-levels7-grid7-e80": {"train": {"prune_epochs": 10, "epochs": 80}, "model": {"input_levels": 7, "input_pool": 4}},
+    "gradual10-e80": {"train": {"prune_epochs": 10, "epochs": 80}},
     "unpruned": {"model": {"max_active_inputs": 0}},  # the reference (its circuit is wider and slower)
 }
 

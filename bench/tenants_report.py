@@ -85,7 +85,7 @@ def images(transport: HTTPTransport, cid: str) -> np.ndarray:
     from engine.learn.data import load_samples, to_features
 
     c = next(c for c in transport.circuits() if c["id"] == cid)
-    return to_features(load_samples(c["dataset"]).images, c["input_pool"])
+    return to_features(load_samples(c["dataset"]).images, c["input_pool"], c.get("input_levels", 0))
 
 
 def load(say, runs=(("c8_4gib", "4GiB", 8, 3), ("c8_1gib", "1GiB", 8, 3), ("c32_1gib", "1GiB", 32, 2)),

@@ -68,12 +68,18 @@ class ModelConfig:
     # Average-pool the image by this factor on the client, before quantization and encryption
     # (1: the full image). Fewer encrypted inputs: cheaper encryption and linear layer.
     input_pool: float = 1  # whole factors crop to a multiple; fractional ones average by area (2.8: 28 px -> 10x10)
+    # Client-side intensity histogram appended to the pooled image: for each channel, the share of
+    # its pixels brighter than each of this many evenly spaced levels (0: off). A fixed transform,
+    # like the pooling; it hands each neuron's few inputs a summary of the whole image.
+    input_levels: int = 0
 
     def __post_init__(self) -> None:
         if float(self.input_pool).is_integer():  # 2.0 and 2 are one model (and one content hash)
             object.__setattr__(self, "input_pool", int(self.input_pool))
         if self.input_pool < 1:
             raise ValueError("input_pool must be at least 1")
+        if not 0 <= self.input_levels <= 32:
+            raise ValueError(f"input_levels must be between 0 (off) and 32, got {self.input_levels}")
 
     @staticmethod
     def parse_hidden(text: str) -> tuple[int, ...]:
@@ -116,6 +122,17 @@ class TrainConfig:
     # With pruning (ModelConfig.max_active_inputs): the share of the epochs trained dense before
     # each neuron keeps its strongest inputs and fine-tunes under the mask (0: after one epoch).
     prune_after: float = 0.0
+    # Prune gradually over this many epochs from then on (each neuron's inputs cut on a cubic
+    # schedule down to max_active_inputs, the weights learning between cuts); 0 or 1: in one step.
+    prune_epochs: int = 0
+    # Train this many runs (seeds seed, seed + 1, ...) and keep the best on validation (1: one run).
+    seeds: int = 1
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be at least 1, got {self.seeds}")
+        if self.prune_epochs < 0:
+            raise ValueError(f"prune_epochs must be 0 or more, got {self.prune_epochs}")
 
     @property
     def augments(self) -> bool:

@@ -6,7 +6,7 @@ import streamlit as st
 
 import ui
 from engine.learn import registry
-from engine.config import ModelConfig, PipelineConfig, TrainConfig
+from engine.config import ModelConfig, PipelineConfig
 from engine.learn.data import DataError, locate
 from engine.learn.recipes import recipe
 
@@ -28,7 +28,8 @@ if st.session_state.get("train_recipe_for") != dataset:  # a new dataset: start 
         "train_recipe_for": dataset, "train_hidden": ",".join(map(str, m.hidden)), "train_epochs": t.epochs,
         "train_wbits": m.weight_bits, "train_abits": m.act_bits, "train_ibits": m.input_bits,
         "train_prune": m.max_active_inputs, "train_pool": m.input_pool, "train_augment": t.augment_shift,
-        "train_rotate": int(t.augment_rotate), "train_zoom": t.augment_scale,
+        "train_rotate": int(t.augment_rotate), "train_zoom": t.augment_scale, "train_levels": m.input_levels,
+        "train_seeds": t.seeds,
         "train_lr": min([3e-4, 1e-3, 2e-3, 3e-3, 1e-2], key=lambda v: abs(v - t.lr)),
     })
 SOURCES = ("MedMNIST subset", "MedMNIST + my labelled images (.zip)", "only my labelled images (.zip)")
@@ -61,6 +62,16 @@ with st.form("train_form"):
     rotate = c1.number_input("Random rotation augmentation (degrees)", 0, 30, key="train_rotate")
     zoom = c1.select_slider("Random zoom augmentation (±)", [0.0, 0.05, 0.1, 0.15, 0.2], key="train_zoom")
     lr = c2.select_slider("Learning rate", [3e-4, 1e-3, 2e-3, 3e-3, 1e-2], key="train_lr")
+    levels = c1.number_input("Intensity levels per channel (0 = off)", 0, 32, key="train_levels",
+                             help="Also send each channel's share of pixels brighter than N fixed levels, computed on "
+                                  "the client like the pooling: a summary of the whole image in N inputs per channel")
+    seeds = c2.number_input("Runs (the best on validation is kept)", 1, 5, key="train_seeds",
+                            help="Train this many runs with different seeds and keep the one that scores best on "
+                                 "validation: the runs of a pruned model differ by several points")
+    quick = st.checkbox("Quick search: also try the recipe's variants and keep the best on validation", key="train_quick",
+                        help="Trains the settings above and up to two variants of the client's preprocessing (without "
+                             "the intensity levels; a coarser 7x7 grid), each as many runs as asked: up to three times "
+                             "as long. The variants keep the circuit's kind, so its latency stays the same.")
     submitted = st.form_submit_button("Train", type="primary")
 
 if submitted and data_source != SOURCES[0] and own_zip is None:
@@ -75,9 +86,12 @@ if submitted:
         cfg = PipelineConfig(
             data=_replace(ui.data_config(dataset, allow_download=True), images=images_path, label_map=label_map,
                           images_only=data_source == SOURCES[2]),
-            model=ModelConfig(hidden, wbits, abits, ibits, int(prune), int(pool)),
-            train=TrainConfig(epochs=int(epochs), lr=float(lr), limit_train=int(limit), augment_shift=int(augment),
-                              augment_rotate=float(rotate), augment_scale=float(zoom)),
+            # the recipe's other settings (pruning schedule, stretch, ...) carry over
+            model=_replace(rec["model"], hidden=hidden, weight_bits=wbits, act_bits=abits, input_bits=ibits,
+                           max_active_inputs=int(prune), input_pool=int(pool), input_levels=int(levels)),
+            train=_replace(rec["train"], epochs=int(epochs), lr=float(lr), limit_train=int(limit),
+                           augment_shift=int(augment), augment_rotate=float(rotate), augment_scale=float(zoom),
+                           seeds=int(seeds)),
             compile=rec["compile"],
         )
         locate(cfg.data)
@@ -110,13 +124,20 @@ if submitted:
                 st.caption(f"{len(images.names)} labelled images ({len(images.unreadable)} unreadable): "
                            f"{len(images.train_index)} to train on, {len(images.holdout_index)} held out for validation.")
 
-            result, saved = ui.train_and_save(cfg, name.strip() or None, on_epoch, on_images, on_prepared)
+            result, saved = ui.train_and_save(cfg, name.strip() or None, on_epoch, on_images, on_prepared, quick)
         st.session_state["model"] = (saved.dataset, saved.name)
         held = (f", your held-out images {100 * result.metrics['holdout']['accuracy']:.1f}%"
                 if "holdout" in result.metrics else "")
         st.success(f"Saved **{saved.dataset}/{saved.name}** (best epoch {result.best_epoch}): validation accuracy "
                    f"{100 * result.metrics['val']['accuracy']:.1f}%{held}, test {100 * result.metrics['test']['accuracy']:.1f}%. "
                    "It is now the selected model: compile it on the Compile page, then check it on the Validate page.")
+        if "quick_search" in result.metrics:
+            st.dataframe(pd.DataFrame([{"variant": r["variant"], "validation accuracy": f"{100 * r['val_accuracy']:.1f}%",
+                                        "chosen": r["variant"] == result.metrics["quick_search_chosen"]}
+                                       for r in result.metrics["quick_search"]]), hide_index=True)
+        if "seeds" in result.metrics:
+            st.caption(f"Kept seed {result.metrics['chosen_seed']} of {len(result.metrics['seeds'])} runs "
+                       f"(validation accuracy spread {100 * result.metrics['seed_spread']:.1f} points).")
         st.caption(f"Learned from: {saved.sources_text()}")
     except (DataError, ValueError, FileExistsError) as exc:
         ui.fail(exc)

@@ -31,6 +31,8 @@ def add_train(sub) -> None:
     g.add_argument("--max-active-inputs", type=int, default=None, help="prune to this many inputs per neuron (0: off)")
     g.add_argument("--input-pool", type=float, default=None,
                    help="average-pool the image by this factor on the client (2: 14x14 inputs; 2.8: 10x10, by area)")
+    g.add_argument("--input-levels", type=int, default=None,
+                   help="append each channel's share of pixels brighter than N fixed levels, computed on the client (0: off)")
     g.add_argument("--augment", type=int, default=None, help="random shifts of up to N pixels during training")
     g.add_argument("--rotate", type=float, default=None, help="random rotations of up to N degrees during training")
     g.add_argument("--scale", type=float, default=None, help="random zoom by a factor in [1-S, 1+S] during training")
@@ -40,6 +42,10 @@ def add_train(sub) -> None:
                    help="share of training images given an upload's round trips each epoch (exposure, resize filters, blur, JPEG)")
     g.add_argument("--prune-after", type=float, default=None,
                    help="with --max-active-inputs: share of the epochs trained dense before pruning (0: after one epoch)")
+    g.add_argument("--prune-epochs", type=int, default=None,
+                   help="with --max-active-inputs: prune gradually over this many epochs (0 or 1: in one step)")
+    g.add_argument("--seeds", type=int, default=None,
+                   help="train this many runs (seeds --seed, --seed + 1, ...) and keep the best on validation")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--lr", type=float, default=None)
@@ -60,7 +66,10 @@ def add_train(sub) -> None:
                    help="random real-upload versions made of each image (default 8; each epoch trains on one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-train", type=int, default=0, help="use only the first N training images")
-    p.add_argument("--show-recipe", action="store_true", help="print the settings that would be used and exit")
+    p.add_argument("--show-recipe", action="store_true", help="print the settings that would be used, and why, and exit")
+    p.add_argument("--quick-search", action="store_true",
+                   help="also train the recipe's variants (without intensity levels; a 7x7 grid) and keep the best on "
+                        "validation: up to 3x as long")
     p.add_argument("--recipe", choices=["auto", "generic"], default="auto",
                    help="auto: the search's choice for the dataset where there is one; generic: the generic recipe")
     p.add_argument("--no-class-weighting", action="store_true")
@@ -102,7 +111,8 @@ def cmd_train(a) -> int:
         data=data,
         model=ModelConfig(tuple(pick(a.hidden, list(bm.hidden))), pick(a.weight_bits, bm.weight_bits),
                           pick(a.act_bits, bm.act_bits), pick(a.input_bits, bm.input_bits),
-                          pick(a.max_active_inputs, bm.max_active_inputs), pick(a.input_pool, bm.input_pool)),
+                          pick(a.max_active_inputs, bm.max_active_inputs), pick(a.input_pool, bm.input_pool),
+                          pick(a.input_levels, bm.input_levels)),
         train=TrainConfig(epochs=pick(a.epochs, bt.epochs), batch_size=pick(a.batch_size, bt.batch_size),
                           lr=pick(a.lr, bt.lr), seed=a.seed, class_weighting=not a.no_class_weighting,
                           limit_train=a.limit_train, augment_shift=pick(a.augment, bt.augment_shift),
@@ -112,20 +122,37 @@ def cmd_train(a) -> int:
                           distill=pick(a.distill, bt.distill), teacher_epochs=pick(a.teacher_epochs, bt.teacher_epochs),
                           rounding_noise=pick(a.rounding_noise, bt.rounding_noise),
                           image_copies=pick(a.image_copies, bt.image_copies),
-                          prune_after=pick(a.prune_after, bt.prune_after)),
+                          prune_after=pick(a.prune_after, bt.prune_after),
+                          prune_epochs=pick(a.prune_epochs, bt.prune_epochs), seeds=pick(a.seeds, bt.seeds)),
         compile=compile_cfg(a, base["compile"]),
     )
     a.epochs = cfg.train.epochs
     say(f"recipe: {source}; overridden by the flags given")
     if a.show_recipe:
         print(json.dumps(cfg.to_dict(), indent=2))
+        if base["model"] == GENERIC["model"] and base["train"] == GENERIC["train"]:
+            from ..learn.recipes import EXPLAIN
+
+            print("why (the generic recipe):")
+            for key, why in EXPLAIN.items():
+                print(f"  {key}: {why}")
+        if a.quick_search:
+            from ..learn.quick_search import candidates
+
+            print("--quick-search trains: " + "; ".join(name for name, _ in candidates(cfg)))
         return 0
     if a.epochs < 1:
         raise UserError("--epochs must be at least 1")
+    if cfg.train.seeds > 1:
+        say(f"{cfg.train.seeds} runs (seeds {cfg.train.seed}-{cfg.train.seed + cfg.train.seeds - 1}): "
+            "the best on validation is kept")
     from ..learn.data import locate
 
     locate(cfg.data)  # a missing file fails here, before the progress bar starts
-    bar = tqdm(total=a.epochs, desc="training", unit="epoch", file=sys.stderr, disable=None)
+    from ..learn.quick_search import candidates, quick_search
+
+    n_candidates = len(candidates(cfg)) if a.quick_search else 1
+    bar = tqdm(total=a.epochs * cfg.train.seeds * n_candidates, desc="training", unit="epoch", file=sys.stderr, disable=None)
 
     def on_epoch(r):
         bar.update(1)
@@ -153,7 +180,8 @@ def cmd_train(a) -> int:
             f"{held} held out for validation")
         for name, reason in images.unreadable[:10]:
             say(f"unreadable: {name}: {reason}")
-    result = train(cfg, progress=on_epoch, images=images)
+    result = (quick_search if a.quick_search else train)(cfg, progress=on_epoch, images=images,
+                                                                  say=lambda m: bar.write(m, file=sys.stderr))
     bar.close()
     saved = registry.save(result, a.name, a.models_dir, overwrite=a.overwrite)
     from ..learn import guard as guards
@@ -163,6 +191,13 @@ def cmd_train(a) -> int:
     print(f"saved {saved.dataset}/{saved.name} (best epoch {m['best_epoch']}) to {saved.path}")
     print(f"learned from: {saved.sources_text()}")
     held = f"  held-out images accuracy {m['holdout']['accuracy']:.4f}" if "holdout" in m else ""
+    for row in m.get("quick_search", []):
+        chosen = "  <- kept" if row["variant"] == m["quick_search_chosen"] else ""
+        print(f"quick search: {row['variant']:28s} validation accuracy {100 * row['val_accuracy']:.1f}%{chosen}")
+    if "seeds" in m:
+        print(f"kept seed {m['chosen_seed']} of {len(m['seeds'])}: validation accuracy "
+              + ", ".join(f"{100 * r['val_accuracy']:.1f}%" for r in m["seeds"])
+              + f" (spread {100 * m['seed_spread']:.1f} points)")
     print(f"val accuracy {m['val']['accuracy']:.4f}{held}  test accuracy {m['test']['accuracy']:.4f}  "
           f"test AUC {m['test']['auc'] or float('nan'):.4f}")
     print(f"input check fitted: {100 * g.val_pass_rate:.1f}% of validation images pass; confidence temperature {g.temperature:.3f}")

@@ -132,7 +132,7 @@ class Split:
         return self.labels.astype(np.float32) if self.info.multi_label else self.labels[:, 0].astype(np.int64)
 
 
-def to_features(images: np.ndarray, pool: int = 1) -> np.ndarray:
+def to_features(images: np.ndarray, pool: float = 1, levels: int = 0) -> np.ndarray:
     """uint8 images (N, H, W[, C]) -> float32 (N, F) in [-1, 1], the FCNN's input.
 
     ``pool > 1`` averages ``pool x pool`` pixel blocks first: client-side preprocessing in the
@@ -140,6 +140,8 @@ def to_features(images: np.ndarray, pool: int = 1) -> np.ndarray:
     the size is not a multiple of a whole ``pool`` the trailing rows and columns are dropped (28 px
     with ``pool=3``: the top-left 27x27 pixels, 9x9 inputs); a fractional ``pool`` averages the
     whole image onto a ``round(28 / pool)`` grid by area (``pool=2.8``: 10x10 inputs).
+
+    ``levels > 0`` appends :func:`intensity_levels` of the full image: ``levels`` values per channel.
     """
     x = np.asarray(images, dtype=np.float32)
     if pool > 1 and pool != int(pool):  # a fractional factor: area averaging onto a round(H / pool) grid
@@ -152,7 +154,37 @@ def to_features(images: np.ndarray, pool: int = 1) -> np.ndarray:
         hh, ww = h // pool, w // pool
         x = x[:, : hh * pool, : ww * pool].reshape(n, hh, pool, ww, pool, *x.shape[3:]).mean(axis=(2, 4))
     x = x.reshape(len(x), int(np.prod(x.shape[1:])))  # (0, F) for no images
-    return x / 127.5 - 1.0
+    x = x / 127.5 - 1.0
+    if levels:
+        x = np.concatenate([x, intensity_levels(images, levels)], axis=1)
+    return x
+
+
+def features(images: np.ndarray, model) -> np.ndarray:
+    """The input of a model with :class:`engine.config.ModelConfig` ``model``: :func:`to_features`
+    with its pooling and intensity levels (the client's whole preprocessing)."""
+    return to_features(images, model.input_pool, model.input_levels)
+
+
+def intensity_levels(images: np.ndarray, levels: int) -> np.ndarray:
+    """(N, C' * levels) float32 in [-1, 1]: for each channel, the share of pixels brighter than
+    ``255 * k / (levels + 1)`` for k = 1..levels (a cumulative intensity histogram at fixed levels,
+    scaled like the pixels); colour images also get it for their brightness (the mean of the
+    channels), so C' is 1 for grayscale and 4 for RGB. Data-independent: the same levels for every
+    image and dataset.
+
+    One level's share quantizes to the input's few bits; their sum (what a neuron can add up) is
+    the channel's mean brightness to ``levels`` times finer steps."""
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.shape[-1] > 1:
+        x = np.concatenate([x, x.mean(axis=-1, keepdims=True)], axis=-1)
+    n, c = len(x), x.shape[-1]
+    out = np.empty((n, c, levels), np.float32)
+    for k in range(levels):
+        out[:, :, k] = (x > 255.0 * (k + 1) / (levels + 1)).mean(axis=(1, 2))
+    return out.reshape(n, c * levels) * 2.0 - 1.0
 
 
 def area_matrix(size: int, out: int) -> np.ndarray:

@@ -301,7 +301,7 @@ def fit_for(saved, data_cfg=None, images=None) -> Guard:
     import torch
 
     from .augment import upload_copies
-    from .data import load_split, to_features
+    from .data import features, load_split
 
     cfg = data_cfg or saved.config.data
     train, val = load_split(cfg, "train"), load_split(cfg, "val")
@@ -317,8 +317,7 @@ def fit_for(saved, data_cfg=None, images=None) -> Guard:
                                       .reshape(-1, 1)])
         train_images = np.concatenate([train.images, images.clean[own]])
     with torch.no_grad():
-        logits = model(torch.from_numpy(to_features(np.concatenate([val.images, copies]),
-                                                    saved.config.model.input_pool))).numpy()
+        logits = model(torch.from_numpy(features(np.concatenate([val.images, copies]), saved.config.model))).numpy()
     n = len(val)
     shifted = (copies, logits[n:], copy_labels)
     g = fit(train_images, val.images, logits[:n], val.labels, val.info.n_channels, val.info.multi_label,

@@ -58,16 +58,22 @@ class QATFCNN(nn.Module):
         return sum(self.cfg.hidden)
 
     # -- pruning: bound the number of active inputs of each neuron (hence accumulator width)
-    def apply_pruning(self) -> None:
+    def apply_pruning(self, share: float = 1.0) -> None:
+        """Keep the largest weights of each neuron (row-wise L1): ``share`` 1 keeps
+        ``max_active_inputs``, a smaller share a step of a gradual schedule
+        (``n - share * (n - max_active_inputs)`` of ``n`` inputs). Weights pruned at an earlier
+        step stay pruned; the parameters stay the same objects (an optimizer keeps them)."""
         k = self.cfg.max_active_inputs
         if not k:
             return
         for layer in self.linears():
             n_in = layer.in_features
             if n_in > k:
-                # Per-neuron (row-wise) L1 pruning: keep the k largest weights of each row.
-                mask = _row_topk_mask(layer.weight.detach().abs(), k)
-                prune.custom_from_mask(layer, "weight", mask)
+                keep = max(k, n_in - int(round(share * (n_in - k))))
+                weight = layer.weight.detach().abs()
+                if prune.is_pruned(layer):
+                    prune.remove(layer, "weight")
+                prune.custom_from_mask(layer, "weight", _row_topk_mask(weight, keep))
 
     def remove_pruning(self) -> None:
         for layer in self.linears():

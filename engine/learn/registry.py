@@ -73,11 +73,11 @@ class SavedModel:
 
     def calibration_features(self, n: int) -> np.ndarray:
         """Features of up to ``n`` stored training images: the compiler's input set."""
-        from .data import to_features
+        from .data import features
 
         with np.load(self.path / CALIBRATION) as f:
             images = f["images"]
-        return to_features(images[:n], self.config.model.input_pool)
+        return features(images[:n], self.config.model)
 
     def summary(self) -> dict:
         m = self.config.model
@@ -105,7 +105,10 @@ def content_hash(weights: bytes, cfg: PipelineConfig) -> str:
     h = hashlib.sha256()
     h.update(weights)
     # Only what changes the function the model computes (not data paths or epochs).
-    h.update(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True).encode())
+    model = dataclasses.asdict(cfg.model)
+    if not model["input_levels"]:  # a field added later: a model without it keeps its hash
+        del model["input_levels"]
+    h.update(json.dumps(model, sort_keys=True).encode())
     h.update(cfg.data.dataset.encode() + str(cfg.data.size).encode())
     return h.hexdigest()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from torch import nn
 from . import metrics
 from .augment import random_affine, upload_like
 from ..config import PipelineConfig, TrainConfig
-from .data import Split, load_split, to_features
+from .data import Split, dataset_info, features, load_split
 from .model import QATFCNN, build_model
 from .teacher import teacher_logits
 
@@ -31,6 +32,7 @@ class EpochReport:
     seconds: float
     val_balanced_accuracy: float | None = None
     holdout_accuracy: float | None = None  # on the labelled images held out (train --images)
+    seed: int = 0  # the run's seed (TrainConfig.seeds > 1: epochs count on over the runs)
 
 
 @dataclass
@@ -44,6 +46,7 @@ class TrainResult:
     calibration: np.ndarray | None = None  # uint8 training images the compiler calibrates on
     sources: list[dict] = field(default_factory=list)  # what the model learned from (model.json)
     images: object = None  # the prepared labelled images (engine.learn.labelled.TrainingImages), if any
+    score: float = float("-inf")  # the best epoch's validation selection score (what seeds compete on)
 
 
 CALIBRATION_SIZE = 512
@@ -91,8 +94,8 @@ def logits_of(model: nn.Module, x: np.ndarray, batch: int = 1024) -> np.ndarray:
     return np.concatenate([model(torch.from_numpy(x[i : i + batch])).numpy() for i in range(0, len(x), batch)])
 
 
-def evaluate_float(model: QATFCNN, split: Split, pool: int = 1, thresholds=None) -> dict:
-    scores = metrics.scores_from_logits(logits_of(model, to_features(split.images, pool)), split.info)
+def evaluate_float(model: QATFCNN, split: Split, thresholds=None) -> dict:
+    scores = metrics.scores_from_logits(logits_of(model, features(split.images, model.cfg)), split.info)
     y = split.labels
     return {
         "accuracy": metrics.accuracy(y, scores, split.info, thresholds),
@@ -176,6 +179,48 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
           image_progress: Callable[[int, int], None] | None = None) -> TrainResult:
     """Train a QAT FCNN per ``cfg``; keep the epoch with the best validation score.
 
+    ``cfg.train.seeds > 1``: train that many runs (seeds ``seed``, ``seed + 1``, ...) and keep the
+    one whose best epoch scored highest on validation; ``progress`` counts epochs over all runs,
+    and ``metrics["seeds"]`` lists each run's validation figures (the spread the choice removes).
+    The labelled images are prepared once for all runs.
+    """
+    tc = cfg.train
+    if tc.seeds <= 1:
+        return _train_one(cfg, progress, say, images, image_progress)
+    if images is None and cfg.data.images:
+        from .labelled import training_images
+
+        say(f"reading and augmenting the labelled images in {cfg.data.images}")
+        images = training_images(cfg.data, dataset_info(cfg.data.dataset), tc.image_copies, tc.seed, progress=image_progress)
+    best, runs = None, []
+    for i in range(tc.seeds):
+        seed = tc.seed + i
+        say(f"run {i + 1} of {tc.seeds} (seed {seed})")
+
+        def counted(r: EpochReport, i=i, seed=seed) -> None:
+            if progress:
+                progress(dataclasses.replace(r, epoch=i * tc.epochs + r.epoch, epochs=tc.seeds * tc.epochs, seed=seed))
+
+        one = _train_one(cfg.replace(train=dataclasses.replace(tc, seed=seed, seeds=1)), counted, say, images)
+        runs.append({"seed": seed, "score": one.score, "best_epoch": one.best_epoch,
+                     "val_accuracy": one.metrics["val"]["accuracy"], "val_auc": one.metrics["val"]["auc"]})
+        if best is None or one.score > best.score:
+            best = one
+    accs = [r["val_accuracy"] for r in runs]
+    best.config = cfg  # what produced it: all the runs (the chosen seed is in the metrics)
+    best.metrics["seeds"] = runs
+    best.metrics["chosen_seed"] = best.history[0].seed if best.history else tc.seed
+    best.metrics["seed_spread"] = max(accs) - min(accs)
+    say(f"kept seed {best.metrics['chosen_seed']}: validation accuracy "
+        + ", ".join(f"seed {r['seed']} {100 * r['val_accuracy']:.1f}%" for r in runs))
+    return best
+
+
+def _train_one(cfg: PipelineConfig, progress: ProgressFn | None = None,
+               say: Callable[[str], None] = lambda _m: None, images=None,
+               image_progress: Callable[[int, int], None] | None = None) -> TrainResult:
+    """One run of :func:`train` with ``cfg.train.seed``.
+
     With ``cfg.data.images`` (or ``images``, a prepared :class:`engine.learn.labelled.TrainingImages`)
     the labelled images train too, as one of their real-upload versions each epoch, and their
     held-out part validates next to MedMNIST's validation split: an epoch competes on the mean of
@@ -196,13 +241,13 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
     own_labels = images.labels[own] if images is not None else np.zeros(0, np.int64)
     held = images.holdout_index if images is not None else np.arange(0)
 
-    pool = cfg.model.input_pool
-    x_train = torch.from_numpy(to_features(train_split.images, pool))
+    mc = cfg.model
+    x_train = torch.from_numpy(features(train_split.images, mc))
     y_all = np.concatenate([train_split.targets, own_labels]) if len(own) else train_split.targets
     y_train = torch.from_numpy(y_all)
-    x_val = to_features(val_split.images, pool)
+    x_val = features(val_split.images, mc)
     y_val = torch.from_numpy(val_split.targets)
-    x_held = to_features(images.clean[held], pool) if len(held) else None
+    x_held = features(images.clean[held], mc) if len(held) else None
     if len(train_split) + len(own) == 0:
         raise ValueError("nothing to train on: the labelled folder has no training image")
 
@@ -229,23 +274,28 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
     versions_of_own = np.concatenate([images.copies[:, own], images.clean[own][None]]) if len(own) else None
     best_score, best_state = -np.inf, None
     # With pruning: one dense epoch, then fine-tune under the mask; only masked epochs compete.
+    # prune_epochs > 1: prune gradually, from that epoch on, each step keeping fewer inputs (cubic
+    # schedule, Zhu & Gupta 2017), down to max_active_inputs.
     prune_epoch = (min(max(2, int(round(tc.prune_after * tc.epochs)) + 1), tc.epochs)
                    if cfg.model.max_active_inputs else 0)
+    steps = min(max(tc.prune_epochs, 1), tc.epochs - prune_epoch + 1) if prune_epoch else 0
     for epoch in range(1, tc.epochs + 1):
         t0 = time.perf_counter()
-        if epoch == prune_epoch:
-            model.apply_pruning()
-            best_score, best_state = -np.inf, None
+        if prune_epoch and prune_epoch <= epoch < prune_epoch + steps:
+            step = epoch - prune_epoch + 1
+            model.apply_pruning(1.0 - (1.0 - step / steps) ** 3)
+            if step == steps:  # only epochs at the final mask compete
+                best_score, best_state = -np.inf, None
         model.train()
         moved = train_split.images
         if tc.augments and len(train_split):
             moved = augment(train_split.images, tc, aug_rng)
-            x_train = torch.from_numpy(to_features(moved, pool))
+            x_train = torch.from_numpy(features(moved, mc))
         if len(own):  # each labelled image as one of its real-upload versions, or as it is
             pick = copy_rng.integers(0, len(versions_of_own), len(own))
             versions = versions_of_own[pick, np.arange(len(own))]
             moved = np.concatenate([np.asarray(moved, dtype=np.float32), versions.astype(np.float32)])
-            x_train = torch.from_numpy(to_features(moved, pool))
+            x_train = torch.from_numpy(features(moved, mc))
         if teacher is not None and (soft is None or tc.augments):  # unmoved images: their logits once
             soft = teacher_logits(teacher, moved)
         perm = torch.randperm(len(x_train), generator=gen)
@@ -276,7 +326,7 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
                                                        tc.class_weighting)
             select = (select + held_select) / 2
         report = EpochReport(epoch, tc.epochs, total / len(perm), val_loss, acc, auc, time.perf_counter() - t0, bal,
-                             held_acc)
+                             held_acc, tc.seed)
         result.history.append(report)
         score = select + 1e-3 * (auc or 0.0)  # AUC breaks ties
         if score > best_score:
@@ -286,6 +336,7 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
 
     if best_state is not None:
         model.load_state_dict(best_state)
+    result.score = float(best_score)
     model.remove_pruning()
     model.eval()
 
@@ -294,8 +345,8 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
         result.thresholds = metrics.fit_label_thresholds(val_split.targets, val_scores).tolist()
     result.metrics = {
         "best_epoch": result.best_epoch,
-        "val": evaluate_float(model, val_split, pool, result.thresholds),
-        "test": evaluate_float(model, load_split(cfg.data, "test"), pool, result.thresholds),
+        "val": evaluate_float(model, val_split, result.thresholds),
+        "test": evaluate_float(model, load_split(cfg.data, "test"), result.thresholds),
     }
     medmnist_source = {"kind": "medmnist", "dataset": cfg.data.dataset, "split": "train", "files": len(train_split),
                        "train": {info.labels[c]: int((train_split.labels[:, 0] == c).sum()) for c in sorted(info.labels)}
@@ -306,5 +357,5 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
         result.sources.append(images.provenance(info))
         held_split = Split(cfg.data.dataset, "holdout", images.clean[held], images.labels[held].reshape(-1, 1), info)
         if len(held):
-            result.metrics["holdout"] = evaluate_float(model, held_split, pool, result.thresholds)
+            result.metrics["holdout"] = evaluate_float(model, held_split, result.thresholds)
     return result

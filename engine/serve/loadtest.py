@@ -52,7 +52,8 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
     probe = transport()
     circuit = _circuit_for(probe, dataset, model)
     samples = load_samples(circuit["dataset"])
-    x = to_features(samples.images, circuit["input_pool"])  # the client's own preprocessing
+    # the client's own preprocessing (a service from before input_levels does not send it)
+    x = to_features(samples.images, circuit["input_pool"], circuit.get("input_levels", 0))
     folder = Path(tempfile.mkdtemp(prefix="loadtest-"))
 
     say(f"{clients} client(s): downloading client.zip and generating keys")
