@@ -20,7 +20,7 @@ trap 'rm -rf "$WORK"' EXIT
 export ENGINE_MODELS_DIR=$WORK/models ENGINE_CACHE_DIR=$WORK/cache
 MEDMNIST_DIR=$REAL python bench/generated_subsets.py "$WORK/generated" >/dev/null
 echo "generic recipe: $(python -c 'from engine.learn.recipes import GENERIC as G; print(G["model"]); print(G["train"]); print(G["compile"])')"
-echo "date: $(date -u +%F), $(nproc) cores, commit $(git rev-parse --short HEAD 2>/dev/null)"
+echo "date: $(date -u +%F), $(nproc) cores, commit $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD -- engine 2>/dev/null || echo ' with uncommitted changes to engine/')"
 : >"$WORK/summary"
 for D in $SUBSETS; do
   case $D in pneumoniamnist|breastmnist) export MEDMNIST_DIR=$REAL;; *) export MEDMNIST_DIR=$WORK/generated;; esac

@@ -161,8 +161,25 @@ def startup() -> str:
 
 def defaults() -> str:
     path = RESULTS / "generic_defaults.txt"
-    return ("```text\n" + path.read_text().strip() + "\n```\n\n" + source(path)
-            + " Made by `bash bench/generic_defaults.sh`.\n")
+    text = path.read_text().strip()
+    if "=== summary" in text:  # the run's settings, the summary, and each subset's first-seed circuit
+        lines = text.splitlines()
+        start = next(i for i, x in enumerate(lines) if x.startswith("=== "))
+        summary = next(i for i, x in enumerate(lines) if x.startswith("=== summary"))
+        keep, seen, first = [], set(), False
+        for x in lines[start:summary]:
+            if x.startswith("=== "):
+                subset = x[4:].split(",")[0]
+                first = subset not in seen
+                seen.add(subset)
+                if first:
+                    keep += ["", x]
+            elif first and x.startswith(("circuit:", "stability:", "expected encrypted", "agreement:", "mode ",
+                                         "simulate ", "fhe ")):
+                keep.append(x)
+        text = "\n".join(lines[:start] + [""] + lines[summary:] + ["", "each subset's first seed:"] + keep)
+    return ("```text\n" + text + "\n```\n\n" + source(path)
+            + " Made by `bash bench/generic_defaults.sh`; the whole output is in the file.\n")
 
 
 def levers() -> str:
@@ -173,9 +190,12 @@ def levers() -> str:
     rows = ["Validation accuracy of the quantized model, mean of seeds 0, 1, 2 (spread: best - worst), "
             "generic recipe with one change (`bench/subset_levers.py`; `retinamnist` and `bloodmnist` are the generated "
             "ordinal and RGB files):", "",
-            "| variant | " + " | ".join(subsets) + " |", "|---|" + "---|" * len(subsets)]
+            "| variant | changes to the generic recipe of the file's date | " + " | ".join(subsets) + " |",
+            "|---|---|" + "---|" * len(subsets)]
     for v in variants:
-        cells = []
+        changes = next(x["changes"] for x in r["rows"] if x["variant"] == v)
+        flat = ", ".join(f"{k}={val}" for part in changes.values() for k, val in part.items()) or "none"
+        cells = [flat]
         for d in subsets:
             x = cell.get((d, v))
             cells.append("-" if x is None else f"{pct(x['mean'])} (spread {100 * x['spread']:.1f})")

@@ -113,10 +113,18 @@ def test_train_page_trains_and_saves(app_env, monkeypatch):
     at.number_input(key="train_epochs").set_value(2)
     at.number_input(key="train_limit").set_value(256)
     at.text_input(key="train_name").set_value("from-ui")
+    at.number_input(key="train_levels").set_value(2)
+    at.number_input(key="train_seeds").set_value(2)
+    at.checkbox(key="train_quick").check()
     at.button[0].click().run()
     ok(at)
     assert any("Saved **pneumoniamnist/from-ui**" in s.value for s in at.success)
-    assert "from-ui" in list(at.dataframe[0].value["name"])
+    tables = {tuple(d.value.columns): d.value for d in at.dataframe}
+    searched = tables[("variant", "validation accuracy", "chosen")]
+    assert len(searched) == 3 and searched["chosen"].sum() == 1  # the recipe, without levels, a 7x7 grid
+    assert any("of 2 runs" in c.value for c in at.caption)
+    saved = next(v for k, v in tables.items() if "name" in k)
+    assert "from-ui" in list(saved["name"])
     assert at.session_state["model"] == ("pneumoniamnist", "from-ui")
     assert (app_env / "models" / "pneumoniamnist" / "from-ui" / "weights.pt").exists()
 

@@ -94,3 +94,22 @@ def test_a_model_with_levels_and_gradual_pruning_runs_encrypted(data_dir, tmp_pa
     before = {k: v for k, v in dataclasses.asdict(plain.model).items() if k != "input_levels"}
     h = hashlib.sha256(b"w" + json.dumps(before, sort_keys=True).encode() + b"pneumoniamnist28").hexdigest()
     assert registry.content_hash(b"w", plain) == h != registry.content_hash(b"w", cfg)
+
+
+def test_quick_search_keeps_the_best_variant_with_its_own_config(data_dir):
+    from engine.learn.quick_search import candidates, quick_search
+
+    base = tiny_config(data_dir, epochs=1, limit_train=256)
+    plain = base.replace(model=dataclasses.replace(base.model, input_pool=2, input_levels=0))
+    assert [n for n, _ in candidates(plain)] == ["the recipe", "7x7 grid (4x4 pixel means)"]  # no duplicate
+    cfg = plain.replace(model=dataclasses.replace(plain.model, input_levels=3))
+    seen = []
+    r = quick_search(cfg, progress=seen.append)
+    rows = r.metrics["quick_search"]
+    assert [x["variant"] for x in rows] == ["the recipe", "without intensity levels", "7x7 grid (4x4 pixel means)"]
+    assert [s.epoch for s in seen] == [1, 2, 3] and all(s.epochs == 3 for s in seen)
+    best = max(rows, key=lambda x: x["score"])
+    assert r.metrics["quick_search_chosen"] == best["variant"] and r.score == best["score"]
+    assert dataclasses.asdict(r.config.model) == best["model"]  # the saved model carries the variant it is
+    n_in = {"the recipe": 14 * 14 + 3, "without intensity levels": 14 * 14, "7x7 grid (4x4 pixel means)": 49 + 3}
+    assert r.model.linears()[0].in_features == n_in[best["variant"]]

@@ -82,9 +82,10 @@ with tab_new:
                 hidden = ModelConfig.parse_hidden(hidden_text)
                 if base_model is not None:
                     base = base_model.replace(data=ui.data_config(dataset),
-                                              model=ModelConfig(hidden, input_pool=base_model.model.input_pool),
+                                              model=ModelConfig(hidden, input_pool=base_model.model.input_pool,
+                                                                input_levels=base_model.model.input_levels),
                                               train=dataclasses.replace(base_model.train, epochs=int(epochs),
-                                                                        limit_train=int(limit)))
+                                                                        limit_train=int(limit), seeds=1))
                 else:
                     base = PipelineConfig(data=ui.data_config(dataset), model=ModelConfig(hidden=hidden),
                                           train=TrainConfig(epochs=int(epochs), limit_train=int(limit)), compile=CompileConfig())
