@@ -57,6 +57,7 @@ VARIANTS = {
                                    "model": {"input_levels": 7, "hidden": (16, 8)}},  # a second layer: 24 lookups
     "gradual10-levels7-e80-distill": {"train": {"prune_epochs": 10, "epochs": 80, "distill": 0.5},
                                       "model": {"input_levels": 7}},  # the clear CNN teacher's soft labels
+    "gradual10-distill": {"train": {"prune_epochs": 10, "distill": 0.5}},
     "unpruned": {"model": {"max_active_inputs": 0}},  # the reference (its circuit is wider and slower)
 }
 
@@ -71,11 +72,12 @@ def base() -> dict:
             "compile": CompileConfig(rounding_threshold_bits=6, rounding_method="approximate", p_error=0.01)}
 
 
-def run(dataset: str, data_dir: str, variant: dict, seed: int) -> dict:
+def run(dataset: str, data_dir: str, variant: dict, seed: int, base_name: str = "issue20") -> dict:
     from engine.config import DataConfig, PipelineConfig
+    from engine.learn.recipes import recipe
     from engine.learn.train import train
 
-    b = base()
+    b = base() if base_name == "issue20" else recipe(dataset)[0]  # "search": the dataset's searched recipe
     m = dataclasses.replace(b["model"], **variant.get("model", {}))
     t = dataclasses.replace(b["train"], seed=seed, **variant.get("train", {}))
     cfg = PipelineConfig(data=DataConfig(dataset, data_dir=data_dir, allow_download=False), model=m, train=t,
@@ -92,6 +94,9 @@ def main() -> int:
     ap.add_argument("--subsets", default="bloodmnist,retinamnist,breastmnist")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--base", choices=["issue20", "search"], default="issue20",
+                    help="what the variants change: issue 20's generic recipe, or the dataset's searched recipe "
+                         "(its rows are named search:VARIANT)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     real = os.environ.get("MEDMNIST_DIR") or str(REPO.parent / "shared" / "data" / "medmnist")
@@ -104,9 +109,9 @@ def main() -> int:
     for d in a.subsets.split(","):
         folder = real if d in ("breastmnist", "pneumoniamnist") else str(gen)
         for v in a.variants.split(","):
-            runs = [run(d, folder, VARIANTS[v], s) for s in seeds]
+            runs = [run(d, folder, VARIANTS[v], s, a.base) for s in seeds]
             accs = [x["val_accuracy"] for x in runs]
-            row = {"subset": d, "variant": v, "changes": VARIANTS[v], "seeds": seeds, "runs": runs,
+            row = {"subset": d, "variant": v if a.base == "issue20" else f"search:{v}", "changes": VARIANTS[v], "seeds": seeds, "runs": runs,
                    "mean": sum(accs) / len(accs), "spread": max(accs) - min(accs)}
             rows.append(row)
             print(f"{d:13s} {v:12s} val accuracy mean {100 * row['mean']:.1f}%  spread {100 * row['spread']:.1f} "

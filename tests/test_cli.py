@@ -248,7 +248,8 @@ def test_serve_then_predict_and_loadtest_over_http(env, tmp_path):
     trained = run(env, "train", "--dataset", "pneumoniamnist", "--epochs", "1", "--hidden", "8", "--limit-train", "512",
                   "--input-levels", "3", "--seeds", "2", "--rounding-bits", "4", "--rounding-method", "exact",
                   "--p-error", "1e-5", "--name", "cli-served", "--overwrite").stdout
-    assert re.search(r"kept seed [01] of 2: validation accuracy [\d.]+%, [\d.]+% \(spread", trained)
+    assert re.search(r"kept seed [01] of 2: validation accuracy [\d.]+% \(\d+ bits\), [\d.]+% \(\d+ bits\) \(spread",
+                     trained)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

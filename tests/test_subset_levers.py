@@ -61,7 +61,7 @@ def test_best_of_seeds_keeps_the_run_that_scored_best(data_dir, tmp_path):
     assert [(s.epoch, s.epochs, s.seed) for s in seen] == [(1, 4, 0), (2, 4, 0), (3, 4, 1), (4, 4, 1)]
     runs = r.metrics["seeds"]
     assert [x["seed"] for x in runs] == [0, 1]
-    best = max(runs, key=lambda x: x["score"])
+    best = max(runs, key=lambda x: (x["accumulator_bits"] <= 6, x["score"]))  # narrow accumulators first
     assert r.metrics["chosen_seed"] == best["seed"] and r.score == best["score"]
     assert r.metrics["val"]["accuracy"] == best["val_accuracy"]
     accs = [x["val_accuracy"] for x in runs]
@@ -88,6 +88,8 @@ def test_a_model_with_levels_and_gradual_pruning_runs_encrypted(data_dir, tmp_pa
     images = load_split(cfg.data, "test").images[:3]
     out = p.run(images, modes="simulate,fhe")
     assert out["fhe"].predictions.tolist() == out["simulate"].predictions.tolist()
+    # the accumulator width estimated at training is the circuit's
+    assert saved.metrics["accumulator_bits"] == p.compiled.report.max_bit_width
     assert np.allclose(out["fhe"].logits, out["simulate"].logits)
     # a model from before the field (its config has no input_levels) keeps its content hash
     plain = cfg.replace(model=dataclasses.replace(cfg.model, input_levels=0))
@@ -108,8 +110,19 @@ def test_quick_search_keeps_the_best_variant_with_its_own_config(data_dir):
     rows = r.metrics["quick_search"]
     assert [x["variant"] for x in rows] == ["the recipe", "without intensity levels", "7x7 grid (4x4 pixel means)"]
     assert [s.epoch for s in seen] == [1, 2, 3] and all(s.epochs == 3 for s in seen)
-    best = max(rows, key=lambda x: x["score"])
+    best = max(rows, key=lambda x: (x["accumulator_bits"] <= 6, x["score"]))
     assert r.metrics["quick_search_chosen"] == best["variant"] and r.score == best["score"]
     assert dataclasses.asdict(r.config.model) == best["model"]  # the saved model carries the variant it is
     n_in = {"the recipe": 14 * 14 + 3, "without intensity levels": 14 * 14, "7x7 grid (4x4 pixel means)": 49 + 3}
     assert r.model.linears()[0].in_features == n_in[best["variant"]]
+
+
+def test_narrow_accumulators_go_first_then_the_score():
+    from engine.learn.train import TrainResult, better
+
+    def run(bits, score):
+        return TrainResult(model=None, config=None, metrics={"accumulator_bits": bits}, score=score)
+
+    assert better(run(6, 0.80), run(7, 0.90))  # a 7-bit circuit would need a slower stable setting
+    assert better(run(7, 0.90), run(8, 0.80)) and not better(run(8, 0.80), run(7, 0.90))  # both wide: the score
+    assert better(run(5, 0.81), run(6, 0.80)) and better(run(6, 0.1), None)

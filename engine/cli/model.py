@@ -193,10 +193,11 @@ def cmd_train(a) -> int:
     held = f"  held-out images accuracy {m['holdout']['accuracy']:.4f}" if "holdout" in m else ""
     for row in m.get("quick_search", []):
         chosen = "  <- kept" if row["variant"] == m["quick_search_chosen"] else ""
-        print(f"quick search: {row['variant']:28s} validation accuracy {100 * row['val_accuracy']:.1f}%{chosen}")
+        print(f"quick search: {row['variant']:28s} validation accuracy {100 * row['val_accuracy']:.1f}%, "
+              f"{row['accumulator_bits']}-bit accumulators{chosen}")
     if "seeds" in m:
         print(f"kept seed {m['chosen_seed']} of {len(m['seeds'])}: validation accuracy "
-              + ", ".join(f"{100 * r['val_accuracy']:.1f}%" for r in m["seeds"])
+              + ", ".join(f"{100 * r['val_accuracy']:.1f}% ({r['accumulator_bits']} bits)" for r in m["seeds"])
               + f" (spread {100 * m['seed_spread']:.1f} points)")
     print(f"val accuracy {m['val']['accuracy']:.4f}{held}  test accuracy {m['test']['accuracy']:.4f}  "
           f"test AUC {m['test']['auc'] or float('nan'):.4f}")

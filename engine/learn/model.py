@@ -50,6 +50,27 @@ class QATFCNN(nn.Module):
         out = self.layers(self.quant_input(x))
         return out.value if hasattr(out, "value") else out
 
+    @torch.no_grad()
+    def accumulator_bits(self, x: torch.Tensor) -> int:
+        """Signed bit-width of the widest integer accumulator (a layer's integer inputs times its
+        integer weights, plus its bias in the same units) on inputs ``x``: what Concrete sizes the
+        whole circuit by, before rounding. An estimate from Brevitas' own integers (per-tensor
+        scales, zero points 0), so it can be checked before compiling."""
+        was_training = self.training
+        self.eval()
+        h, widest = self.quant_input(x), 1
+        for m in self.layers:
+            if isinstance(m, qnn.QuantLinear):
+                w = m.quant_weight()
+                acc = h.int().double() @ w.int().double().T
+                if m.bias is not None:
+                    acc = acc + torch.round(m.bias.double() / (h.scale.double() * w.scale.double()))
+                lo, hi = int(acc.min()), int(acc.max())
+                widest = max(widest, max(hi, 0).bit_length() + 1, max(-lo - 1, 0).bit_length() + 1)
+            h = m(h)
+        self.train(was_training)
+        return widest
+
     def linears(self) -> list[qnn.QuantLinear]:
         return [m for m in self.layers if isinstance(m, qnn.QuantLinear)]
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 from ..config import PipelineConfig
 from .recipes import SEARCH_VARIANTS
-from .train import EpochReport, ProgressFn, TrainResult, train
+from .train import EpochReport, ProgressFn, TrainResult, better, train
 
 
 def candidates(cfg: PipelineConfig) -> list[tuple[str, PipelineConfig]]:
@@ -29,7 +29,8 @@ def candidates(cfg: PipelineConfig) -> list[tuple[str, PipelineConfig]]:
 
 def quick_search(cfg: PipelineConfig, progress: ProgressFn | None = None,
                  say: Callable[[str], None] = lambda _m: None, images=None) -> TrainResult:
-    """Train each of :func:`candidates` and return the best on validation; its ``config`` is the
+    """Train each of :func:`candidates` and return the best on validation (narrow accumulators first:
+    :func:`engine.learn.train.better`); its ``config`` is the
     chosen variant's, and ``metrics["quick_search"]`` lists every candidate's validation figures.
     ``progress`` counts epochs over all the candidates' runs."""
     found = candidates(cfg)
@@ -51,9 +52,9 @@ def quick_search(cfg: PipelineConfig, progress: ProgressFn | None = None,
         one = train(c, counted, say, images)
         rows.append({"variant": name, "model": dataclasses.asdict(c.model), "score": one.score,
                      "val_accuracy": one.metrics["val"]["accuracy"], "val_auc": one.metrics["val"]["auc"],
-                     "seed_spread": one.metrics.get("seed_spread")})
+                     "seed_spread": one.metrics.get("seed_spread"), "accumulator_bits": one.metrics["accumulator_bits"]})
         say(f"{name}: validation accuracy {100 * rows[-1]['val_accuracy']:.1f}%")
-        if best is None or one.score > best.score:
+        if better(one, best):
             best, best_name = one, name
     best.metrics["quick_search"] = rows
     best.metrics["quick_search_chosen"] = best_name
