@@ -174,12 +174,21 @@ def defaults() -> str:
                 seen.add(subset)
                 if first:
                     keep += ["", x]
-            elif first and x.startswith(("circuit:", "stability:", "expected encrypted", "agreement:", "mode ",
+            elif first and x.startswith(("circuit:", "stability:", "nearest stable", "adopted:", "expected encrypted",
+                                         "agreement:", "mode ",
                                          "simulate ", "fhe ")):
                 keep.append(x)
         text = "\n".join(lines[:start] + [""] + lines[summary:] + ["", "each subset's first seed:"] + keep)
     return ("```text\n" + text + "\n```\n\n" + source(path)
             + " Made by `bash bench/generic_defaults.sh`; the whole output is in the file.\n")
+
+
+def quick_search() -> str:
+    paths = sorted(RESULTS.glob("quick_search_*.txt"))
+    if not paths:
+        return "*No quick search measured yet: `bash bench/quick_search.sh DATASET` writes one.*\n"
+    return "\n".join("```text\n" + p.read_text().strip() + "\n```\n\n" + source(p) + " Made by `bash bench/quick_search.sh`.\n"
+                     for p in paths)
 
 
 def levers() -> str:
@@ -215,6 +224,7 @@ TABLES = {
     "startup": startup,
     "defaults": defaults,
     "subset_levers": levers,
+    "quick_search": quick_search,
 }
 
 
