@@ -66,13 +66,15 @@ def test_train_compile_predict_evaluate(env, tmp_path):
 def test_train_defaults_come_from_the_search_or_a_generic_recipe(env):
     pneu = json.loads(run(env, "train", "--dataset", "pneumoniamnist", "--show-recipe").stdout)
     chosen = json.loads((REPO / "bench" / "results" / "pneumoniamnist_search.json").read_text())["chosen"]["config"]
-    assert pneu["model"] == chosen["model"] and pneu["train"]["epochs"] == chosen["train"]["epochs"]
+    assert pneu["model"] == {"input_levels": 0, **chosen["model"]} and pneu["train"]["epochs"] == chosen["train"]["epochs"]
     assert pneu["compile"] == {"batch_size": 1, **chosen["compile"]} and pneu["train"]["distill"] == chosen["train"].get("distill", 0.0)
     other = run(env, "train", "--dataset", "pathmnist", "--show-recipe", "--epochs", "3")
     rec = json.loads(other.stdout)
     assert "generic recipe" in other.stderr and rec["train"]["epochs"] == 3
     assert rec["model"]["input_pool"] >= 2 and rec["model"]["weight_bits"] <= 3
     assert rec["model"]["max_active_inputs"] == 8 and rec["compile"]["p_error"] == 0.01  # 6-bit accumulators, cheap lookups
+    assert rec["train"]["seeds"] == 3 and rec["train"]["prune_epochs"] == 10 and rec["model"]["input_levels"] == 7
+    assert "why (the generic recipe)" in other.stderr and "  seeds: 3 runs" in other.stderr
 
 
 def test_predict_image_warns_about_foreign_inputs(env, tmp_path, data_dir):

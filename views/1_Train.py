@@ -71,7 +71,8 @@ with st.form("train_form"):
     quick = st.checkbox("Quick search: also try the recipe's variants and keep the best on validation", key="train_quick",
                         help="Trains the settings above and up to two variants of the client's preprocessing (without "
                              "the intensity levels; a coarser 7x7 grid), each as many runs as asked: up to three times "
-                             "as long. The variants keep the circuit's kind, so its latency stays the same.")
+                             "as long. The variants keep the recipe's bit-widths and pruning; runs whose circuit "
+                             "stays at 6 bits (the faster one) go first.")
     submitted = st.form_submit_button("Train", type="primary")
 
 if submitted and data_source != SOURCES[0] and own_zip is None:

@@ -133,13 +133,13 @@ def cmd_train(a) -> int:
         if base["model"] == GENERIC["model"] and base["train"] == GENERIC["train"]:
             from ..learn.recipes import EXPLAIN
 
-            print("why (the generic recipe):")
+            say("why (the generic recipe):")  # stderr: stdout stays the JSON
             for key, why in EXPLAIN.items():
-                print(f"  {key}: {why}")
+                say(f"  {key}: {why}")
         if a.quick_search:
             from ..learn.quick_search import candidates
 
-            print("--quick-search trains: " + "; ".join(name for name, _ in candidates(cfg)))
+            say("--quick-search trains: " + "; ".join(name for name, _ in candidates(cfg)))
         return 0
     if a.epochs < 1:
         raise UserError("--epochs must be at least 1")

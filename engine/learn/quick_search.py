@@ -3,8 +3,9 @@ the recipe and a handful of variants of it (:data:`engine.learn.recipes.SEARCH_V
 trained as the recipe says (its seeds included), the one that scores best on validation kept.
 
 Only validation chooses; the test split reports, as for every training. The variants change the
-client's fixed preprocessing only (intensity levels, grid), never the circuit's kind: every one
-keeps the recipe's bit-widths and pruning, so the chosen model's latency is the recipe's.
+client's fixed preprocessing only (intensity levels, grid): every one keeps the recipe's
+bit-widths, width and pruning. Their accumulators can still differ by a bit (with the levels,
+the generated RGB file's reached 7), so runs within 6 bits go first, as for the seeds.
 """
 
 from __future__ import annotations
