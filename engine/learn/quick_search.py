@@ -15,7 +15,7 @@ from typing import Callable
 
 from ..config import PipelineConfig
 from .recipes import SEARCH_VARIANTS
-from .train import EpochReport, ProgressFn, TrainResult, better, train
+from .train import ProgressFn, TrainResult, better, prepared_images, renumbered, train
 
 
 def candidates(cfg: PipelineConfig) -> list[tuple[str, PipelineConfig]]:
@@ -35,22 +35,12 @@ def quick_search(cfg: PipelineConfig, progress: ProgressFn | None = None,
     chosen variant's, and ``metrics["quick_search"]`` lists every candidate's validation figures.
     ``progress`` counts epochs over all the candidates' runs."""
     found = candidates(cfg)
-    if images is None and cfg.data.images:  # prepared once for all the candidates
-        from .data import dataset_info
-        from .labelled import training_images
-
-        say(f"reading and augmenting the labelled images in {cfg.data.images}")
-        images = training_images(cfg.data, dataset_info(cfg.data.dataset), cfg.train.image_copies, cfg.train.seed)
+    images = prepared_images(cfg, images, say)  # once for all the candidates
     per = cfg.train.epochs * cfg.train.seeds
     best, rows = None, []
     for i, (name, c) in enumerate(found):
         say(f"candidate {i + 1} of {len(found)}: {name}")
-
-        def counted(r: EpochReport, i=i) -> None:
-            if progress:
-                progress(dataclasses.replace(r, epoch=i * per + r.epoch, epochs=len(found) * per))
-
-        one = train(c, counted, say, images)
+        one = train(c, renumbered(progress, i * per, len(found) * per), say, images)
         rows.append({"variant": name, "model": dataclasses.asdict(c.model), "score": one.score,
                      "val_accuracy": one.metrics["val"]["accuracy"], "val_auc": one.metrics["val"]["auc"],
                      "seed_spread": one.metrics.get("seed_spread"), "accumulator_bits": one.metrics["accumulator_bits"]})

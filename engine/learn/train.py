@@ -189,6 +189,28 @@ def build_teacher(cfg: PipelineConfig, train_split: Split, val_split: Split, cri
         T.channels_of(train_split.images), info.n_outputs)
 
 
+def prepared_images(cfg: PipelineConfig, images=None, say: Callable[[str], None] = lambda _m: None,
+                    progress: Callable[[int, int], None] | None = None):
+    """``images`` if given, else the labelled images of ``cfg.data.images`` prepared (read, put
+    through the upload path, augmented: :func:`engine.learn.labelled.training_images`), else None."""
+    if images is not None or not cfg.data.images:
+        return images
+    from .labelled import training_images
+
+    say(f"reading and augmenting the labelled images in {cfg.data.images}")
+    return training_images(cfg.data, dataset_info(cfg.data.dataset), cfg.train.image_copies, cfg.train.seed,
+                           progress=progress)
+
+
+def renumbered(progress: ProgressFn | None, done: int, total: int, **fields) -> ProgressFn:
+    """``progress`` for one of several trainings in a row: its epochs counted on from ``done`` of
+    ``total`` (and ``fields`` set on each report)."""
+    def report(r: EpochReport) -> None:
+        if progress:
+            progress(dataclasses.replace(r, epoch=done + r.epoch, epochs=total, **fields))
+    return report
+
+
 def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
           say: Callable[[str], None] = lambda _m: None, images=None,
           image_progress: Callable[[int, int], None] | None = None) -> TrainResult:
@@ -203,20 +225,12 @@ def train(cfg: PipelineConfig, progress: ProgressFn | None = None,
     tc = cfg.train
     if tc.seeds <= 1:
         return _train_one(cfg, progress, say, images, image_progress)
-    if images is None and cfg.data.images:
-        from .labelled import training_images
-
-        say(f"reading and augmenting the labelled images in {cfg.data.images}")
-        images = training_images(cfg.data, dataset_info(cfg.data.dataset), tc.image_copies, tc.seed, progress=image_progress)
+    images = prepared_images(cfg, images, say, image_progress)
     best, runs = None, []
     for i in range(tc.seeds):
         seed = tc.seed + i
         say(f"run {i + 1} of {tc.seeds} (seed {seed})")
-
-        def counted(r: EpochReport, i=i, seed=seed) -> None:
-            if progress:
-                progress(dataclasses.replace(r, epoch=i * tc.epochs + r.epoch, epochs=tc.seeds * tc.epochs, seed=seed))
-
+        counted = renumbered(progress, i * tc.epochs, tc.seeds * tc.epochs, seed=seed)
         one = _train_one(cfg.replace(train=dataclasses.replace(tc, seed=seed, seeds=1)), counted, say, images)
         runs.append({"seed": seed, "score": one.score, "best_epoch": one.best_epoch,
                      "val_accuracy": one.metrics["val"]["accuracy"], "val_auc": one.metrics["val"]["auc"],
@@ -247,11 +261,7 @@ def _train_one(cfg: PipelineConfig, progress: ProgressFn | None = None,
     seed_everything(tc.seed)
     val_split = load_split(cfg.data, "val")
     info = val_split.info
-    if images is None and cfg.data.images:
-        from .labelled import training_images
-
-        say(f"reading and augmenting the labelled images in {cfg.data.images}")
-        images = training_images(cfg.data, info, tc.image_copies, tc.seed, progress=image_progress)
+    images = prepared_images(cfg, images, say, image_progress)
     train_split = load_split(cfg.data, "train").head(tc.limit_train)
     if images is not None and cfg.data.images_only:
         train_split = train_split.subset(np.arange(0))
