@@ -4,7 +4,8 @@
 #   SUBSETS="retinamnist bloodmnist" SEEDS="0 10" bash bench/generic_defaults.sh     # a part of it
 # For each subset and each seed: train with the generic recipe and nothing else (`--recipe generic`:
 # it trains --seeds runs from that seed and keeps the best on validation), and the same recipe without
-# pruning, one run (the unpruned float reference: its mean over the seeds is the mean of 3 runs). For the first seed, the training ends
+# pruning and with 3-bit inputs, one run (the unpruned reference, the same model as issue 31 measured
+# against: its mean over the seeds is the mean of 3 runs). For the first seed, the training ends
 # with the circuit's bit-width, stability and encrypted latency, and simulate is compared with encrypt
 # on 200 test images. A summary per subset closes: the mean and spread (max - min) over the seeds of
 # validation accuracy, beside the unpruned reference's mean, and the test accuracy. The RGB
@@ -35,7 +36,7 @@ for D in $SUBSETS; do
     fi
     read -r VAL TEST < <(awk '/^val accuracy/ {print $3, $6}' "$WORK/out")
     echo "--- without pruning"
-    python -m engine train --dataset $D --recipe generic --seed $S --seeds 1 --max-active-inputs 0 --name noprune-$S \
+    python -m engine train --dataset $D --recipe generic --seed $S --seeds 1 --max-active-inputs 0 --input-bits 3 --name noprune-$S \
       --no-circuit-check 2>/dev/null | grep -E "kept seed|val accuracy" | tee "$WORK/out"
     read -r UVAL UTEST < <(awk '/^val accuracy/ {print $3, $6}' "$WORK/out")
     echo "$D $S $VAL $TEST $UVAL $UTEST" >>"$WORK/summary"

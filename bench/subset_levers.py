@@ -58,6 +58,26 @@ VARIANTS = {
     "gradual10-levels7-e80-distill": {"train": {"prune_epochs": 10, "epochs": 80, "distill": 0.5},
                                       "model": {"input_levels": 7}},  # the clear CNN teacher's soft labels
     "gradual10-distill": {"train": {"prune_epochs": 10, "distill": 0.5}},
+    # Fewer bits per input, more inputs per neuron: the same accumulator range may cover twice the image
+    "gradual10-levels7-e80-i2k16": {"train": {"prune_epochs": 10, "epochs": 80},
+                                    "model": {"input_levels": 7, "input_bits": 2, "max_active_inputs": 16}},
+    "gradual10-levels7-e80-i2k12": {"train": {"prune_epochs": 10, "epochs": 80},
+                                    "model": {"input_levels": 7, "input_bits": 2, "max_active_inputs": 12}},
+    "gradual10-levels7-e80-k12": {"train": {"prune_epochs": 10, "epochs": 80},
+                                  "model": {"input_levels": 7, "max_active_inputs": 12}},
+    "gradual10-e80-i2k16": {"train": {"prune_epochs": 10, "epochs": 80}, "model": {"input_bits": 2, "max_active_inputs": 16}},
+    "gradual10-levels7-e80-i2k24": {"train": {"prune_epochs": 10, "epochs": 80},
+                                    "model": {"input_levels": 7, "input_bits": 2, "max_active_inputs": 24}},
+    "gradual10-levels7-e80-i2k16-a2": {"train": {"prune_epochs": 10, "epochs": 80},
+                                       "model": {"input_levels": 7, "input_bits": 2, "max_active_inputs": 16, "act_bits": 2}},
+    "gradual10-levels7-grid7-e80-i2k16": {"train": {"prune_epochs": 10, "epochs": 80},
+                                          "model": {"input_levels": 7, "input_pool": 4, "input_bits": 2,
+                                                    "max_active_inputs": 16}},
+    # for --base search (BreastMNIST's searched recipe prunes to 16 inputs of 3 bits)
+    "i2k32": {"model": {"input_bits": 2, "max_active_inputs": 32}},
+    "gradual10-i2k32": {"train": {"prune_epochs": 10}, "model": {"input_bits": 2, "max_active_inputs": 32}},
+    "gradual10-i2k32-distill": {"train": {"prune_epochs": 10, "distill": 0.5},
+                                "model": {"input_bits": 2, "max_active_inputs": 32}},
     "unpruned": {"model": {"max_active_inputs": 0}},  # the reference (its circuit is wider and slower)
 }
 
@@ -86,7 +106,8 @@ def run(dataset: str, data_dir: str, variant: dict, seed: int, base_name: str = 
     r = train(cfg)
     best = r.history[r.best_epoch - 1]
     return {"val_accuracy": r.metrics["val"]["accuracy"], "val_balanced": best.val_balanced_accuracy,
-            "val_auc": r.metrics["val"]["auc"], "best_epoch": r.best_epoch, "seconds": time.perf_counter() - t0}
+            "val_auc": r.metrics["val"]["auc"], "best_epoch": r.best_epoch, "seconds": time.perf_counter() - t0,
+            "accumulator_bits": r.metrics.get("accumulator_bits")}
 
 
 def main() -> int:
@@ -115,7 +136,8 @@ def main() -> int:
                    "mean": sum(accs) / len(accs), "spread": max(accs) - min(accs)}
             rows.append(row)
             print(f"{d:13s} {v:12s} val accuracy mean {100 * row['mean']:.1f}%  spread {100 * row['spread']:.1f} "
-                  f"points  ({', '.join(f'{100 * x:.1f}' for x in accs)})  {sum(x['seconds'] for x in runs):.0f} s",
+                  f"points  ({', '.join(f'{100 * x:.1f}' for x in accs)})  {sum(x['seconds'] for x in runs):.0f} s  "
+                  f"accumulators {[x['accumulator_bits'] for x in runs]} bits",
                   flush=True)
     if a.out:
         from engine.study.evaluate import machine_info

@@ -72,7 +72,8 @@ def test_train_defaults_come_from_the_search_or_a_generic_recipe(env):
     rec = json.loads(other.stdout)
     assert "generic recipe" in other.stderr and rec["train"]["epochs"] == 3
     assert rec["model"]["input_pool"] >= 2 and rec["model"]["weight_bits"] <= 3
-    assert rec["model"]["max_active_inputs"] == 8 and rec["compile"]["p_error"] == 0.01  # 6-bit accumulators, cheap lookups
+    # 16 inputs of 2 bits per neuron: 6-bit accumulators; cheap lookups
+    assert (rec["model"]["max_active_inputs"], rec["model"]["input_bits"]) == (16, 2) and rec["compile"]["p_error"] == 0.01
     assert rec["train"]["seeds"] == 3 and rec["train"]["prune_epochs"] == 10 and rec["model"]["input_levels"] == 7
     assert "why (the generic recipe)" in other.stderr and "  seeds: 3 runs" in other.stderr
 
