@@ -196,10 +196,11 @@ def levers() -> str:
     subsets = list(dict.fromkeys(x["subset"] for x in r["rows"]))
     variants = list(dict.fromkeys(x["variant"] for x in r["rows"]))
     cell = {(x["subset"], x["variant"]): x for x in r["rows"]}
-    rows = ["Validation accuracy of the quantized model, mean of seeds 0, 1, 2 (spread: best - worst), "
-            "one recipe with a few changes, one run per seed (`bench/subset_levers.py`; `retinamnist` and `bloodmnist` "
-            "are the generated ordinal and RGB files; `gradual10-levels7-e80` is today's generic recipe but for its "
-            "best-of-3 rule):", "",
+    rows = ["Validation accuracy of the quantized model, mean of seeds 0, 1, 2 unless the cell says (spread: best - "
+            "worst), one recipe with a few changes, one run per seed, and each run's widest accumulator where it was "
+            "recorded (`bench/subset_levers.py`; `retinamnist`, `bloodmnist` and `chestmnist` are the generated ordinal, "
+            "RGB and multi-label files; `gradual10-levels7-e80-i2k16` is today's generic recipe but for its best-of-3 "
+            "rule):", "",
             "| variant | changes (to issue 20's generic recipe; search: to the dataset's searched recipe) | " + " | ".join(subsets) + " |",
             "|---|---|" + "---|" * len(subsets)]
     for v in variants:
@@ -208,7 +209,16 @@ def levers() -> str:
         cells = [flat]
         for d in subsets:
             x = cell.get((d, v))
-            cells.append("-" if x is None else f"{pct(x['mean'])} (spread {100 * x['spread']:.1f})")
+            if x is None:
+                cells.append("-")
+                continue
+            notes = [f"spread {100 * x['spread']:.1f}"]
+            if x["seeds"] != [0, 1, 2]:
+                notes.append("seeds " + ", ".join(map(str, x["seeds"])))
+            widths = [run.get("accumulator_bits") for run in x["runs"]]
+            if all(widths):
+                notes.append(", ".join(map(str, widths)) + " bits")
+            cells.append(f"{pct(x['mean'])} ({'; '.join(notes)})")
         rows.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n\n" + source(path, r) + "\n"
 
