@@ -75,6 +75,8 @@ VARIANTS = {
                                                     "max_active_inputs": 16}},
     "gradual10-levels15-e80-i2k16": {"train": {"prune_epochs": 10, "epochs": 80},
                                      "model": {"input_levels": 15, "input_bits": 2, "max_active_inputs": 16}},
+    "gradual10-levels7-e80-i2k16-distill": {"train": {"prune_epochs": 10, "epochs": 80, "distill": 0.5},
+                                            "model": {"input_levels": 7, "input_bits": 2, "max_active_inputs": 16}},
     # for --base search (BreastMNIST's searched recipe prunes to 16 inputs of 3 bits)
     "i2k32": {"model": {"input_bits": 2, "max_active_inputs": 32}},
     "gradual10-i2k32": {"train": {"prune_epochs": 10}, "model": {"input_bits": 2, "max_active_inputs": 32}},
