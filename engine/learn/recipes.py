@@ -9,9 +9,10 @@ same kind of recipe with what the second round measured on both searched dataset
 neuron pruned (gradually) to its strongest inputs so accumulators stay at 6 bits for any image size or
 channel count (Concrete picks one parameter set for the whole circuit from its widest integer:
 an unpruned RGB subset reached 8 bits and 763 ms per image), and ``p_error`` 0.01, which halves
-the cost of 6-bit lookups. Pruned to 16 inputs, the first-layer accumulators still reached 7 bits
-on RGB, multi-label and ordinal subsets, and on PneumoniaMNIST; pruned to 8 they stay at 6 bits
-on all but the 14-label subset (``bench/generic_defaults.sh``). Training and compiling check
+the cost of 6-bit lookups. With 3-bit inputs pruned to 16, the first-layer accumulators still
+reached 7 bits on RGB, multi-label and ordinal subsets, and on PneumoniaMNIST; 8 inputs of 3 bits,
+or 16 of 2 bits (the same range, twice the image: what the recipe uses), stay at 6 bits in most
+runs, all but the 14-label subset's outputs (``bench/generic_defaults.sh``). Training and compiling check
 stability and adopt the nearest stable setting by themselves when that one is not
 (``engine.study.stability.settle``).
 """
