@@ -48,8 +48,8 @@ EXPLAIN = {
     "act_bits": "3-bit activations, as BreastMNIST's search chose (PneumoniaMNIST's chose 2)",
     "input_bits": "2-bit inputs (4 values): a sum of 16 of them spans what 8 inputs of 3 bits did, so a neuron sees "
                   "twice the image within 6-bit accumulators (the generated RGB subset: 84.8% against 79.4%)",
-    "max_active_inputs": "each neuron keeps its 16 strongest inputs, so accumulators stay at 6 bits in most runs, whatever the "
-                         "image size or channel count (24 reached 7 bits and gained nothing)",
+    "max_active_inputs": "each neuron keeps its 16 strongest inputs, so accumulators stay at 6 bits in most runs, "
+                         "whatever the image size or channel count (24 reached 7 bits and gained nothing)",
     "input_pool": "2x2 pixel means on the client: 14x14 inputs per channel",
     "input_levels": "each channel's (and an RGB image's brightness) share of pixels above 7 fixed levels, computed "
                     "on the client: a whole-image summary a neuron can add up within its 16 inputs",
