@@ -9,8 +9,7 @@ fixed computation in the clear, like the FCNN's pooling), each compiled as the e
 (rounding to 6 bits, approximate, p_error 0.01). For each: validation and test accuracy in the
 clear (quantized, the circuit's own arithmetic), the circuit's widest integer and lookups
 (programmable bootstraps), and its median encrypted latency on a few test images (after one run
-that expands the keys). The clear CNN
-teacher (float, 28 px, five convolutions) is the ceiling. Models are chosen on validation (best
+that expands the keys). The clear CNN teacher (float, 28 px, five convolutions) is the ceiling. Models are chosen on validation (best
 epoch); the test split only reports. Nothing here is shipped.
 """
 
@@ -79,30 +78,24 @@ def prune_linear(model, k: int) -> None:
     """Keep each output's ``k`` largest weights of the last (linear) layer, as the FCNN's pruning does."""
     from torch.nn.utils import prune
 
+    from engine.learn.model import _row_topk_mask
+
     layer = model.layers[-1]
-    w = layer.weight.detach().abs()
-    mask = torch_zeros_like(w).scatter_(1, w.topk(min(k, w.shape[1]), dim=1).indices, 1.0)
-    prune.custom_from_mask(layer, "weight", mask)
-
-
-def torch_zeros_like(w):
-    import torch
-
-    return torch.zeros_like(w)
+    prune.custom_from_mask(layer, "weight", _row_topk_mask(layer.weight.detach().abs(), min(k, layer.in_features)))
 
 
 def fit(arch: tuple, data: dict, seed: int, epochs: int) -> tuple:
     import torch
     from engine.config import TrainConfig
-    from engine.learn.train import augment
+    from engine.learn.data import dataset_info
+    from engine.learn.train import augment, loss_fn
 
     torch.manual_seed(seed)
     model = build(arch)
     rng = np.random.default_rng(seed)
     tc = TrainConfig(augment_shift=2, augment_rotate=10.0, augment_scale=0.1)
     y = torch.from_numpy(data["train_labels"].ravel().astype(np.int64))
-    counts = np.bincount(y.numpy(), minlength=2)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(len(y) / (2 * counts), dtype=torch.float32))
+    criterion = loss_fn(y.numpy(), dataset_info("breastmnist"), weighted=True)  # inverse class frequency
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     xv = torch.from_numpy(pooled(data["val_images"]))
     best, best_state = -1.0, None
@@ -115,7 +108,7 @@ def fit(arch: tuple, data: dict, seed: int, epochs: int) -> tuple:
         perm = torch.randperm(len(x))
         for i in range(0, len(perm), 64):
             idx = perm[i : i + 64]
-            loss = loss_fn(model(x[idx]), y[idx])
+            loss = criterion(model(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -132,11 +125,12 @@ def fit(arch: tuple, data: dict, seed: int, epochs: int) -> tuple:
 
 
 def scores(logits: np.ndarray, labels: np.ndarray) -> dict:
-    from sklearn.metrics import roc_auc_score
+    from engine.learn import metrics
+    from engine.learn.data import dataset_info
 
-    e = np.exp(logits - logits.max(1, keepdims=True))
-    p = e[:, 1] / e.sum(1)
-    return {"accuracy": float((logits.argmax(1) == labels).mean()), "auc": float(roc_auc_score(labels, p))}
+    info = dataset_info("breastmnist")
+    p = metrics.scores_from_logits(logits, info)
+    return {"accuracy": metrics.accuracy(labels, p, info), "auc": metrics.auc(labels, p, info)}
 
 
 def measure(name: str, data: dict, seeds: list[int], epochs: int, n_fhe: int) -> dict:

@@ -25,8 +25,13 @@ from generated_subsets import make  # noqa: E402
 
 make(Path(W) / "gen", Path(os.environ.get("MEDMNIST_DIR") or REPO.parent / "shared" / "data" / "medmnist"))
 os.environ["MEDMNIST_DIR"] = W + "/gen"
+from engine.config import DataConfig  # noqa: E402
+from engine.learn.data import load_split  # noqa: E402
+from engine.learn.registry import load as load_model  # noqa: E402
+from engine.study.evaluate import agreement  # noqa: E402
+from engine.study.infer import Predictor  # noqa: E402
+
 VARS = {"i3k8": ["--input-bits", "3", "--max-active-inputs", "8"], "i2k16": []}
-rows = []
 for d in sys.argv[1].split(","):
     for seed in sys.argv[2].split(","):
         for v, extra in VARS.items():
@@ -34,11 +39,6 @@ for d in sys.argv[1].split(","):
             subprocess.run([sys.executable, "-m", "engine", "train", "--dataset", d, "--recipe", "generic", "--seed", seed,
                             "--seeds", "1", "--no-circuit-check", "--name", name, *extra], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-            from engine.config import DataConfig
-            from engine.learn.registry import load as load_model
-            from engine.study.infer import Predictor
-            from engine.learn.data import load_split
-            from engine.study.evaluate import agreement
             saved = load_model(d, name)
             p = Predictor(saved=saved)
             imgs = load_split(DataConfig(d, data_dir=os.environ["MEDMNIST_DIR"], allow_download=False), "val").images
