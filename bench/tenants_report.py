@@ -82,10 +82,11 @@ class Server:
 
 def images(transport: HTTPTransport, cid: str) -> np.ndarray:
     """Test images as the client's features for circuit ``cid``."""
-    from engine.learn.data import load_samples, to_features
+    from engine.learn.data import load_samples
+    from engine.learn.features import remote_features
 
     c = next(c for c in transport.circuits() if c["id"] == cid)
-    return to_features(load_samples(c["dataset"]).images, c["input_pool"], c.get("input_levels", 0))
+    return remote_features(load_samples(c["dataset"]).images, c)
 
 
 def load(say, runs=(("c8_4gib", "4GiB", 8, 3), ("c8_1gib", "1GiB", 8, 3), ("c32_1gib", "1GiB", 32, 2)),

@@ -72,6 +72,13 @@ class ModelConfig:
     # its pixels brighter than each of this many evenly spaced levels (0: off). A fixed transform,
     # like the pooling; it hands each neuron's few inputs a summary of the whole image.
     input_levels: int = 0
+    # The client's feature stage (engine.learn.features): "pixels" (the pooled image, every model
+    # shipped before it) or "scattering" (Kymatio's 2D wavelet scattering of the image, J scales and
+    # L orientations, averaged onto a feature_grid x feature_grid grid, standardized by the model).
+    features: str = "pixels"
+    scattering_j: int = 2
+    scattering_l: int = 8
+    feature_grid: int = 2
 
     def __post_init__(self) -> None:
         if float(self.input_pool).is_integer():  # 2.0 and 2 are one model (and one content hash)
@@ -80,6 +87,10 @@ class ModelConfig:
             raise ValueError("input_pool must be at least 1")
         if not 0 <= self.input_levels <= 32:
             raise ValueError(f"input_levels must be between 0 (off) and 32, got {self.input_levels}")
+        if self.features not in ("pixels", "scattering"):
+            raise ValueError(f"Unknown feature stage '{self.features}': use pixels or scattering")
+        if not 1 <= self.scattering_j <= 4 or not 1 <= self.scattering_l <= 16 or not 1 <= self.feature_grid <= 8:
+            raise ValueError("scattering needs J in 1..4, L in 1..16 and a feature grid of 1..8")
 
     @staticmethod
     def parse_hidden(text: str) -> tuple[int, ...]:
@@ -127,6 +138,9 @@ class TrainConfig:
     prune_epochs: int = 0
     # Train this many runs (seeds seed, seed + 1, ...) and keep the best on validation (1: one run).
     seeds: int = 1
+    # With labelled images: the held-out part validates in every upload framing (as given, centre
+    # crops, natural aspect ratio, squeezed: engine.learn.augment.UPLOAD_FRAMINGS), not as given only.
+    select_framed: bool = False
 
     def __post_init__(self) -> None:
         if self.seeds < 1:

@@ -15,11 +15,8 @@ st.markdown(
     "`.zip` of them; several files give one table. Non-square images are center-cropped, then resized; "
     "transparency is composited onto black; 16-bit and float data are rescaled to 0–255."
 )
-pool = saved.config.model.input_pool
-if pool > 1:
-    grid = size // pool if pool == int(pool) else round(size / pool)
-    st.caption(f"Before encrypting, the client averages the image onto a {grid}×{grid} grid: "
-               f"{grid ** 2 * channels} encrypted inputs per image.")
+st.caption(f"Feature stage, computed by this browser session's client in the clear on the {size}×{size} image: "
+           f"{saved.stage_text()}. Only the encrypted values leave it.")
 guard = ui.guard(saved)
 if guard is None:
     st.caption("No input check for this model: its guard file is missing and the dataset is not on this machine.")
@@ -57,7 +54,7 @@ if len(items) == 1:
     c1, c2 = st.columns(2)
     c1.image(item.original, caption=f"uploaded ({item.original.shape[1]}×{item.original.shape[0]})",
              width=240, clamp=True)
-    c2.image(item.image, caption=f"model input ({size}×{size})", width=240, clamp=True)
+    c2.image(item.image, caption=f"what the feature stage reads ({size}×{size})", width=240, clamp=True)
     for note in item.notes:
         st.caption(note)
     warn(item)

@@ -242,6 +242,7 @@ def _validate_images(a) -> int:
     if a.backend or a.batch_size > 1:
         raise UserError("--images runs the upload path one image at a time: drop --backend and --batch-size")
     p = predictor(a)
+    say(f"{p.saved.dataset}/{p.saved.name}: feature stage {p.saved.stage_text()}")
     from ..learn.labelled import TRAIN_LIMIT
 
     files = validate.read_labelled(Path(a.images), p.info, validate.parse_label_map(a.label_map), limit=TRAIN_LIMIT)

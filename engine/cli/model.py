@@ -33,6 +33,13 @@ def add_train(sub) -> None:
                    help="average-pool the image by this factor on the client (2: 14x14 inputs; 2.8: 10x10, by area)")
     g.add_argument("--input-levels", type=int, default=None,
                    help="append each channel's share of pixels brighter than N fixed levels, computed on the client (0: off)")
+    g.add_argument("--features", choices=["pixels", "scattering"], default=None,
+                   help="the client's fixed feature stage: pixels (pooled) or scattering (Kymatio's 2D wavelet "
+                        "scattering, standardized by the model)")
+    g.add_argument("--scattering-j", type=int, default=None, help="scattering: number of scales J (default 2)")
+    g.add_argument("--scattering-l", type=int, default=None, help="scattering: number of orientations L (default 8)")
+    g.add_argument("--feature-grid", type=int, default=None,
+                   help="scattering: average the coefficients onto an N x N grid (default 2)")
     g.add_argument("--augment", type=int, default=None, help="random shifts of up to N pixels during training")
     g.add_argument("--rotate", type=float, default=None, help="random rotations of up to N degrees during training")
     g.add_argument("--scale", type=float, default=None, help="random zoom by a factor in [1-S, 1+S] during training")
@@ -88,14 +95,11 @@ def cmd_train(a) -> int:
 
     from ..learn.data import dataset_info
 
-    from ..learn.recipes import GENERIC, recipe
+    from ..learn.recipes import GENERIC, apply, recipe
 
     dataset_info(a.dataset)
     base, source = recipe(a.dataset) if a.recipe == "auto" else (dict(GENERIC), "the generic recipe (--recipe generic)")
     bm, bt = base["model"], base["train"]
-
-    def pick(value, default):
-        return default if value is None else value
 
     if a.images_only and not a.images:
         raise UserError("--images-only needs --images DIR|ZIP")
@@ -107,25 +111,21 @@ def cmd_train(a) -> int:
 
     data = replace(data_cfg(a), images=str(Path(a.images).resolve()) if a.images else "", images_only=a.images_only,
                    label_map=a.label_map or "", holdout=a.holdout)
-    cfg = PipelineConfig(
-        data=data,
-        model=ModelConfig(tuple(pick(a.hidden, list(bm.hidden))), pick(a.weight_bits, bm.weight_bits),
-                          pick(a.act_bits, bm.act_bits), pick(a.input_bits, bm.input_bits),
-                          pick(a.max_active_inputs, bm.max_active_inputs), pick(a.input_pool, bm.input_pool),
-                          pick(a.input_levels, bm.input_levels)),
-        train=TrainConfig(epochs=pick(a.epochs, bt.epochs), batch_size=pick(a.batch_size, bt.batch_size),
-                          lr=pick(a.lr, bt.lr), seed=a.seed, class_weighting=not a.no_class_weighting,
-                          limit_train=a.limit_train, augment_shift=pick(a.augment, bt.augment_shift),
-                          augment_rotate=pick(a.rotate, bt.augment_rotate), augment_scale=pick(a.scale, bt.augment_scale),
-                          augment_stretch=pick(a.stretch, bt.augment_stretch),
-                          augment_upload=pick(a.upload_augment, bt.augment_upload),
-                          distill=pick(a.distill, bt.distill), teacher_epochs=pick(a.teacher_epochs, bt.teacher_epochs),
-                          rounding_noise=pick(a.rounding_noise, bt.rounding_noise),
-                          image_copies=pick(a.image_copies, bt.image_copies),
-                          prune_after=pick(a.prune_after, bt.prune_after),
-                          prune_epochs=pick(a.prune_epochs, bt.prune_epochs), seeds=pick(a.seeds, bt.seeds)),
-        compile=compile_cfg(a, base["compile"]),
-    )
+    try:  # the recipe with the flags given over it: every other field of the recipe is kept
+        model = apply(bm, hidden=tuple(a.hidden) if a.hidden is not None else None, weight_bits=a.weight_bits,
+                      act_bits=a.act_bits, input_bits=a.input_bits, max_active_inputs=a.max_active_inputs,
+                      input_pool=a.input_pool, input_levels=a.input_levels, features=a.features,
+                      scattering_j=a.scattering_j, scattering_l=a.scattering_l, feature_grid=a.feature_grid)
+        train_cfg = apply(bt, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                          class_weighting=not a.no_class_weighting, limit_train=a.limit_train,
+                          augment_shift=a.augment, augment_rotate=a.rotate, augment_scale=a.scale,
+                          augment_stretch=a.stretch, augment_upload=a.upload_augment, distill=a.distill,
+                          teacher_epochs=a.teacher_epochs, rounding_noise=a.rounding_noise,
+                          image_copies=a.image_copies, prune_after=a.prune_after, prune_epochs=a.prune_epochs,
+                          seeds=a.seeds)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    cfg = PipelineConfig(data=data, model=model, train=train_cfg, compile=compile_cfg(a, base["compile"]))
     a.epochs = cfg.train.epochs
     say(f"recipe: {source}; overridden by the flags given")
     if a.show_recipe:
@@ -330,6 +330,7 @@ def cmd_predict(a) -> int:
 
     p = predictor(a)
     info = p.info
+    say(f"{p.saved.dataset}/{p.saved.name}: feature stage {p.saved.stage_text()}")
     guard = guards.for_model(p.saved, data_cfg(a))
     verdicts = {}
     if a.image:

@@ -158,3 +158,25 @@ def real_upload(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         im.save(buf, "JPEG", quality=int(rng.integers(40, 96)))
         im = Image.open(io.BytesIO(buf.getvalue()))
     return np.asarray(im)
+
+
+# The framings an upload of a real scan comes in, each (share of the width kept by a centre crop,
+# horizontal stretch): the image as given, centre crops of its width, stretched back to a
+# full-resolution X-ray's natural aspect ratio (the 224 px copies were squeezed from about 1.2-1.5
+# wide to square) or squeezed further. The guard calibrates its confidence on held-out real images
+# in each framing, and bench/real_confidence.py reports each.
+UPLOAD_FRAMINGS = {"as given": (1.0, 1.0), "centre 85%": (0.85, 1.0), "centre 75%": (0.75, 1.0),
+                   "natural aspect 1.3x": (1.0, 1.3), "natural aspect 1.5x": (1.0, 1.5), "squeezed 0.8x": (1.0, 0.8)}
+
+
+def reframe(image: np.ndarray, share: float = 1.0, stretch: float = 1.0) -> np.ndarray:
+    """A full-size uint8 image with the centre ``share`` of its width kept (full height), then its
+    width resized by ``stretch`` (bicubic): one of :data:`UPLOAD_FRAMINGS`."""
+    im = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    w, h = im.size
+    if share < 1:
+        cw = max(1, int(round(share * w)))
+        im = im.crop(((w - cw) // 2, 0, (w - cw) // 2 + cw, h))
+    if stretch != 1:
+        im = im.resize((max(1, int(round(im.size[0] * stretch))), im.size[1]), Image.Resampling.BICUBIC)
+    return np.asarray(im)

@@ -160,10 +160,12 @@ def to_features(images: np.ndarray, pool: float = 1, levels: int = 0) -> np.ndar
     return x
 
 
-def features(images: np.ndarray, model) -> np.ndarray:
-    """The input of a model with :class:`engine.config.ModelConfig` ``model``: :func:`to_features`
-    with its pooling and intensity levels (the client's whole preprocessing)."""
-    return to_features(images, model.input_pool, model.input_levels)
+def features(images: np.ndarray, model, norm=None) -> np.ndarray:
+    """The input of a model with :class:`engine.config.ModelConfig` ``model``: its feature stage
+    and scaling (:func:`engine.learn.features.features`, the client's whole preprocessing)."""
+    from .features import features as stage_features
+
+    return stage_features(images, model, norm)
 
 
 def intensity_levels(images: np.ndarray, levels: int) -> np.ndarray:

@@ -231,7 +231,8 @@ def _fit_temperature(logits: np.ndarray, labels: np.ndarray, multi_label: bool) 
 
 def fit(train_images: np.ndarray, val_images: np.ndarray, val_logits: np.ndarray, val_labels: np.ndarray,
         channels: int, multi_label: bool, components: int = COMPONENTS,
-        shifted: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, grainy: np.ndarray | None = None) -> Guard:
+        shifted: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, grainy: np.ndarray | None = None,
+        framed: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Guard:
     """Fit the subspace on training images, the thresholds and the temperature on validation.
 
     ``shifted`` (images, logits, labels): upload-like copies of the validation images
@@ -241,7 +242,10 @@ def fit(train_images: np.ndarray, val_images: np.ndarray, val_logits: np.ndarray
     an upload, not of MedMNIST's own crops (on which the model is surer than on anything else).
     ``grainy``: edge-enhanced copies, for the graininess threshold alone (a real scan resized
     from a sharp original is grainier than MedMNIST's images; sharpening would loosen the
-    structure thresholds until another kind of scan passes)."""
+    structure thresholds until another kind of scan passes).
+    ``framed`` {framing: (logits, labels)}: held-out real images in each framing an upload comes
+    in; the temperature is then raised until the promise holds in every framing, not only on
+    their pool (:func:`_keep_promise`)."""
     x = Guard._vectors(train_images)
     mean = x.mean(axis=0)
     _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
@@ -262,7 +266,8 @@ def fit(train_images: np.ndarray, val_images: np.ndarray, val_logits: np.ndarray
     logits, labels = (val_logits, val_labels) if shifted is None else shifted[1:]
     g.temperature = _fit_temperature(logits, labels, multi_label)
     if not multi_label:
-        g.temperature = _keep_promise(logits, labels, g.temperature)
+        groups = [(logits, labels), *(framed or {}).values()]
+        g.temperature = max(_keep_promise(z, y, g.temperature) for z, y in groups)
     return g
 
 
@@ -297,11 +302,13 @@ def fit_for(saved, data_cfg=None, images=None) -> Guard:
     ``images`` (:class:`engine.learn.labelled.TrainingImages`, a model trained with ``--images``):
     their training part joins the training images, and their held-out part, as uploaded and as
     two real-upload versions each, joins the upload-like copies that set the thresholds and the
-    temperature: the confidence is then calibrated on held-out real images too."""
+    temperature: the confidence is then calibrated on held-out real images too. It keeps its
+    promise in each framing an upload comes in (:data:`engine.learn.augment.UPLOAD_FRAMINGS`), the
+    held-out files read again from where they were."""
     import torch
 
     from .augment import upload_copies
-    from .data import features, load_split
+    from .data import load_split
 
     cfg = data_cfg or saved.config.data
     train, val = load_split(cfg, "train"), load_split(cfg, "val")
@@ -309,7 +316,12 @@ def fit_for(saved, data_cfg=None, images=None) -> Guard:
     copies = upload_copies(val.images, SHIFTED_COPIES)
     copy_labels = np.concatenate([val.labels] * SHIFTED_COPIES)
     train_images = train.images
+    framed = {}
     if images is not None and len(images.holdout_index):
+        from .labelled import held_out_framings
+
+        framed = held_out_framings(images, val.info, cfg.size, val.info.n_channels, cfg.label_map,
+                                   Framing.load(saved.path))
         held, own = images.holdout_index, images.train_index
         real = np.concatenate([images.clean[held], *images.copies[:2, held]])
         copies = np.concatenate([copies, real])
@@ -317,11 +329,12 @@ def fit_for(saved, data_cfg=None, images=None) -> Guard:
                                       .reshape(-1, 1)])
         train_images = np.concatenate([train.images, images.clean[own]])
     with torch.no_grad():
-        logits = model(torch.from_numpy(features(np.concatenate([val.images, copies]), saved.config.model))).numpy()
+        logits = model(torch.from_numpy(saved.features(np.concatenate([val.images, copies])))).numpy()
+        framed = {kind: (model(torch.from_numpy(saved.features(x))).numpy(), y) for kind, (x, y) in framed.items()}
     n = len(val)
     shifted = (copies, logits[n:], copy_labels)
     g = fit(train_images, val.images, logits[:n], val.labels, val.info.n_channels, val.info.multi_label,
-            shifted=shifted, grainy=upload_copies(val.images, 1, seed=1, sharpen=1.0))
+            shifted=shifted, grainy=upload_copies(val.images, 1, seed=1, sharpen=1.0), framed=framed)
     g.soften = images is None
     g.save(saved.path)
     g.framing = Framing.load(saved.path)

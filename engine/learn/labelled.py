@@ -140,6 +140,14 @@ class TrainingImages:
     holdout: np.ndarray  # bool (N,): held out for validation (never trained on)
     unreadable: list[tuple[str, str]]
     content_hash: str  # sha256 over the sorted (name, label, file hash)
+    label_map: str = ""  # how the class folders were read (to read the held-out files again)
+    _framed: dict | None = None  # held_out_framings without a squeeze estimator, made once
+
+    def framed(self, info: DatasetInfo, size: int, channels: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The held-out images in each upload framing (:func:`held_out_framings`), made once."""
+        if self._framed is None:
+            self._framed = held_out_framings(self, info, size, channels, self.label_map)
+        return self._framed
 
     @property
     def train_index(self) -> np.ndarray:
@@ -202,7 +210,7 @@ def _prepare_one(data: bytes, name: str, size: int, channels: int, copies: int, 
 
 def prepare_training_images(files: list[LabelledFile], info: DatasetInfo, size: int, channels: int, source: str,
                             holdout: float = 0.1, copies: int = 8, seed: int = 0, cache_dir: Path | None = None,
-                            progress=None) -> TrainingImages:
+                            progress=None, label_map: str = "") -> TrainingImages:
     """Decode and augment ``files`` (cached in ``cache_dir`` by content, settings and
     :data:`engine.learn.augment.REAL_UPLOAD`); ``progress(done, total)``."""
     import json
@@ -255,7 +263,7 @@ def prepare_training_images(files: list[LabelledFile], info: DatasetInfo, size: 
                      unreadable=np.asarray(unreadable, dtype=str).reshape(-1, 2))
             tmp.replace(path)
     return TrainingImages(source, names, labels, clean, copied, stratified_holdout(labels, holdout, seed),
-                          unreadable, digest)
+                          unreadable, digest, label_map)
 
 
 def _prepare_chunk(items, size, channels, copies, seed):
@@ -271,4 +279,31 @@ def training_images(data, info: DatasetInfo, copies: int, seed: int = 0, cache_d
     source = Path(data.images)
     files = read_labelled(source, info, parse_label_map(data.label_map), str(source), limit=TRAIN_LIMIT)
     return prepare_training_images(files, info, data.size, info.n_channels, str(source), data.holdout, copies,
-                                   seed, cache_dir or default_cache_dir(), progress)
+                                   seed, cache_dir or default_cache_dir(), progress, data.label_map)
+
+
+def held_out_framings(images: TrainingImages, info: DatasetInfo, size: int, channels: int, label_map: str = "",
+                      framing=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The held-out images of a prepared folder in each of
+    :data:`engine.learn.augment.UPLOAD_FRAMINGS`, each put through the upload path (with the
+    model's squeeze estimator ``framing``, as an upload is): ``{framing: (uint8 images, labels)}``.
+    Empty when the folder is no longer where it was read or holds out nothing."""
+    from .augment import UPLOAD_FRAMINGS, reframe
+    from .images import ImageError, _to_channels, decode, to_model_input
+
+    source = Path(images.source)
+    if not len(images.holdout_index) or not source.exists():
+        return {}
+    held = {images.names[i]: int(images.labels[i]) for i in images.holdout_index}
+    originals, labels = [], []
+    for f in read_labelled(source, info, parse_label_map(label_map), str(source), limit=TRAIN_LIMIT):
+        if f.name in held and f.data is not None:
+            try:
+                originals.append(_to_channels(decode(f.data, f.name), channels, []))
+            except ImageError:
+                continue
+            labels.append(held[f.name])
+    y = np.asarray(labels, dtype=np.int64)
+    return {kind: (np.stack([to_model_input(reframe(o, share, stretch), size, channels, framing=framing)
+                             for o in originals]), y)
+            for kind, (share, stretch) in UPLOAD_FRAMINGS.items()} if originals else {}

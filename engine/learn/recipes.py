@@ -75,6 +75,14 @@ SEARCH_VARIANTS = {
 }
 
 
+def apply(part, **overrides):
+    """A recipe's config ``part`` (a frozen dataclass) with the ``overrides`` that are not None:
+    every field not overridden keeps the recipe's value."""
+    import dataclasses
+
+    return dataclasses.replace(part, **{k: v for k, v in overrides.items() if v is not None})
+
+
 def recipe(dataset: str, results_dir: Path = RESULTS_DIR) -> tuple[dict, str]:
     """({"model", "train", "compile"} configs, where they come from) for ``dataset``."""
     path = Path(results_dir) / f"{dataset.lower()}_search.json"

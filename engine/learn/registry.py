@@ -27,6 +27,7 @@ from ..config import PipelineConfig, default_models_dir
 if TYPE_CHECKING:
     import torch
 
+    from .features import FeatureNorm
     from .model import QATFCNN
     from .train import TrainResult
 
@@ -55,6 +56,28 @@ class SavedModel:
     n_outputs: int
     # What the model learned from: [{"kind": "medmnist", ...}, {"kind": "images", "sha256": ...}]
     sources: list[dict] = dataclasses.field(default_factory=list)
+    # The per-feature standardization the client applies after the feature stage (None: pixels)
+    feature_norm: "FeatureNorm | None" = None
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """The model's input for uint8 images: its feature stage and scaling, on the client."""
+        from .features import features
+
+        return features(images, self.config.model, self.feature_norm)
+
+    def stage_description(self) -> dict:
+        """The feature stage, the image it reads and the model's scaling, for remote clients."""
+        from .data import dataset_info
+        from .features import describe
+
+        return describe(self.config.model, self.feature_norm, self.config.data.size,
+                        dataset_info(self.dataset).n_channels)
+
+    def stage_text(self) -> str:
+        """One line naming the model's feature stage and its number of encrypted inputs."""
+        from .features import summary
+
+        return summary(self.config.model, self.in_features)
 
     def sources_text(self) -> str:
         """One line naming what the model learned from, with counts per class."""
@@ -73,11 +96,9 @@ class SavedModel:
 
     def calibration_features(self, n: int) -> np.ndarray:
         """Features of up to ``n`` stored training images: the compiler's input set."""
-        from .data import features
-
         with np.load(self.path / CALIBRATION) as f:
             images = f["images"]
-        return features(images[:n], self.config.model)
+        return self.features(images[:n])
 
     def summary(self) -> dict:
         m = self.config.model
@@ -101,15 +122,26 @@ def _weights_bytes(model: "torch.nn.Module") -> bytes:
     return buf.getvalue()
 
 
-def content_hash(weights: bytes, cfg: PipelineConfig) -> str:
+# Fields added later, left out of the hash at their default: a model without them keeps its hash
+_LATER_FIELDS = {"input_levels": 0}
+_STAGE_FIELDS = ("features", "scattering_j", "scattering_l", "feature_grid")  # hashed for other kinds only
+
+
+def content_hash(weights: bytes, cfg: PipelineConfig, norm: "FeatureNorm | None" = None) -> str:
     h = hashlib.sha256()
     h.update(weights)
     # Only what changes the function the model computes (not data paths or epochs).
     model = dataclasses.asdict(cfg.model)
-    if not model["input_levels"]:  # a field added later: a model without it keeps its hash
-        del model["input_levels"]
+    for name, default in _LATER_FIELDS.items():
+        if model[name] == default:
+            del model[name]
+    if model["features"] == "pixels":
+        for name in _STAGE_FIELDS:
+            del model[name]
     h.update(json.dumps(model, sort_keys=True).encode())
     h.update(cfg.data.dataset.encode() + str(cfg.data.size).encode())
+    if norm is not None:
+        h.update(json.dumps(norm.to_dict()).encode())
     return h.hexdigest()
 
 
@@ -132,7 +164,7 @@ def save(result: "TrainResult", name: str | None = None, models_dir: Path | None
     meta = {
         "dataset": cfg.data.dataset,
         "name": name,
-        "hash": content_hash(weights, cfg),
+        "hash": content_hash(weights, cfg, result.feature_norm),
         "created": time.time(),
         "config": cfg.to_dict(),
         "in_features": int(result.model.linears()[0].in_features),
@@ -142,6 +174,8 @@ def save(result: "TrainResult", name: str | None = None, models_dir: Path | None
         "thresholds": result.thresholds,
         "sources": result.sources,
     }
+    if result.feature_norm is not None:
+        meta["feature_norm"] = result.feature_norm.to_dict()
     # Data paths are machine-specific: the registry stores the dataset, not where it was read
     # (a labelled folder is named by its last part; its content hash is in "sources").
     meta["config"]["data"]["data_dir"] = ""
@@ -204,7 +238,16 @@ def _read(path: Path) -> SavedModel:
         in_features=meta["in_features"],
         n_outputs=meta["n_outputs"],
         sources=meta.get("sources") or [{"kind": "medmnist", "dataset": meta["dataset"], "split": "train"}],
+        feature_norm=_norm(meta.get("feature_norm")),
     )
+
+
+def _norm(d: dict | None):
+    if not d:
+        return None
+    from .features import FeatureNorm
+
+    return FeatureNorm.from_dict(d)
 
 
 def describe_sources(sources: list[dict], dataset: str = "") -> str:

@@ -16,7 +16,8 @@ from torch import nn
 from . import metrics
 from .augment import random_affine, upload_like
 from ..config import PipelineConfig, TrainConfig
-from .data import Split, dataset_info, features, load_split
+from .data import Split, dataset_info, load_split
+from .features import FeatureNorm, features, needs_norm, stage_of
 from .model import QATFCNN, build_model
 from .teacher import teacher_logits
 
@@ -47,6 +48,7 @@ class TrainResult:
     sources: list[dict] = field(default_factory=list)  # what the model learned from (model.json)
     images: object = None  # the prepared labelled images (engine.learn.labelled.TrainingImages), if any
     score: float = float("-inf")  # the best epoch's validation selection score (what seeds compete on)
+    feature_norm: FeatureNorm | None = None  # the model's scaling of its features (None: pixels)
 
 
 CALIBRATION_SIZE = 512
@@ -109,8 +111,8 @@ def logits_of(model: nn.Module, x: np.ndarray, batch: int = 1024) -> np.ndarray:
     return np.concatenate([model(torch.from_numpy(x[i : i + batch])).numpy() for i in range(0, len(x), batch)])
 
 
-def evaluate_float(model: QATFCNN, split: Split, thresholds=None) -> dict:
-    scores = metrics.scores_from_logits(logits_of(model, features(split.images, model.cfg)), split.info)
+def evaluate_float(model: QATFCNN, split: Split, thresholds=None, norm: FeatureNorm | None = None) -> dict:
+    scores = metrics.scores_from_logits(logits_of(model, features(split.images, model.cfg, norm)), split.info)
     y = split.labels
     return {
         "accuracy": metrics.accuracy(y, scores, split.info, thresholds),
@@ -270,14 +272,28 @@ def _train_one(cfg: PipelineConfig, progress: ProgressFn | None = None,
     held = images.holdout_index if images is not None else np.arange(0)
 
     mc = cfg.model
-    x_train = torch.from_numpy(features(train_split.images, mc))
-    y_all = np.concatenate([train_split.targets, own_labels]) if len(own) else train_split.targets
-    y_train = torch.from_numpy(y_all)
-    x_val = features(val_split.images, mc)
-    y_val = torch.from_numpy(val_split.targets)
-    x_held = features(images.clean[held], mc) if len(held) else None
     if len(train_split) + len(own) == 0:
         raise ValueError("nothing to train on: the labelled folder has no training image")
+    norm = None
+    if needs_norm(mc):  # the model's scaling of its features, fitted on the clean training images
+        clean = [train_split.images] + ([images.clean[own]] if len(own) else [])
+        norm = FeatureNorm.fit(np.concatenate([stage_of(mc)(c) for c in clean]))
+
+    def feat(im: np.ndarray) -> np.ndarray:
+        return features(im, mc, norm)
+
+    x_train = torch.from_numpy(feat(train_split.images))
+    y_all = np.concatenate([train_split.targets, own_labels]) if len(own) else train_split.targets
+    y_train = torch.from_numpy(y_all)
+    x_val = feat(val_split.images)
+    y_val = torch.from_numpy(val_split.targets)
+    x_held = feat(images.clean[held]) if len(held) else None
+    y_held = images.labels[held] if len(held) else None
+    if len(held) and tc.select_framed:  # and in each framing an upload comes in (centre crops, aspect)
+        framed = images.framed(info, cfg.data.size, info.n_channels)
+        if framed:
+            x_held = np.concatenate([x_held, *(feat(x) for x, _y in framed.values())])
+            y_held = np.concatenate([y_held, *(y for _x, y in framed.values())])
 
     model = build_model(x_val.shape[1], info.n_outputs, cfg.model)
     criterion = loss_fn(y_all, info, tc.class_weighting)
@@ -296,10 +312,13 @@ def _train_one(cfg: PipelineConfig, progress: ProgressFn | None = None,
     # (a hospital's images stay where they are); the folder's only for a model trained on it alone.
     pool_images = train_split.images if len(train_split) else images.clean[own]
     calib_idx = np.random.default_rng(tc.seed).permutation(len(pool_images))[:CALIBRATION_SIZE]
-    result = TrainResult(model=model, config=cfg, calibration=pool_images[np.sort(calib_idx)])
+    result = TrainResult(model=model, config=cfg, calibration=pool_images[np.sort(calib_idx)], feature_norm=norm)
     copy_rng = np.random.default_rng(tc.seed + 1)
-    # each labelled training image's real-upload versions and the image as uploaded, gathered once
+    # each labelled training image's real-upload versions and the image as uploaded, gathered once,
+    # and their features (a fixed transform of fixed images: computed once, not every epoch)
     versions_of_own = np.concatenate([images.copies[:, own], images.clean[own][None]]) if len(own) else None
+    x_versions = (np.stack([feat(v.astype(np.float32)) for v in versions_of_own])
+                  if versions_of_own is not None else None)
     best_score, best_state = -np.inf, None
     # With pruning: one dense epoch, then fine-tune under the mask; only masked epochs compete.
     # prune_epochs > 1: prune gradually, from that epoch on, each step keeping fewer inputs (cubic
@@ -316,14 +335,16 @@ def _train_one(cfg: PipelineConfig, progress: ProgressFn | None = None,
                 best_score, best_state = -np.inf, None
         model.train()
         moved = train_split.images
+        x_medmnist = x_train[: len(train_split)]
         if tc.augments and len(train_split):
             moved = augment(train_split.images, tc, aug_rng)
-            x_train = torch.from_numpy(features(moved, mc))
+            x_medmnist = torch.from_numpy(feat(moved))
+            x_train = x_medmnist
         if len(own):  # each labelled image as one of its real-upload versions, or as it is
             pick = copy_rng.integers(0, len(versions_of_own), len(own))
             versions = versions_of_own[pick, np.arange(len(own))]
             moved = np.concatenate([np.asarray(moved, dtype=np.float32), versions.astype(np.float32)])
-            x_train = torch.from_numpy(features(moved, mc))
+            x_train = torch.cat([x_medmnist, torch.from_numpy(x_versions[pick, np.arange(len(own))])])
         if teacher is not None and (soft is None or tc.augments):  # unmoved images: their logits once
             soft = teacher_logits(teacher, moved)
         perm = torch.randperm(len(x_train), generator=gen)
@@ -350,8 +371,7 @@ def _train_one(cfg: PipelineConfig, progress: ProgressFn | None = None,
         held_acc = None
         if x_held is not None:  # the labelled images' held-out part competes as much as MedMNIST's split
             held_scores = metrics.scores_from_logits(logits_of(model, x_held), info)
-            held_select, held_acc, _ = selection_score(images.labels[held].reshape(-1, 1), held_scores, info,
-                                                       tc.class_weighting)
+            held_select, held_acc, _ = selection_score(y_held.reshape(-1, 1), held_scores, info, tc.class_weighting)
             select = (select + held_select) / 2
         report = EpochReport(epoch, tc.epochs, total / len(perm), val_loss, acc, auc, time.perf_counter() - t0, bal,
                              held_acc, tc.seed)
@@ -374,9 +394,9 @@ def _train_one(cfg: PipelineConfig, progress: ProgressFn | None = None,
     result.metrics = {
         "best_epoch": result.best_epoch,
         # the circuit's widest integer, estimated on the images the compiler calibrates on
-        "accumulator_bits": model.accumulator_bits(torch.from_numpy(features(result.calibration, mc))),
-        "val": evaluate_float(model, val_split, result.thresholds),
-        "test": evaluate_float(model, load_split(cfg.data, "test"), result.thresholds),
+        "accumulator_bits": model.accumulator_bits(torch.from_numpy(feat(result.calibration))),
+        "val": evaluate_float(model, val_split, result.thresholds, norm),
+        "test": evaluate_float(model, load_split(cfg.data, "test"), result.thresholds, norm),
     }
     medmnist_source = {"kind": "medmnist", "dataset": cfg.data.dataset, "split": "train", "files": len(train_split),
                        "train": {info.labels[c]: int((train_split.labels[:, 0] == c).sum()) for c in sorted(info.labels)}
@@ -387,5 +407,5 @@ def _train_one(cfg: PipelineConfig, progress: ProgressFn | None = None,
         result.sources.append(images.provenance(info))
         held_split = Split(cfg.data.dataset, "holdout", images.clean[held], images.labels[held].reshape(-1, 1), info)
         if len(held):
-            result.metrics["holdout"] = evaluate_float(model, held_split, result.thresholds)
+            result.metrics["holdout"] = evaluate_float(model, held_split, result.thresholds, norm)
     return result

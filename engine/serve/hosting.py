@@ -28,7 +28,7 @@ import hashlib
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -88,6 +88,8 @@ class HostedCircuit:
     server_zip_digest: str = ""
     input_pool: float = 1
     input_levels: int = 0  # the client's intensity levels per channel (engine.learn.data.intensity_levels)
+    # the client's whole feature stage and the model's scaling of it (engine.learn.features.describe)
+    feature_stage: dict = field(default_factory=dict)
     keys_from: str = ""  # a batched circuit: the 1-image circuit whose registered keys it runs with
 
     @property
@@ -110,6 +112,7 @@ class HostedCircuit:
                 "pbs_count": r.pbs_count, "evaluation_key_bytes": self.key_bytes,
                 "ciphertext_bytes": self.ciphertext_bytes, "key_set_memory_bytes": self.footprint,
                 "input_pool": self.input_pool, "input_levels": self.input_levels,
+                "feature_stage": self.feature_stage,
                 "batch_size": int(r.input_shape[0]), "keys_from": self.key_owner}
 
 
@@ -372,7 +375,7 @@ class Service:
         c = HostedCircuit(cid, saved.dataset, saved.name, saved.hash, compiled, server, warm,
                           warm.key_bytes, len(warm.ciphertext), footprint, zip_digest,
                           saved.config.model.input_pool, saved.config.model.input_levels,
-                          keys_from=pair.id if pair else "")
+                          keys_from=pair.id if pair else "", feature_stage=saved.stage_description())
         if hasattr(self.runner, "add_circuit"):  # Dask: every worker, present and future, loads it
             self.runner.add_circuit(c)
         self.circuits[cid] = c

@@ -27,7 +27,8 @@ from typing import Callable
 import numpy as np
 
 from .client import EncryptedClient, HTTPTransport, ServiceUnavailable
-from ..learn.data import load_samples, to_features
+from ..learn.data import load_samples
+from ..learn.features import remote_features
 
 
 def _circuit_for(transport: HTTPTransport, dataset: str | None, model: str | None) -> dict:
@@ -52,8 +53,7 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
     probe = transport()
     circuit = _circuit_for(probe, dataset, model)
     samples = load_samples(circuit["dataset"])
-    # the client's own preprocessing (a service from before input_levels does not send it)
-    x = to_features(samples.images, circuit["input_pool"], circuit.get("input_levels", 0))
+    x = remote_features(samples.images, circuit)  # the client's own feature stage
     folder = Path(tempfile.mkdtemp(prefix="loadtest-"))
 
     say(f"{clients} client(s): downloading client.zip and generating keys")

@@ -22,7 +22,6 @@ import numpy as np
 from ..learn import metrics, registry
 from ..serve.client import EncryptedClient, find_circuit
 from ..config import CompileConfig, ServiceConfig
-from ..learn.data import features
 from ..fhe.circuit import CompiledModel, compile_model
 from ..fhe.keys import FHEClient
 from ..fhe.runtime import FHEServer
@@ -132,7 +131,7 @@ class Predictor:
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """The model's input for uint8 images: the client-side preprocessing."""
-        return features(images, self.saved.config.model)
+        return self.saved.features(images)
 
     def run(self, images: np.ndarray, modes=MODES, progress: ProgressFn | None = None) -> dict[str, ModeResult]:
         """Run uint8 images (N, H, W[, C]) through each mode in ``modes``."""

@@ -71,6 +71,18 @@ def reliability(confidence: np.ndarray, right: np.ndarray, bins=RELIABILITY_BINS
     return out
 
 
+def calibration_error(confidence: np.ndarray, right: np.ndarray, bins: int = 10) -> float | None:
+    """Expected calibration error (Guo et al., 2017): the gap between confidence and accuracy in
+    ``bins`` equal-width confidence bins, weighted by their share of the answers."""
+    confidence, right = np.asarray(confidence, dtype=np.float64), np.asarray(right, dtype=np.float64)
+    if not len(confidence):
+        return None
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    return float(sum(abs(confidence[which == b].mean() - right[which == b].mean()) * (which == b).mean()
+                     for b in range(bins) if (which == b).any()))
+
+
 def validate(predictor, guard: Guard | None, files: list[LabelledFile], modes, progress=None,
              source: str = "") -> dict:
     """The report on ``files`` (see the module docstring): per mode, and per image for the last
@@ -109,6 +121,8 @@ def validate(predictor, guard: Guard | None, files: list[LabelledFile], modes, p
         "confident_share": float(confident.mean()),
         "accuracy_confident": _accuracy(confident, right),
         "reliability": reliability(conf, right),
+        # over the answers given a confidence (a flagged image gets none)
+        "ece": calibration_error(conf[~flagged], right[~flagged]),
         "images": [{"file": it.name, "label": int(y), "label_name": info.labels[int(y)], "prediction": int(p),
                     "prediction_name": info.labels[int(p)], "right": bool(p == y), "confidence": None if f else round(float(c), 4),
                     "uncertain": u, "flagged": bool(f),
@@ -144,7 +158,8 @@ def table(report: dict) -> str:
                      f"(accuracy flagged {pct(report['accuracy_flagged'])}, passed {pct(report['accuracy_passed'])})")
         kind = "calibrated " if report["calibrated"] else "uncalibrated "
         lines.append(f"answers at {kind}confidence >= {100 * CONFIDENT:.0f}%: {pct(report['confident_share'])} "
-                     f"of images, {pct(report['accuracy_confident'])} right")
+                     f"of images, {pct(report['accuracy_confident'])} right"
+                     + (f"; calibration error (ECE) {report['ece']:.3f}" if report.get("ece") is not None else ""))
     if report.get("agreement"):
         lines.append("agreement: " + ", ".join(f"{k} {pct(v)}" for k, v in report["agreement"].items()))
     for u in report["unreadable"]:

@@ -1,0 +1,119 @@
+"""The client's feature stage (engine.learn.features): the shipped pixel models answer as before,
+the wavelet scattering stage is fixed and stable to small shifts, its scaling travels with the
+model, and a scattering model compiles and runs encrypted (real Concrete ML, a tiny circuit)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from engine.config import DataConfig, ModelConfig, PipelineConfig
+from engine.learn import registry
+from engine.learn.data import load_split, to_features
+from engine.learn.features import (FeatureNorm, Scattering, describe, features, from_description, remote_features,
+                                   stage_of)
+
+SCATTER = dataclasses.replace(ModelConfig(hidden=(8,), weight_bits=3, act_bits=3, input_bits=3),
+                              features="scattering", feature_grid=1)
+
+
+@pytest.fixture(scope="module")
+def val_images(data_dir):
+    return load_split(DataConfig("pneumoniamnist", data_dir=str(data_dir), allow_download=False), "val").images[:64]
+
+
+def test_shipped_pixel_models_compute_what_they_did_and_keep_their_hash(val_images):
+    shipped = registry.list_models()
+    assert {m.dataset for m in shipped} >= {"pneumoniamnist", "breastmnist"}
+    for saved in shipped:
+        m = saved.config.model
+        assert m.features == "pixels" and saved.feature_norm is None
+        assert np.array_equal(saved.features(val_images), to_features(val_images, m.input_pool, m.input_levels))
+        weights = (saved.path / registry.WEIGHTS).read_bytes()
+        assert registry.content_hash(weights, saved.config) == saved.hash
+
+
+def test_scattering_is_fixed_and_shaped_by_its_parameters(val_images):
+    stage = stage_of(SCATTER)
+    assert isinstance(stage, Scattering) and stage.channels == 81
+    x = stage(val_images)
+    assert x.shape == (64, 81) and x.dtype == np.float32 and np.isfinite(x).all()
+    assert np.array_equal(stage(val_images), x)  # no state, no randomness
+    assert stage_of(dataclasses.replace(SCATTER, feature_grid=2))(val_images[:2]).shape == (2, 324)
+    assert stage_of(dataclasses.replace(SCATTER, scattering_l=4))(val_images[:2]).shape == (2, 1 + 8 + 16)
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 3), dtype=np.uint8)
+    assert stage(rgb).shape == (3, 3 * 81)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        stage(np.zeros((1, 30, 30), np.uint8))
+    with pytest.raises(ValueError, match="Unknown feature stage"):
+        ModelConfig(features="hog")
+
+
+def test_scattering_moves_less_than_pixels_under_a_small_shift(val_images):
+    """Locally invariant to translation: a 1-pixel shift changes the standardized scattering
+    features of an X-ray much less than its standardized pixels."""
+    moved = np.roll(val_images, 1, axis=2)
+    pixels = ModelConfig(input_pool=1)
+
+    def relative_change(model):
+        raw = stage_of(model)(val_images)
+        norm = FeatureNorm.fit(raw)
+        a, b = norm(raw), norm(stage_of(model)(moved))
+        return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+    assert relative_change(SCATTER) < 0.5 * relative_change(pixels)
+
+
+def test_a_scattering_model_needs_and_keeps_its_scaling(val_images):
+    with pytest.raises(ValueError, match="stored scaling"):
+        features(val_images, SCATTER)
+    norm = FeatureNorm.fit(stage_of(SCATTER)(val_images))
+    x = features(val_images, SCATTER, norm)
+    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
+    # what a remote client is told (GET /circuits) gives the same values
+    d = json.loads(json.dumps(describe(SCATTER, norm, 28, 1)))
+    assert d["kind"] == "scattering" and d["reads"] == [28, 28, 1]
+    model, back = from_description(d)
+    assert model.features == "scattering" and np.allclose(features(val_images, model, back), x, atol=1e-6)
+    assert np.allclose(remote_features(val_images, {"feature_stage": d}), x, atol=1e-6)
+    # a service from before the stage describes only the pooling
+    old = {"input_pool": 3, "input_levels": 0}
+    assert np.array_equal(remote_features(val_images, old), to_features(val_images, 3))
+
+
+@pytest.fixture(scope="module")
+def scattering_saved(data_dir, tmp_path_factory):
+    from engine.learn.train import train
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(data_dir, epochs=2, limit_train=512)
+    cfg = cfg.replace(model=SCATTER)
+    return registry.save(train(cfg), "tiny-scattering", tmp_path_factory.mktemp("models"))
+
+
+def test_scattering_model_is_saved_with_its_stage_and_scaling(scattering_saved, val_images):
+    meta = json.loads((scattering_saved.path / registry.META).read_text())
+    assert meta["config"]["model"]["features"] == "scattering" and len(meta["feature_norm"]["mean"]) == 81
+    assert scattering_saved.in_features == 81 and "scattering" in scattering_saved.stage_text()
+    again = registry.load("pneumoniamnist", "tiny-scattering", scattering_saved.path.parent.parent)
+    assert np.array_equal(again.features(val_images), scattering_saved.features(val_images))
+    # the scaling is part of the function the model computes: another scaling, another hash
+    weights = (scattering_saved.path / registry.WEIGHTS).read_bytes()
+    other = FeatureNorm(again.feature_norm.mean + 1, again.feature_norm.scale)
+    assert registry.content_hash(weights, again.config, again.feature_norm) == again.hash
+    assert registry.content_hash(weights, again.config, other) != again.hash
+    assert scattering_saved.metrics["val"]["accuracy"] > 0.74  # more than the majority class (74% pneumonia)
+
+
+def test_scattering_model_runs_encrypted(scattering_saved, test_split, tmp_path):
+    from engine.study.infer import Predictor
+
+    p = Predictor(saved=scattering_saved, cache_dir=tmp_path / "cache", key_dir=tmp_path / "keys")
+    res = p.run(test_split.images[:4], "quantized,simulate,fhe")
+    assert p.compiled.report.input_shape[-1] == 81
+    assert np.array_equal(res["quantized"].predictions, res["simulate"].predictions)
+    assert np.array_equal(res["simulate"].predictions, res["fhe"].predictions)
+    assert np.allclose(res["fhe"].logits, res["simulate"].logits)
