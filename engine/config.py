@@ -141,6 +141,11 @@ class TrainConfig:
     # With labelled images: the held-out part validates in every upload framing (as given, centre
     # crops, natural aspect ratio, squeezed: engine.learn.augment.UPLOAD_FRAMINGS), not as given only.
     select_framed: bool = False
+    # Binary tasks: after training, shift the decision (the output layer's bias) to the offset that
+    # maximizes the mean balanced accuracy over MedMNIST's validation split and the held-out images
+    # in each framing (engine.learn.train.balance_decision). A class-weighted loss balances the
+    # errors on the training mix, which is not the mix an upload comes in.
+    balance_decision: bool = False
 
     def __post_init__(self) -> None:
         if self.seeds < 1:

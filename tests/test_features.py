@@ -89,15 +89,23 @@ def scattering_saved(data_dir, tmp_path_factory):
     from engine.learn.train import train
     from tests.conftest import tiny_config
 
-    cfg = tiny_config(data_dir, epochs=2, limit_train=512)
-    cfg = cfg.replace(model=SCATTER)
+    cfg = tiny_config(data_dir, epochs=3, limit_train=512, balance_decision=True)
+    cfg = cfg.replace(model=dataclasses.replace(SCATTER, max_active_inputs=6))  # pruned: 8 neurons x 6 inputs
     return registry.save(train(cfg), "tiny-scattering", tmp_path_factory.mktemp("models"))
 
 
 def test_scattering_model_is_saved_with_its_stage_and_scaling(scattering_saved, val_images):
     meta = json.loads((scattering_saved.path / registry.META).read_text())
-    assert meta["config"]["model"]["features"] == "scattering" and len(meta["feature_norm"]["mean"]) == 81
-    assert scattering_saved.in_features == 81 and "scattering" in scattering_saved.stage_text()
+    norm = meta["feature_norm"]
+    assert meta["config"]["model"]["features"] == "scattering"
+    # pruned: only the features some neuron reads are computed into the input and encrypted
+    n = scattering_saved.in_features
+    assert n <= 8 * 6 and len(norm["mean"]) == len(norm["select"]) == n and max(norm["select"]) < 81
+    assert "scattering" in scattering_saved.stage_text()
+    assert scattering_saved.features(val_images).shape == (64, n)
+    w = scattering_saved.load_torch().linears()[0].weight.detach()
+    assert bool((w != 0).any(dim=0).all())  # every input left is read
+    assert -3 <= meta["metrics"]["decision_offset"] <= 3
     again = registry.load("pneumoniamnist", "tiny-scattering", scattering_saved.path.parent.parent)
     assert np.array_equal(again.features(val_images), scattering_saved.features(val_images))
     # the scaling is part of the function the model computes: another scaling, another hash
@@ -105,7 +113,7 @@ def test_scattering_model_is_saved_with_its_stage_and_scaling(scattering_saved, 
     other = FeatureNorm(again.feature_norm.mean + 1, again.feature_norm.scale)
     assert registry.content_hash(weights, again.config, again.feature_norm) == again.hash
     assert registry.content_hash(weights, again.config, other) != again.hash
-    assert scattering_saved.metrics["val"]["accuracy"] > 0.74  # more than the majority class (74% pneumonia)
+    assert scattering_saved.metrics["val"]["auc"] > 0.85, scattering_saved.metrics  # it learned
 
 
 def test_scattering_model_runs_encrypted(scattering_saved, test_split, tmp_path):
@@ -113,7 +121,28 @@ def test_scattering_model_runs_encrypted(scattering_saved, test_split, tmp_path)
 
     p = Predictor(saved=scattering_saved, cache_dir=tmp_path / "cache", key_dir=tmp_path / "keys")
     res = p.run(test_split.images[:4], "quantized,simulate,fhe")
-    assert p.compiled.report.input_shape[-1] == 81
+    assert p.compiled.report.input_shape[-1] == scattering_saved.in_features < 81
     assert np.array_equal(res["quantized"].predictions, res["simulate"].predictions)
     assert np.array_equal(res["simulate"].predictions, res["fhe"].predictions)
     assert np.allclose(res["fhe"].logits, res["simulate"].logits)
+
+
+def test_balanced_decision_moves_the_output_bias_to_the_best_offset():
+    import torch
+
+    from engine.learn.model import build_model
+    from engine.learn.train import balance_decision, logits_of
+
+    torch.manual_seed(0)
+    model = build_model(4, 2, ModelConfig(hidden=(4,)))
+    model.eval()
+    x = np.random.default_rng(0).normal(size=(400, 4)).astype(np.float32)
+    margin = logits_of(model, x) @ np.array([-1.0, 1.0])
+    # labels that the decision "margin > q" separates perfectly, q away from the model's own 0
+    q = float(np.quantile(margin, 0.3)) if np.quantile(margin, 0.3) < -0.15 else float(np.quantile(margin, 0.7))
+    y = (margin > q).astype(np.int64)
+    assert abs(q) > 0.1 and ((margin > 0) == y).mean() < 1
+    d = balance_decision(model, [(x, y)])
+    after = logits_of(model, x) @ np.array([-1.0, 1.0])
+    assert np.allclose(after, margin + d, atol=1e-4) and abs(d + q) <= 0.1
+    assert ((after > 0) == y).mean() > ((margin > 0) == y).mean()

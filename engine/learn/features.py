@@ -116,11 +116,15 @@ def stage_of(model: ModelConfig) -> FeatureStage:
 
 @dataclass(frozen=True)
 class FeatureNorm:
-    """Per-feature standardization, ``(x - mean) / scale``: fitted on the training images and stored
-    with the model (``model.json``), applied by the client before the input quantizer."""
+    """The model's use of its stage's output: which features it reads (``select``; None: all) and
+    their standardization ``(x - mean) / scale``, fitted on the training images. Stored with the
+    model (``model.json``) and applied by the client before the input quantizer. A pruned model
+    reads only the features some neuron keeps (:func:`read_only_used`): the others are never
+    encrypted."""
 
     mean: np.ndarray
     scale: np.ndarray
+    select: np.ndarray | None = None
 
     @classmethod
     def fit(cls, x: np.ndarray) -> "FeatureNorm":
@@ -128,19 +132,33 @@ class FeatureNorm:
         return cls(x.mean(axis=0).astype(np.float32), np.maximum(x.std(axis=0), 1e-6).astype(np.float32))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.select is not None:
+            if len(x) and x.shape[1] <= int(self.select.max()):
+                raise ValueError(f"the images give {x.shape[1]} features each, but the model reads feature "
+                                 f"{int(self.select.max())}")
+            x = x[:, self.select]
         if x.shape[1] != len(self.mean):
             raise ValueError(f"the images give {x.shape[1]} features each, but the model's scaling is for "
                              f"{len(self.mean)}")
         return ((x - self.mean) / self.scale).astype(np.float32)
 
-    def to_dict(self) -> dict[str, list[float]]:
-        return {"mean": [float(v) for v in self.mean], "scale": [float(v) for v in self.scale]}
+    def keep(self, columns: np.ndarray) -> "FeatureNorm":
+        """The scaling of only ``columns`` of this one's output."""
+        chosen = columns if self.select is None else self.select[columns]
+        return FeatureNorm(self.mean[columns], self.scale[columns], np.asarray(chosen, dtype=np.int64))
+
+    def to_dict(self) -> dict[str, list]:
+        d = {"mean": [float(v) for v in self.mean], "scale": [float(v) for v in self.scale]}
+        if self.select is not None:
+            d["select"] = [int(v) for v in self.select]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "FeatureNorm | None":
         if not d:
             return None
-        return cls(np.asarray(d["mean"], np.float32), np.asarray(d["scale"], np.float32))
+        select = np.asarray(d["select"], np.int64) if d.get("select") is not None else None
+        return cls(np.asarray(d["mean"], np.float32), np.asarray(d["scale"], np.float32), select)
 
 
 def needs_norm(model: ModelConfig) -> bool:

@@ -130,6 +130,45 @@ def selection_score(labels: np.ndarray, scores: np.ndarray, info, class_weightin
     return (bal if class_weighting and bal is not None else acc), acc, bal
 
 
+OFFSETS = np.round(np.arange(-3.0, 3.01, 0.1), 2)  # logit offsets balance_decision tries
+
+
+def balance_decision(model: QATFCNN, sets: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Binary tasks: the offset ``d`` added to the class-1 logit minus the class-0 one that
+    maximizes the mean balanced accuracy over ``sets`` [(features, labels)], ties to the smallest
+    ``|d|``; folded into the output layer's bias (half each way), so argmax, the calibrated
+    confidence and the circuit all decide with it. Returns ``d``."""
+    margins = [(logits_of(model, x) @ np.array([-1.0, 1.0]), np.asarray(y).reshape(-1)) for x, y in sets]
+
+    def balanced(d: float) -> float:
+        return float(np.mean([np.mean([((m + d > 0) == c)[y == c].mean() for c in (0, 1) if (y == c).any()])
+                              for m, y in margins]))
+
+    best = max(OFFSETS, key=lambda d: (round(balanced(d), 6), -abs(d)))
+    with torch.no_grad():
+        bias = model.linears()[-1].bias
+        bias[1] += float(best) / 2
+        bias[0] -= float(best) / 2
+    return float(best)
+
+
+def read_only_used(model: QATFCNN, norm: FeatureNorm) -> tuple[QATFCNN, FeatureNorm]:
+    """The model without the inputs no neuron of its first layer reads (pruning left their weights
+    all zero), and the scaling that selects only the features it reads: the same function, fewer
+    values to compute, encrypt and send. The weight quantizer's per-tensor scale is unchanged (the
+    largest weight is kept)."""
+    w = model.linears()[0].weight.detach()
+    keep = np.flatnonzero((w != 0).any(dim=0).numpy())
+    if len(keep) == w.shape[1]:
+        return model, norm
+    state = model.state_dict()
+    state["layers.0.weight"] = state["layers.0.weight"][:, torch.from_numpy(keep)]
+    small = build_model(len(keep), model.linears()[-1].out_features, model.cfg)
+    small.load_state_dict(state)
+    small.eval()
+    return small, norm.keep(keep)
+
+
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, multi_label: bool) -> torch.Tensor:
     """Soft-label loss: KL divergence at ``temperature`` (scaled by T**2, Hinton et al.), or BCE
     against the teacher's probabilities for multi-label tasks."""
@@ -287,13 +326,11 @@ def _train_one(cfg: PipelineConfig, progress: ProgressFn | None = None,
     y_train = torch.from_numpy(y_all)
     x_val = feat(val_split.images)
     y_val = torch.from_numpy(val_split.targets)
-    x_held = feat(images.clean[held]) if len(held) else None
-    y_held = images.labels[held] if len(held) else None
+    held_sets = [(feat(images.clean[held]), images.labels[held])] if len(held) else []
     if len(held) and tc.select_framed:  # and in each framing an upload comes in (centre crops, aspect)
-        framed = images.framed(info, cfg.data.size, info.n_channels)
-        if framed:
-            x_held = np.concatenate([x_held, *(feat(x) for x, _y in framed.values())])
-            y_held = np.concatenate([y_held, *(y for _x, y in framed.values())])
+        held_sets += [(feat(x), y) for x, y in images.framed(info, cfg.data.size, info.n_channels).values()]
+    x_held = np.concatenate([x for x, _y in held_sets]) if held_sets else None
+    y_held = np.concatenate([y for _x, y in held_sets]) if held_sets else None
 
     model = build_model(x_val.shape[1], info.n_outputs, cfg.model)
     criterion = loss_fn(y_all, info, tc.class_weighting)
@@ -391,8 +428,17 @@ def _train_one(cfg: PipelineConfig, progress: ProgressFn | None = None,
     if info.multi_label:
         val_scores = metrics.scores_from_logits(logits_of(model, x_val), info)
         result.thresholds = metrics.fit_label_thresholds(val_split.targets, val_scores).tolist()
+    offset = None
+    if tc.balance_decision and info.n_outputs == 2 and not info.multi_label:
+        sets = [(x_val, val_split.targets), *held_sets]  # the held-out images, each framing apart
+        offset = balance_decision(model, sets)
+        say(f"decision balanced on {len(sets)} validation sets: logit offset {offset:+.1f}")
+    if norm is not None and cfg.model.max_active_inputs:
+        model, norm = read_only_used(model, norm)  # feat() and the metrics below use the smaller pair
+        result.model, result.feature_norm = model, norm
     result.metrics = {
         "best_epoch": result.best_epoch,
+        **({"decision_offset": offset} if offset is not None else {}),
         # the circuit's widest integer, estimated on the images the compiler calibrates on
         "accumulator_bits": model.accumulator_bits(torch.from_numpy(feat(result.calibration))),
         "val": evaluate_float(model, val_split, result.thresholds, norm),
