@@ -10,7 +10,7 @@ import numpy as np
 from engine.config import REPO_ROOT, ServiceConfig
 from engine.fhe.circuit import SHIPPED_DIR, cache_key, shipped_entry
 from engine.learn import registry
-from engine.learn.data import features, load_samples
+from engine.learn.data import load_samples
 from engine.serve.client import EncryptedClient, InProcessTransport
 from engine.serve.hosting import Service
 
@@ -50,7 +50,7 @@ def test_a_fresh_cache_hosts_the_shipped_circuit_without_compiling(tmp_path):
         forged[8 * word] ^= 1
         assert not c.warm.keys_fit(bytes(forged))  # ...and refuse a forged parameter
         samples = load_samples("pneumoniamnist")
-        x = features(samples.images[:2], shipped.config.model)
+        x = shipped.features(samples.images[:2])  # the model's own feature stage and scaling
         encrypted = np.concatenate([client.predict(x[i : i + 1])[0] for i in range(2)])
         np.testing.assert_allclose(encrypted, c.compiled.run_clear(x), atol=1e-6)
     finally:

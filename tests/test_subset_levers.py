@@ -12,7 +12,8 @@ from conftest import tiny_config
 
 from engine.config import ModelConfig, TrainConfig
 from engine.learn import registry
-from engine.learn.data import features, intensity_levels, load_split, to_features
+from engine.learn.data import intensity_levels, load_split, to_features
+from engine.learn.features import features
 from engine.learn.model import build_model
 from engine.learn.train import train
 

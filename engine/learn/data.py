@@ -160,14 +160,6 @@ def to_features(images: np.ndarray, pool: float = 1, levels: int = 0) -> np.ndar
     return x
 
 
-def features(images: np.ndarray, model, norm=None) -> np.ndarray:
-    """The input of a model with :class:`engine.config.ModelConfig` ``model``: its feature stage
-    and scaling (:func:`engine.learn.features.features`, the client's whole preprocessing)."""
-    from .features import features as stage_features
-
-    return stage_features(images, model, norm)
-
-
 def intensity_levels(images: np.ndarray, levels: int) -> np.ndarray:
     """(N, C' * levels) float32 in [-1, 1]: for each channel, the share of pixels brighter than
     ``255 * k / (levels + 1)`` for k = 1..levels (a cumulative intensity histogram at fixed levels,
