@@ -83,6 +83,17 @@ VARIANTS = {
     "gradual10-i2k32-distill": {"train": {"prune_epochs": 10, "distill": 0.5},
                                 "model": {"input_bits": 2, "max_active_inputs": 32}},
     "unpruned": {"model": {"max_active_inputs": 0}},  # the reference (its circuit is wider and slower)
+    # issue 38: the client's feature stage (engine.learn.features) as a lever. Kymatio's wavelet
+    # scattering (J=2, L=8: 81 channels per image channel) averaged onto 2x2 or 3x3, standardized
+    # by the model, each neuron pruned gradually to its 16 or 24 strongest features
+    "scatter2-k16": {"train": {"prune_epochs": 10},
+                     "model": {"features": "scattering", "feature_grid": 2, "max_active_inputs": 16, "input_levels": 0}},
+    "scatter3-k24": {"train": {"prune_epochs": 10},
+                     "model": {"features": "scattering", "feature_grid": 3, "max_active_inputs": 24, "input_bits": 3,
+                               "input_levels": 0}},
+    "scatter3-k24-balanced": {"train": {"prune_epochs": 10, "balance_decision": True},
+                              "model": {"features": "scattering", "feature_grid": 3, "max_active_inputs": 24,
+                                        "input_bits": 3, "input_levels": 0}},
 }
 
 

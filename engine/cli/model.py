@@ -69,6 +69,12 @@ def add_train(sub) -> None:
     g.add_argument("--label-map", default=None, help="class folders named otherwise: NAME=INDEX,... e.g. NORMAL=0,PNEUMONIA=1")
     g.add_argument("--holdout", type=float, default=0.1,
                    help="stratified share of the images held out for validation (default 0.1)")
+    g.add_argument("--select-framed", action="store_true", default=None,
+                   help="the held-out images validate in every upload framing (as given, centre crops, natural "
+                        "aspect ratio, squeezed), not as given only")
+    g.add_argument("--balance-decision", action="store_true", default=None,
+                   help="binary tasks: after training, shift the decision to the offset that balances the errors "
+                        "best on the validation sets (MedMNIST's and the held-out images in each framing)")
     g.add_argument("--image-copies", type=int, default=None,
                    help="random real-upload versions made of each image (default 8; each epoch trains on one)")
     p.add_argument("--seed", type=int, default=0)
@@ -122,7 +128,7 @@ def cmd_train(a) -> int:
                           augment_stretch=a.stretch, augment_upload=a.upload_augment, distill=a.distill,
                           teacher_epochs=a.teacher_epochs, rounding_noise=a.rounding_noise,
                           image_copies=a.image_copies, prune_after=a.prune_after, prune_epochs=a.prune_epochs,
-                          seeds=a.seeds)
+                          seeds=a.seeds, select_framed=a.select_framed, balance_decision=a.balance_decision)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     cfg = PipelineConfig(data=data, model=model, train=train_cfg, compile=compile_cfg(a, base["compile"]))
@@ -130,6 +136,10 @@ def cmd_train(a) -> int:
     say(f"recipe: {source}; overridden by the flags given")
     if a.show_recipe:
         print(json.dumps(cfg.to_dict(), indent=2))
+        from ..learn.features import summary
+        from ..learn.recipes import STAGE_WHY
+
+        say(f"feature stage: {summary(cfg.model)} ({STAGE_WHY.get(cfg.model.features, '')})")
         if base["model"] == GENERIC["model"] and base["train"] == GENERIC["train"]:
             from ..learn.recipes import EXPLAIN
 

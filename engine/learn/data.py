@@ -305,9 +305,11 @@ def load_samples(flag: str) -> Split:
 
 
 def gallery_split(cfg: DataConfig) -> tuple[Split, str]:
-    """The test split if its file is available, else the shipped samples; with a description."""
+    """The test split if its file is available, else the shipped samples; with a description that
+    names the dataset and split, never a path."""
     try:
-        return load_split(cfg, "test"), f"{cfg.dataset} test split ({locate(cfg)})"
+        # the dataset and split only: a hosted demo must not show its visitors the server's file system
+        return load_split(cfg, "test"), f"{cfg.dataset} test split"
     except DataError:
         samples = load_samples(cfg.dataset)
         return samples, f"{cfg.dataset}: {len(samples)} shipped test samples (dataset file not found)"

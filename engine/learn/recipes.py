@@ -62,6 +62,13 @@ EXPLAIN = {
     "p_error": "0.01 halves the cost of 6-bit lookups",
 }
 
+# Why a recipe's feature stage is what it is (``train --show-recipe`` prints it with the stage).
+STAGE_WHY = {
+    "pixels": "the pooled image: every recipe's stage until another measures better on the subset's validation split",
+    "scattering": "Kymatio's wavelet scattering, fixed and stable to small shifts: on PneumoniaMNIST it measured "
+                  "better than pixels on validation and on held-out real X-rays (docs/own-images.md)",
+}
+
 # ``train --quick-search``: the recipe and these variants of it, each trained as the recipe says
 # (its seeds), the best on validation kept. Where each helps (bench/results/subset_levers.json):
 # the levels help subsets whose label follows intensity or colour, and hurt others (with 3-bit
