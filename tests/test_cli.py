@@ -66,7 +66,8 @@ def test_train_compile_predict_evaluate(env, tmp_path):
 def test_train_defaults_come_from_the_search_or_a_generic_recipe(env):
     pneu = json.loads(run(env, "train", "--dataset", "pneumoniamnist", "--show-recipe").stdout)
     chosen = json.loads((REPO / "bench" / "results" / "pneumoniamnist_search.json").read_text())["chosen"]["config"]
-    assert pneu["model"] == {"input_levels": 0, **chosen["model"]} and pneu["train"]["epochs"] == chosen["train"]["epochs"]
+    stage = {"input_levels": 0, "features": "pixels", "scattering_j": 2, "scattering_l": 8, "feature_grid": 2}
+    assert pneu["model"] == {**stage, **chosen["model"]} and pneu["train"]["epochs"] == chosen["train"]["epochs"]
     assert pneu["compile"] == {"batch_size": 1, **chosen["compile"]} and pneu["train"]["distill"] == chosen["train"].get("distill", 0.0)
     other = run(env, "train", "--dataset", "pathmnist", "--show-recipe", "--epochs", "3")
     rec = json.loads(other.stdout)
