@@ -26,15 +26,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from engine.learn import guard as guards
-from engine.learn import registry
 from engine.learn.augment import UPLOAD_FRAMINGS, reframe
-from engine.learn.data import dataset_info
 from engine.learn.images import decode
 from engine.learn.labelled import LabelledFile, parse_label_map, read_labelled, stratified_holdout
-from engine.study.infer import Predictor
-from engine.study.validate import validate
 
+CONFIDENT = 0.9  # engine.learn.guard.CONFIDENT: answers at this calibrated confidence are counted apart
 CROPS = ("as given", "centre 85%", "centre 75%")  # the framing agreement: same answer under these
 
 
@@ -61,6 +57,10 @@ def held_out(files: list[LabelledFile], saved) -> list[LabelledFile]:
 
 
 def measure(saved, files: list[LabelledFile], mode: str = "quantized") -> dict:
+    from engine.learn import guard as guards
+    from engine.study.infer import Predictor
+    from engine.study.validate import validate
+
     predictor = Predictor(saved)
     guard = guards.for_model(saved)
     rows, answers = {}, {}
@@ -70,7 +70,7 @@ def measure(saved, files: list[LabelledFile], mode: str = "quantized") -> dict:
         rows[kind] = {"n": r["n"], "accuracy": m["accuracy"], "auc": m["auc"], "recall": m["recall"],
                       "flagged": r["flagged_share"], "ece": r["ece"], "confident_share": r["confident_share"],
                       "confident_right": r["accuracy_confident"],
-                      "confident_n": int(sum(1 for im in r["images"] if (im["confidence"] or 0) >= guards.CONFIDENT))}
+                      "confident_n": int(sum(1 for im in r["images"] if (im["confidence"] or 0) >= CONFIDENT))}
         answers[kind] = {im["file"]: im["prediction"] for im in r["images"]}
     same = [all(answers[k].get(name) == p for k in CROPS) for name, p in answers[CROPS[0]].items()]
     return {"framings": rows, "crop_agreement": float(np.mean(same)) if same else None}
@@ -106,6 +106,8 @@ def main() -> int:
     ap.add_argument("--mode", default="quantized", choices=["float", "quantized", "simulate", "fhe"])
     ap.add_argument("--json", default=None, help="also write the figures here")
     a = ap.parse_args()
+    from engine.learn import registry
+    from engine.learn.data import dataset_info
 
     saved = registry.load(a.dataset, a.model, Path(a.models_dir) if a.models_dir else None)
     files = read_labelled(Path(a.images), dataset_info(a.dataset), parse_label_map(a.label_map), a.images,

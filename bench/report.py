@@ -78,7 +78,8 @@ def real_images() -> str:
     rows = ["| images | model | n | mode | accuracy | balanced accuracy | AUC | recall per class | flagged | answers at >= 90% confidence: share, right |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
-    for name in ("real/pneumoniamnist_test_grid10.json", "real/chest_xray_224.json", "real/busi.json"):
+    for name in ("real/pneumoniamnist_test_scatter3.json", "real/pneumoniamnist_test_grid10.json",
+                 "real/chest_xray_224.json", "real/chest_xray_224_grid10.json", "real/busi.json"):
         path, r = load(name)
         what = r.get("source") or f"{r['dataset']} {r.get('split', '')} split"
         for mode, m in r["modes"].items():
@@ -238,6 +239,25 @@ def breast_bound() -> str:
     return "\n".join(rows) + "\n\n" + source(path, r) + " Made by `python bench/breast_cnn_bound.py`.\n"
 
 
+def stage_cost() -> str:
+    from bench.stage_cost import markdown as stage_markdown
+
+    path, r = load("stage_cost.json")
+    return (f"{r['n']} {r['dataset']} test images per model, one per encrypted call, the models taking turns image "
+            "by image; medians (`bench/stage_cost.py`):\n\n" + stage_markdown(r["models"]) + "\n\n" + source(path, r) + "\n")
+
+
+def real_confidence() -> str:
+    from bench.real_confidence import markdown as confidence_markdown
+
+    out = []
+    for path in sorted((RESULTS / "real").glob("confidence_*.json")):
+        r = json.loads(path.read_text())
+        what = Path(r["images"]).name + (" (the part the model held out)" if r.get("held_out") else "")
+        out += [f"`{r['model']}` on `{what}`, {r['mode']} mode:", "", confidence_markdown(r), "", source(path, r), ""]
+    return "\n".join(out) or "*No confidence report yet: `python bench/real_confidence.py` writes one.*\n"
+
+
 TABLES = {
     "benchmark_pneumoniamnist": lambda: benchmark("pneumoniamnist"),
     "benchmark_breastmnist": lambda: benchmark("breastmnist"),
@@ -251,6 +271,8 @@ TABLES = {
     "subset_levers": levers,
     "quick_search": quick_search,
     "breast_bound": breast_bound,
+    "stage_cost": stage_cost,
+    "real_confidence": real_confidence,
 }
 
 

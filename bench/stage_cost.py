@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.config import DataConfig
-from engine.learn import registry
-from engine.learn.data import load_split
-from engine.study.evaluate import machine_info
-from engine.study.infer import Predictor
 
 
 def measure(dataset: str, names: list[str], n: int, data_dir: str = "", say=print) -> dict:
+    from engine.config import DataConfig
+    from engine.learn import registry
+    from engine.learn.data import load_split
+    from engine.study.infer import Predictor
+
     images = load_split(DataConfig(dataset, data_dir=data_dir), "test").images[:n]
     predictors = {name: Predictor(registry.load(dataset, name)) for name in names}
     rows = {name: {"feature_s": [], "latency_s": [], "encrypt_s": [], "server_s": [], "decrypt_s": []} for name in names}
@@ -62,7 +62,7 @@ def markdown(rows: dict) -> str:
              "decrypt (ms) | latency (ms) | x first | request / response bytes | evaluation keys |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| `{name}` | {r['stage'].split(':')[0]} | {r['inputs']} | {r['max_bit_width']}, {r['pbs_count']}, "
+        lines.append(f"| `{name}` | {r['stage'].rsplit(': ', 1)[0]} | {r['inputs']} | {r['max_bit_width']}, {r['pbs_count']}, "
                      f"{r['p_error']:g} | {1e3 * r['median_feature_s']:.1f} + {1e3 * r['median_encrypt_s']:.1f} | "
                      f"{1e3 * r['median_server_s']:.0f} | {1e3 * r['median_decrypt_s']:.1f} | {1e3 * r['median_latency_s']:.0f} | "
                      f"{r['latency_ratio']:.2f} | {r['ciphertext_bytes']:,} / {r['result_bytes']:,} | "
@@ -82,6 +82,8 @@ def main() -> int:
     print(f"{a.n} {a.dataset} test images per model, one per encrypted call, models taking turns; medians")
     print(markdown(rows))
     if a.json:
+        from engine.study.evaluate import machine_info
+
         Path(a.json).write_text(json.dumps({"dataset": a.dataset, "n": a.n, "date": time.strftime("%Y-%m-%d"),
                                             "machine": machine_info(), "models": rows}, indent=2))
     return 0
