@@ -146,3 +146,18 @@ def test_balanced_decision_moves_the_output_bias_to_the_best_offset():
     after = logits_of(model, x) @ np.array([-1.0, 1.0])
     assert np.allclose(after, margin + d, atol=1e-4) and abs(d + q) <= 0.1
     assert ((after > 0) == y).mean() > ((margin > 0) == y).mean()
+
+
+def test_a_batched_circuit_is_checked_before_it_is_used(scattering_saved, tmp_path):
+    """A circuit for several images per call enters the cache only if, in simulation, it gives the
+    model's answers (engine.fhe.circuit.batched_agreement); one that does not is refused."""
+    from engine.fhe.circuit import MIN_BATCHED_AGREEMENT, BatchedCircuitError, batched_agreement, compile_model
+
+    cc = dataclasses.replace(scattering_saved.config.compile, batch_size=4)
+    try:
+        compiled = compile_model(scattering_saved, cc, tmp_path)
+    except BatchedCircuitError as exc:
+        assert "images per call" in str(exc) and not list((tmp_path / "circuits").glob("[!.]*"))
+        return
+    x = scattering_saved.calibration_features(64)
+    assert batched_agreement(compiled, x) >= MIN_BATCHED_AGREEMENT

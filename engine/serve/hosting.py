@@ -36,7 +36,7 @@ import psutil
 
 from ..learn import registry
 from ..config import CompileConfig, ServiceConfig, cpu_cores, default_cache_dir, default_models_dir
-from ..fhe.circuit import CompiledModel, compile_model, is_cached
+from ..fhe.circuit import BatchedCircuitError, CompiledModel, compile_model, is_cached
 from ..fhe.runtime import FHEServer, WarmUp, warmup_material
 from ..fhe.threads import release_memory, set_run_threads
 from .keystore import KeyStore, StoreFull
@@ -349,7 +349,11 @@ class Service:
             c = self._host(saved, compiled or self._compiled(saved, saved.config.compile, say), say)
             if self.config.batch_size > 1:
                 cc = dataclasses.replace(saved.config.compile, batch_size=self.config.batch_size)
-                self._host(saved, self._compiled(saved, cc, say), say, pair=c)
+                try:
+                    self._host(saved, self._compiled(saved, cc, say), say, pair=c)
+                except (BatchedCircuitError, RuntimeError) as exc:  # refused by its check, here or in the child
+                    say(f"{saved.dataset}/{saved.name}: no circuit for {cc.batch_size} images per call ({exc}); "
+                        "its 1-image circuit is hosted")
             return c
 
     def _compiled(self, saved: registry.SavedModel, cc: CompileConfig, say) -> CompiledModel:
