@@ -26,14 +26,22 @@ def val_images(data_dir):
 
 
 def test_shipped_pixel_models_compute_what_they_did_and_keep_their_hash(val_images):
-    shipped = registry.list_models()
-    assert {m.dataset for m in shipped} >= {"pneumoniamnist", "breastmnist"}
+    shipped = [m for m in registry.list_models() if m.config.model.features == "pixels"]
+    names = {m.name for m in shipped}
+    assert {"fcnn-16-w2a2i3-pool3", "fcnn-16-w2a2i3-grid10-real", "fcnn-16-w2a3i3-pool3-prune16"} <= names
     for saved in shipped:
         m = saved.config.model
-        assert m.features == "pixels" and saved.feature_norm is None
+        assert saved.feature_norm is None
         assert np.array_equal(saved.features(val_images), to_features(val_images, m.input_pool, m.input_levels))
         weights = (saved.path / registry.WEIGHTS).read_bytes()
         assert registry.content_hash(weights, saved.config) == saved.hash
+
+
+def test_the_shipped_default_reads_wavelet_scattering(val_images):
+    saved = registry.load("pneumoniamnist")
+    assert saved.config.model.features == "scattering" and saved.feature_norm is not None
+    assert saved.features(val_images).shape == (64, saved.in_features)
+    assert saved.stage_description()["feature_norm"]["select"]  # only the features its neurons read
 
 
 def test_scattering_is_fixed_and_shaped_by_its_parameters(val_images):
