@@ -18,16 +18,13 @@ reporting only.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from engine.learn.augment import UPLOAD_FRAMINGS, reframe
-from engine.learn.images import decode
+from engine.learn.augment import UPLOAD_FRAMINGS
 from engine.learn.labelled import LabelledFile, parse_label_map, read_labelled, stratified_holdout
 
 CONFIDENT = 0.9  # engine.learn.guard.CONFIDENT: answers at this calibrated confidence are counted apart
@@ -35,16 +32,11 @@ CROPS = ("as given", "centre 85%", "centre 75%")  # the framing agreement: same 
 
 
 def framed(files: list[LabelledFile], share: float, stretch: float) -> list[LabelledFile]:
-    """``files`` reframed (PNG, lossless) as :func:`engine.learn.augment.reframe` does."""
-    out = []
-    for f in files:
-        if share == 1 and stretch == 1:
-            out.append(f)
-            continue
-        b = io.BytesIO()
-        Image.fromarray(reframe(decode(f.data, f.name), share, stretch)).save(b, "PNG")
-        out.append(LabelledFile(f.name, f.label, b.getvalue()))
-    return out
+    """``files`` reframed as :func:`engine.learn.augment.reframe` does (``bench/real_train.variant``);
+    as given, they are the files themselves."""
+    from bench.real_train import variant
+
+    return files if share == 1 and stretch == 1 else variant(files, share, stretch)
 
 
 def held_out(files: list[LabelledFile], saved) -> list[LabelledFile]:

@@ -50,17 +50,13 @@ KEYS = {"hidden": ("model", "hidden", lambda v: tuple(int(h) for h in v.split("/
 
 
 def variant(files: list[LabelledFile], share: float = 1.0, stretch: float = 1.0) -> list[LabelledFile]:
+    """``files`` reframed as :func:`engine.learn.augment.reframe` does (PNG, lossless)."""
+    from engine.learn.augment import reframe
+
     out = []
     for f in files:
-        im = Image.open(io.BytesIO(f.data))
-        w, h = im.size
-        if share < 1:
-            cw = int(round(share * w))
-            im = im.crop(((w - cw) // 2, 0, (w - cw) // 2 + cw, h))
-        if stretch != 1:
-            im = im.resize((int(round(im.size[0] * stretch)), im.size[1]), Image.Resampling.BICUBIC)
         b = io.BytesIO()
-        im.save(b, "PNG")
+        Image.fromarray(reframe(np.asarray(Image.open(io.BytesIO(f.data))), share, stretch)).save(b, "PNG")
         out.append(LabelledFile(f.name, f.label, b.getvalue()))
     return out
 

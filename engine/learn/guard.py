@@ -318,10 +318,7 @@ def fit_for(saved, data_cfg=None, images=None) -> Guard:
     train_images = train.images
     framed = {}
     if images is not None and len(images.holdout_index):
-        from .labelled import held_out_framings
-
-        framed = held_out_framings(images, val.info, cfg.size, val.info.n_channels, cfg.label_map,
-                                   Framing.load(saved.path))
+        framed = images.framed(val.info, cfg.size, val.info.n_channels, Framing.load(saved.path))
         held, own = images.holdout_index, images.train_index
         real = np.concatenate([images.clean[held], *images.copies[:2, held]])
         copies = np.concatenate([copies, real])

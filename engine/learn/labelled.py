@@ -143,8 +143,12 @@ class TrainingImages:
     label_map: str = ""  # how the class folders were read (to read the held-out files again)
     _framed: dict | None = None  # held_out_framings without a squeeze estimator, made once
 
-    def framed(self, info: DatasetInfo, size: int, channels: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """The held-out images in each upload framing (:func:`held_out_framings`), made once."""
+    def framed(self, info: DatasetInfo, size: int, channels: int,
+               framing=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The held-out images in each upload framing (:func:`held_out_framings`); without a squeeze
+        estimator (training, and every model that learned real uploads) made once and kept."""
+        if framing is not None:
+            return held_out_framings(self, info, size, channels, self.label_map, framing)
         if self._framed is None:
             self._framed = held_out_framings(self, info, size, channels, self.label_map)
         return self._framed

@@ -152,6 +152,26 @@ def balance_decision(model: QATFCNN, sets: list[tuple[np.ndarray, np.ndarray]]) 
     return float(best)
 
 
+def fit_norm(model_cfg, clean: list[np.ndarray]) -> FeatureNorm | None:
+    """The model's scaling of its features, fitted on the clean training images (None: pixels)."""
+    if not needs_norm(model_cfg):
+        return None
+    return FeatureNorm.fit(np.concatenate([stage_of(model_cfg)(c) for c in clean]))
+
+
+def held_out_sets(images, feat: Callable[[np.ndarray], np.ndarray], framed: bool, info,
+                  size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """[(features, labels)] of the labelled images' held-out part as uploaded and, with ``framed``,
+    in each framing an upload comes in (centre crops, natural aspect ratio, squeezed)."""
+    held = images.holdout_index if images is not None else np.arange(0)
+    if not len(held):
+        return []
+    sets = [(feat(images.clean[held]), images.labels[held])]
+    if framed:
+        sets += [(feat(x), y) for x, y in images.framed(info, size, info.n_channels).values()]
+    return sets
+
+
 def read_only_used(model: QATFCNN, norm: FeatureNorm) -> tuple[QATFCNN, FeatureNorm]:
     """The model without the inputs no neuron of its first layer reads (pruning left their weights
     all zero), and the scaling that selects only the features it reads: the same function, fewer
@@ -313,10 +333,7 @@ def _train_one(cfg: PipelineConfig, progress: ProgressFn | None = None,
     mc = cfg.model
     if len(train_split) + len(own) == 0:
         raise ValueError("nothing to train on: the labelled folder has no training image")
-    norm = None
-    if needs_norm(mc):  # the model's scaling of its features, fitted on the clean training images
-        clean = [train_split.images] + ([images.clean[own]] if len(own) else [])
-        norm = FeatureNorm.fit(np.concatenate([stage_of(mc)(c) for c in clean]))
+    norm = fit_norm(mc, [train_split.images] + ([images.clean[own]] if len(own) else []))
 
     def feat(im: np.ndarray) -> np.ndarray:
         return features(im, mc, norm)
@@ -326,9 +343,7 @@ def _train_one(cfg: PipelineConfig, progress: ProgressFn | None = None,
     y_train = torch.from_numpy(y_all)
     x_val = feat(val_split.images)
     y_val = torch.from_numpy(val_split.targets)
-    held_sets = [(feat(images.clean[held]), images.labels[held])] if len(held) else []
-    if len(held) and tc.select_framed:  # and in each framing an upload comes in (centre crops, aspect)
-        held_sets += [(feat(x), y) for x, y in images.framed(info, cfg.data.size, info.n_channels).values()]
+    held_sets = held_out_sets(images, feat, tc.select_framed, info, cfg.data.size)
     x_held = np.concatenate([x for x, _y in held_sets]) if held_sets else None
     y_held = np.concatenate([y for _x, y in held_sets]) if held_sets else None
 

@@ -86,8 +86,6 @@ class HostedCircuit:
     ciphertext_bytes: int  # one serialized input
     footprint: int  # memory of one registered, prepared key set (measured at start-up)
     server_zip_digest: str = ""
-    input_pool: float = 1
-    input_levels: int = 0  # the client's intensity levels per channel (engine.learn.data.intensity_levels)
     # the client's whole feature stage and the model's scaling of it (engine.learn.features.describe)
     feature_stage: dict = field(default_factory=dict)
     keys_from: str = ""  # a batched circuit: the 1-image circuit whose registered keys it runs with
@@ -111,8 +109,9 @@ class HostedCircuit:
                 "compile": r.compile, "input_shape": r.input_shape, "max_bit_width": r.max_bit_width,
                 "pbs_count": r.pbs_count, "evaluation_key_bytes": self.key_bytes,
                 "ciphertext_bytes": self.ciphertext_bytes, "key_set_memory_bytes": self.footprint,
-                "input_pool": self.input_pool, "input_levels": self.input_levels,
-                "feature_stage": self.feature_stage,
+                # a client from before feature_stage reads the pooling and the levels alone
+                "input_pool": self.feature_stage.get("input_pool", 1),
+                "input_levels": self.feature_stage.get("input_levels", 0), "feature_stage": self.feature_stage,
                 "batch_size": int(r.input_shape[0]), "keys_from": self.key_owner}
 
 
@@ -378,8 +377,7 @@ class Service:
             footprint = _key_set_footprint(compiled, server)
         c = HostedCircuit(cid, saved.dataset, saved.name, saved.hash, compiled, server, warm,
                           warm.key_bytes, len(warm.ciphertext), footprint, zip_digest,
-                          saved.config.model.input_pool, saved.config.model.input_levels,
-                          keys_from=pair.id if pair else "", feature_stage=saved.stage_description())
+                          feature_stage=saved.stage_description(), keys_from=pair.id if pair else "")
         if hasattr(self.runner, "add_circuit"):  # Dask: every worker, present and future, loads it
             self.runner.add_circuit(c)
         self.circuits[cid] = c
