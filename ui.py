@@ -53,28 +53,6 @@ def data_dir() -> Path:
     return default_data_dir()
 
 
-def train_and_save(cfg, name, on_epoch, on_images=None, on_prepared=None, quick_search=False):
-    """The Train page's work: a labelled folder (``cfg.data.images``) prepared, the model trained
-    (``quick_search``: the recipe's variants, the best on validation kept), saved, and its input
-    check and confidence fitted (with the held-out images); (result, saved)."""
-    from engine.learn import guard as guards
-    from engine.learn.quick_search import quick_search as search
-    from engine.learn.train import train
-
-    images = None
-    if cfg.data.images:
-        from engine.learn.labelled import training_images
-
-        images = training_images(cfg.data, dataset_info(cfg.data.dataset), cfg.train.image_copies, cfg.train.seed,
-                                 progress=on_images)
-        if on_prepared:
-            on_prepared(images)
-    result = (search if quick_search else train)(cfg, progress=on_epoch, images=images)
-    saved = registry.save(result, name)
-    guards.fit_for(saved, cfg.data, images=images)
-    return result, saved
-
-
 def store_upload(name: str, data: bytes) -> str:
     """An uploaded archive kept in the cache folder under its content hash (training reads it by
     path, and the prepared images are cached by content); its path."""

@@ -4,6 +4,7 @@ model trained, saved and compiled once per session (real Concrete ML, a 784-8-2 
 from __future__ import annotations
 
 import os
+import json
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,26 @@ def tiny_config(data_dir: Path, dataset: str = "pneumoniamnist", **train) -> Pip
         train=TrainConfig(**{"epochs": 2, "limit_train": 1024, **train}),
         compile=TINY_COMPILE,
     )
+
+
+def unusual_recipe(folder: Path, dataset: str = "pneumoniamnist") -> dict:
+    """A recipe file for ``dataset`` in ``folder`` (``ENGINE_RECIPES_DIR``) whose every field is off
+    its default, cheap to train (one hidden layer of 4, 1 epoch); its config as written."""
+    config = {
+        "model": {"hidden": [4], "weight_bits": 2, "act_bits": 2, "input_bits": 2, "max_active_inputs": 9,
+                  "input_pool": 4, "input_levels": 3, "features": "pixels", "scattering_j": 3, "scattering_l": 4,
+                  "feature_grid": 3},
+        "train": {"epochs": 1, "batch_size": 48, "lr": 0.004, "weight_decay": 0.0003, "seed": 5, "class_weighting": False,
+                  "limit_train": 0, "augment_shift": 1, "augment_rotate": 4.0, "augment_scale": 0.05,
+                  "augment_stretch": 0.07, "augment_upload": 0.2, "distill": 0.0, "distill_temperature": 2.5,
+                  "teacher_epochs": 3, "rounding_noise": 0.1, "image_copies": 2, "prune_after": 0.5, "prune_epochs": 2,
+                  "seeds": 1, "select_framed": True, "balance_decision": True},
+        "compile": {"rounding_threshold_bits": 5, "rounding_method": "exact", "p_error": 0.02, "inputset_size": 256,
+                    "batch_size": 1},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{dataset}.json").write_text(json.dumps({"dataset": dataset, "from": "a test", "config": config}))
+    return config
 
 
 @pytest.fixture(scope="session")

@@ -129,6 +129,32 @@ def test_train_page_trains_and_saves(app_env, monkeypatch):
     assert (app_env / "models" / "pneumoniamnist" / "from-ui" / "weights.pt").exists()
 
 
+def test_train_page_keeps_every_field_of_the_recipe(app_env, monkeypatch):
+    """The Train page's form starts from the recipe, and what it saves is the recipe with the form's
+    values over it: every field the form does not show survives (conftest.unusual_recipe)."""
+    from conftest import unusual_recipe
+
+    from engine.learn import registry
+
+    recipe = unusual_recipe(app_env / "recipes")
+    monkeypatch.setenv("ENGINE_RECIPES_DIR", str(app_env / "recipes"))
+    monkeypatch.setenv("ENGINE_MODELS_DIR", str(app_env / "models"))
+    at = AppTest.from_file(str(REPO / "views/1_Train.py"), default_timeout=TIMEOUT).run()
+    at.selectbox(key="train_dataset").set_value("pneumoniamnist").run()
+    ok(at)
+    shown = at.json[0].value
+    shown = json.loads(shown) if isinstance(shown, str) else shown
+    assert shown["model"] == recipe["model"] and shown["train"] == recipe["train"]
+    at.number_input(key="train_limit").set_value(256)
+    at.text_input(key="train_name").set_value("recipe-kept")
+    at.button[0].click().run()
+    ok(at)
+    saved = registry.load("pneumoniamnist", "recipe-kept", app_env / "models")
+    trained = json.loads(json.dumps(saved.config.to_dict()))
+    assert trained["model"] == recipe["model"] and trained["compile"] == recipe["compile"]
+    assert trained["train"] == {**recipe["train"], "limit_train": 256}
+
+
 def test_compile_page_reports_circuit_and_keys(app_env, predictor):
     at = ok(page("views/2_Compile.py"))
     at.button(key="compile_btn").click().run()

@@ -65,7 +65,7 @@ def test_train_compile_predict_evaluate(env, tmp_path):
 
 def test_train_defaults_come_from_the_search_or_a_generic_recipe(env):
     pneu = json.loads(run(env, "train", "--dataset", "pneumoniamnist", "--show-recipe").stdout)
-    chosen = json.loads((REPO / "bench" / "results" / "pneumoniamnist_search.json").read_text())["chosen"]["config"]
+    chosen = json.loads((REPO / "engine" / "learn" / "searched" / "pneumoniamnist.json").read_text())["config"]
     stage = {"input_levels": 0, "features": "pixels", "scattering_j": 2, "scattering_l": 8, "feature_grid": 2}
     assert pneu["model"] == {**stage, **chosen["model"]} and pneu["train"]["epochs"] == chosen["train"]["epochs"]
     assert pneu["compile"] == {"batch_size": 1, **chosen["compile"]} and pneu["train"]["distill"] == chosen["train"].get("distill", 0.0)
@@ -77,6 +77,25 @@ def test_train_defaults_come_from_the_search_or_a_generic_recipe(env):
     assert (rec["model"]["max_active_inputs"], rec["model"]["input_bits"]) == (16, 2) and rec["compile"]["p_error"] == 0.01
     assert rec["train"]["seeds"] == 3 and rec["train"]["prune_epochs"] == 10 and rec["model"]["input_levels"] == 7
     assert "why (the generic recipe)" in other.stderr and "  seeds: 3 runs" in other.stderr
+
+
+def test_every_field_of_a_recipe_survives_train_and_a_broken_one_is_an_error(env, tmp_path):
+    """A recipe whose fields are off their defaults (conftest.unusual_recipe): ``train`` starts from
+    all of them, the flags given replace only their own fields; a broken recipe file is a clear
+    error (exit 2), never a silent fallback to the generic recipe."""
+    from conftest import unusual_recipe
+
+    recipe = unusual_recipe(tmp_path / "recipes")
+    env = {**env, "ENGINE_RECIPES_DIR": str(tmp_path / "recipes")}
+    shown = json.loads(run(env, "train", "--dataset", "pneumoniamnist", "--show-recipe").stdout)
+    assert shown["model"] == recipe["model"] and shown["train"] == recipe["train"] and shown["compile"] == recipe["compile"]
+    shown = json.loads(run(env, "train", "--dataset", "pneumoniamnist", "--show-recipe", "--lr", "0.01",
+                           "--p-error", "0.05", "--hidden", "6", "6").stdout)
+    assert shown["train"] == {**recipe["train"], "lr": 0.01} and shown["model"] == {**recipe["model"], "hidden": [6, 6]}
+    assert shown["compile"] == {**recipe["compile"], "p_error": 0.05}
+    (tmp_path / "recipes" / "pneumoniamnist.json").write_text('{"config": {"model": {"hiden": [4]}}}')
+    broken = run(env, "train", "--dataset", "pneumoniamnist", "--show-recipe", ok=False)
+    assert broken.returncode == 2 and "pneumoniamnist.json is broken" in broken.stderr, broken.stderr[-500:]
 
 
 def test_predict_image_warns_about_foreign_inputs(env, tmp_path, data_dir):

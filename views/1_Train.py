@@ -1,14 +1,17 @@
 """Train a QAT FCNN on a MedMNIST subset, your own labelled images, or both, with live progress, and manage saved models."""
 
+from dataclasses import replace as _replace
+
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
 import ui
 from engine.learn import registry
-from engine.config import ModelConfig, PipelineConfig
+from engine.config import ModelConfig
+from engine.learn import pipeline
 from engine.learn.data import DataError, locate
-from engine.learn.recipes import recipe
+from engine.learn.recipes import RecipeError, recipe
 
 st.set_page_config(page_title="Train", page_icon=ui.FAVICON, layout="wide")
 st.title("Train a quantization-aware model")
@@ -21,16 +24,20 @@ present = ui.present_datasets(ui.data_dir())
 choices = present + [d for d in ui.available_datasets() if d not in present]
 dataset = st.selectbox("MedMNIST subset", choices, key="train_dataset",
                        format_func=lambda d: d + ("" if d in present else " (download)"))
-rec, source = recipe(dataset)
+try:
+    rec, source = recipe(dataset)
+except RecipeError as exc:
+    st.error(str(exc), icon=":material/error:")
+    st.stop()
 if st.session_state.get("train_recipe_for") != dataset:  # a new dataset: start from its recipe
     m, t = rec["model"], rec["train"]
     st.session_state.update({
         "train_recipe_for": dataset, "train_hidden": ",".join(map(str, m.hidden)), "train_epochs": t.epochs,
         "train_wbits": m.weight_bits, "train_abits": m.act_bits, "train_ibits": m.input_bits,
         "train_prune": m.max_active_inputs, "train_pool": m.input_pool, "train_augment": t.augment_shift,
-        "train_rotate": int(t.augment_rotate), "train_zoom": t.augment_scale, "train_levels": m.input_levels,
+        "train_rotate": float(t.augment_rotate), "train_zoom": t.augment_scale, "train_levels": m.input_levels,
         "train_seeds": t.seeds,
-        "train_lr": min([3e-4, 1e-3, 2e-3, 3e-3, 1e-2], key=lambda v: abs(v - t.lr)),
+        "train_lr": t.lr,
     })
 SOURCES = ("MedMNIST subset", "MedMNIST + my labelled images (.zip)", "only my labelled images (.zip)")
 data_source = st.radio("Training data", SOURCES, key="train_source", horizontal=True,
@@ -55,13 +62,15 @@ with st.form("train_form"):
     ibits = c2.slider("Input bits", 2, 8, key="train_ibits")
     prune = c2.number_input("Max active inputs per neuron (0 = no pruning)", 0, 4096, key="train_prune")
     limit = c2.number_input("Use only the first N training images (0 = all)", 0, 1_000_000, 0, key="train_limit")
-    pool = c1.selectbox("Client-side input pooling", [1, 2, 3, 4], key="train_pool",
+    pool = c1.selectbox("Client-side input pooling", sorted({1, 2, 3, 4, rec["model"].input_pool}), key="train_pool",
                         help="Average-pool the image before encryption: 2 -> 14x14 inputs, 3 -> 9x9 (fewer "
                              "ciphertexts: each costs about 0.15 ms to encrypt and as much again on the server)")
     augment = c1.number_input("Random shift augmentation (pixels)", 0, 4, key="train_augment")
-    rotate = c1.number_input("Random rotation augmentation (degrees)", 0, 30, key="train_rotate")
-    zoom = c1.select_slider("Random zoom augmentation (±)", [0.0, 0.05, 0.1, 0.15, 0.2], key="train_zoom")
-    lr = c2.select_slider("Learning rate", [3e-4, 1e-3, 2e-3, 3e-3, 1e-2], key="train_lr")
+    rotate = c1.number_input("Random rotation augmentation (degrees)", 0.0, 30.0, key="train_rotate")
+    # the recipe's own values are among the choices: what the form shows is what it trains with
+    zoom = c1.select_slider("Random zoom augmentation (±)", sorted({0.0, 0.05, 0.1, 0.15, 0.2, rec["train"].augment_scale}),
+                            key="train_zoom")
+    lr = c2.select_slider("Learning rate", sorted({3e-4, 1e-3, 2e-3, 3e-3, 1e-2, rec["train"].lr}), key="train_lr")
     levels = c1.number_input("Intensity levels per channel (0 = off)", 0, 32, key="train_levels",
                              help="Also send each channel's share of pixels brighter than N fixed levels, computed on "
                                   "the client like the pooling: a summary of the whole image in N inputs per channel")
@@ -78,24 +87,29 @@ with st.form("train_form"):
 if submitted and data_source != SOURCES[0] and own_zip is None:
     st.error("Upload a .zip of labelled images first (or choose “MedMNIST subset”).", icon=":material/error:")
     submitted = False
+
+
+def form_config(images_path: str = ""):
+    """The form's values over the dataset's recipe (every setting the form does not show kept):
+    what Train trains."""
+    data = ui.data_config(dataset, allow_download=True)
+    data = _replace(data, images=images_path, label_map=label_map, images_only=data_source == SOURCES[2])
+    return pipeline.configure(
+        data, model=dict(hidden=ModelConfig.parse_hidden(hidden_text), weight_bits=wbits, act_bits=abits,
+                         input_bits=ibits, max_active_inputs=int(prune), input_pool=pool, input_levels=int(levels)),
+        train=dict(epochs=int(epochs), lr=float(lr), limit_train=int(limit), augment_shift=int(augment),
+                   augment_rotate=float(rotate), augment_scale=float(zoom), seeds=int(seeds)))[0]
+
+
+with st.expander("Every setting this trains with (the recipe with the values above)", icon=":material/tune:"):
+    try:
+        st.json(form_config("your labelled images" if own_zip is not None else "").to_dict(), expanded=True)
+    except ValueError as exc:
+        st.caption(str(exc))
 if submitted:
     try:
-        hidden = ModelConfig.parse_hidden(hidden_text)
-        images_path = ui.store_upload(own_zip.name, own_zip.getvalue()) if own_zip is not None else ""
-        from dataclasses import replace as _replace
-
-        cfg = PipelineConfig(
-            data=_replace(ui.data_config(dataset, allow_download=True), images=images_path, label_map=label_map,
-                          images_only=data_source == SOURCES[2]),
-            # the recipe's other settings (pruning schedule, stretch, ...) carry over
-            model=_replace(rec["model"], hidden=hidden, weight_bits=wbits, act_bits=abits, input_bits=ibits,
-                           max_active_inputs=int(prune), input_pool=int(pool), input_levels=int(levels)),
-            train=_replace(rec["train"], epochs=int(epochs), lr=float(lr), limit_train=int(limit),
-                           augment_shift=int(augment), augment_rotate=float(rotate), augment_scale=float(zoom),
-                           seeds=int(seeds)),
-            compile=rec["compile"],
-        )
-        locate(cfg.data)
+        cfg = form_config(ui.store_upload(own_zip.name, own_zip.getvalue()) if own_zip is not None else "")
+        locate(cfg.data)  # a missing file fails here, before the progress bar
         bar = st.progress(0.0, text="training…")
         chart = st.empty()
         history = []
@@ -125,7 +139,9 @@ if submitted:
                 st.caption(f"{len(images.names)} labelled images ({len(images.unreadable)} unreadable): "
                            f"{len(images.train_index)} to train on, {len(images.holdout_index)} held out for validation.")
 
-            result, saved = ui.train_and_save(cfg, name.strip() or None, on_epoch, on_images, on_prepared, quick)
+            trained = pipeline.run(cfg, name.strip() or None, quick_search=quick,
+                                   hooks=pipeline.Hooks(on_epoch, on_images, on_prepared))
+            result, saved = trained.result, trained.saved
         st.session_state["model"] = (saved.dataset, saved.name)
         held = (f", your held-out images {100 * result.metrics['holdout']['accuracy']:.1f}%"
                 if "holdout" in result.metrics else "")

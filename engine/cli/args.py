@@ -67,12 +67,10 @@ def data_cfg(a) -> DataConfig:
 
 
 def compile_cfg(a, base: CompileConfig) -> CompileConfig:
-    return CompileConfig(
-        rounding_threshold_bits=a.rounding_bits if a.rounding_bits is not None else base.rounding_threshold_bits,
-        rounding_method=a.rounding_method or base.rounding_method,
-        p_error=a.p_error if a.p_error is not None else base.p_error,
-        inputset_size=base.inputset_size,
-    )
+    """``base`` with the compile flags given over it (every other field kept)."""
+    from ..learn.recipes import apply
+
+    return apply(base, rounding_threshold_bits=a.rounding_bits, rounding_method=a.rounding_method, p_error=a.p_error)
 
 
 def progress_bar(desc: str):

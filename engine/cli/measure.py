@@ -122,6 +122,9 @@ def add_search(sub) -> None:
     p.add_argument("--merge", action="store_true",
                    help="keep the points of the earlier search in the results folder (the choice is made over all)")
     p.add_argument("--out", default=None, help="results folder (default: bench/results)")
+    p.add_argument("--adopt", action="store_true",
+                   help="ship the chosen point as the dataset's recipe (engine/learn/searched/<dataset>.json), "
+                        "which `train` then starts from")
 
 
 def cmd_search(a) -> int:
@@ -188,6 +191,10 @@ def cmd_search(a) -> int:
           f"--distill {best['config']['train'].get('distill', 0):g} "
           f"--rounding-bits {c['rounding_threshold_bits']} --p-error {c['p_error']} --seed {a.seed}")
     print(f"wrote {out / (data.dataset + '_search.json')} and the Pareto plot ({data.dataset}_pareto.html/.png)")
+    if a.adopt:
+        from ..learn.recipes import adopt
+
+        print(f"adopted as {data.dataset}'s recipe: {adopt({'dataset': data.dataset, 'chosen': best})}")
     return 0
 
 

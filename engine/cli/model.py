@@ -6,8 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import ModelConfig, PipelineConfig, TrainConfig
-from .args import (UserError, compile_args, compile_cfg, data_args, data_cfg, model_args, modes_arg, predictor, progress_bar, say, server_arg)
+from .args import (UserError, compile_args, data_args, data_cfg, model_args, modes_arg, predictor, progress_bar, say, server_arg)
 
 
 def stability_args(p) -> None:
@@ -77,7 +76,7 @@ def add_train(sub) -> None:
                         "best on the validation sets (MedMNIST's and the held-out images in each framing)")
     g.add_argument("--image-copies", type=int, default=None,
                    help="random real-upload versions made of each image (default 8; each epoch trains on one)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="the first run's seed (default: the recipe's)")
     p.add_argument("--limit-train", type=int, default=0, help="use only the first N training images")
     p.add_argument("--show-recipe", action="store_true", help="print the settings that would be used, and why, and exit")
     p.add_argument("--quick-search", action="store_true",
@@ -93,111 +92,88 @@ def add_train(sub) -> None:
                    help="skip compiling, the stability check and the latency measurement after training")
 
 
-def cmd_train(a) -> int:
-    from tqdm import tqdm
-
-    from ..learn import registry
-    from ..learn.train import train
-
-    from ..learn.data import dataset_info
-
-    from ..learn.recipes import GENERIC, apply, recipe
-
-    dataset_info(a.dataset)
-    base, source = recipe(a.dataset) if a.recipe == "auto" else (dict(GENERIC), "the generic recipe (--recipe generic)")
-    bm, bt = base["model"], base["train"]
-
-    if a.images_only and not a.images:
-        raise UserError("--images-only needs --images DIR|ZIP")
-    if not 0 <= a.holdout < 1:
-        raise UserError("--holdout must be in [0, 1)")
-    if a.images and not Path(a.images).exists():
-        raise UserError(f"{a.images} does not exist: give a folder or a .zip with one subfolder per class")
+def _train_config(a):
+    """(config, recipe, where it comes from) of ``train``'s flags: the recipe with the flags given over it."""
     from dataclasses import replace
 
-    data = replace(data_cfg(a), images=str(Path(a.images).resolve()) if a.images else "", images_only=a.images_only,
-                   label_map=a.label_map or "", holdout=a.holdout)
-    try:  # the recipe with the flags given over it: every other field of the recipe is kept
-        model = apply(bm, hidden=tuple(a.hidden) if a.hidden is not None else None, weight_bits=a.weight_bits,
-                      act_bits=a.act_bits, input_bits=a.input_bits, max_active_inputs=a.max_active_inputs,
-                      input_pool=a.input_pool, input_levels=a.input_levels, features=a.features,
-                      scattering_j=a.scattering_j, scattering_l=a.scattering_l, feature_grid=a.feature_grid)
-        train_cfg = apply(bt, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                          class_weighting=not a.no_class_weighting, limit_train=a.limit_train,
-                          augment_shift=a.augment, augment_rotate=a.rotate, augment_scale=a.scale,
-                          augment_stretch=a.stretch, augment_upload=a.upload_augment, distill=a.distill,
-                          teacher_epochs=a.teacher_epochs, rounding_noise=a.rounding_noise,
-                          image_copies=a.image_copies, prune_after=a.prune_after, prune_epochs=a.prune_epochs,
-                          seeds=a.seeds, select_framed=a.select_framed, balance_decision=a.balance_decision)
+    from ..learn.data import dataset_info
+    from ..learn.pipeline import configure
+
+    dataset_info(a.dataset)
+    try:
+        data = replace(data_cfg(a), images=str(Path(a.images).resolve()) if a.images else "",
+                       images_only=a.images_only, label_map=a.label_map or "", holdout=a.holdout)
+        return configure(
+            data, a.recipe,
+            model=dict(hidden=tuple(a.hidden) if a.hidden is not None else None, weight_bits=a.weight_bits,
+                       act_bits=a.act_bits, input_bits=a.input_bits, max_active_inputs=a.max_active_inputs,
+                       input_pool=a.input_pool, input_levels=a.input_levels, features=a.features,
+                       scattering_j=a.scattering_j, scattering_l=a.scattering_l, feature_grid=a.feature_grid),
+            train=dict(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                       class_weighting=False if a.no_class_weighting else None, limit_train=a.limit_train or None,
+                       augment_shift=a.augment, augment_rotate=a.rotate, augment_scale=a.scale,
+                       augment_stretch=a.stretch, augment_upload=a.upload_augment, distill=a.distill,
+                       teacher_epochs=a.teacher_epochs, rounding_noise=a.rounding_noise, image_copies=a.image_copies,
+                       prune_after=a.prune_after, prune_epochs=a.prune_epochs, seeds=a.seeds,
+                       select_framed=a.select_framed, balance_decision=a.balance_decision),
+            compile=dict(rounding_threshold_bits=a.rounding_bits, rounding_method=a.rounding_method, p_error=a.p_error))
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    cfg = PipelineConfig(data=data, model=model, train=train_cfg, compile=compile_cfg(a, base["compile"]))
-    a.epochs = cfg.train.epochs
-    say(f"recipe: {source}; overridden by the flags given")
-    if a.show_recipe:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        from ..learn.features import summary
-        from ..learn.recipes import STAGE_WHY
 
-        say(f"feature stage: {summary(cfg.model)} ({STAGE_WHY.get(cfg.model.features, '')})")
-        if base["model"] == GENERIC["model"] and base["train"] == GENERIC["train"]:
-            from ..learn.recipes import EXPLAIN
 
-            say("why (the generic recipe):")  # stderr: stdout stays the JSON
-            for key, why in EXPLAIN.items():
-                say(f"  {key}: {why}")
-        if a.quick_search:
-            from ..learn.quick_search import candidates
+def _show_recipe(cfg, base, a) -> int:
+    from ..learn.features import summary
+    from ..learn.recipes import EXPLAIN, GENERIC, STAGE_WHY
 
-            say("--quick-search trains: " + "; ".join(name for name, _ in candidates(cfg)))
-        return 0
-    if a.epochs < 1:
-        raise UserError("--epochs must be at least 1")
-    if cfg.train.seeds > 1:
-        say(f"{cfg.train.seeds} runs (seeds {cfg.train.seed}-{cfg.train.seed + cfg.train.seeds - 1}): "
-            "the best on validation is kept")
-    from ..learn.data import locate
+    print(json.dumps(cfg.to_dict(), indent=2))
+    say(f"feature stage: {summary(cfg.model)} ({STAGE_WHY.get(cfg.model.features, '')})")
+    if base["model"] == GENERIC["model"] and base["train"] == GENERIC["train"]:
+        say("why (the generic recipe):")  # stderr: stdout stays the JSON
+        for key, why in EXPLAIN.items():
+            say(f"  {key}: {why}")
+    if a.quick_search:
+        from ..learn.quick_search import candidates
 
-    locate(cfg.data)  # a missing file fails here, before the progress bar starts
-    from ..learn.quick_search import candidates, quick_search
+        say("--quick-search trains: " + "; ".join(name for name, _ in candidates(cfg)))
+    return 0
 
-    n_candidates = len(candidates(cfg)) if a.quick_search else 1
-    bar = tqdm(total=a.epochs * cfg.train.seeds * n_candidates, desc="training", unit="epoch", file=sys.stderr, disable=None)
+
+def _train_hooks(cfg, a):
+    """(hooks, close): tqdm bars on stderr for the images' preparation and the epochs."""
+    from tqdm import tqdm
+
+    from ..learn.pipeline import Hooks, epochs_total
+
+    bar = tqdm(total=epochs_total(cfg, a.quick_search), desc="training", unit="epoch", file=sys.stderr, disable=None)
+    ibar = tqdm(total=0, desc="preparing images", unit="img", file=sys.stderr, disable=None) if cfg.data.images else None
 
     def on_epoch(r):
         bar.update(1)
         bar.set_postfix(loss=f"{r.train_loss:.3f}", val_acc=f"{r.val_accuracy:.3f}")
 
-    images = None
-    if cfg.data.images:
-        from ..learn.labelled import LabelError, training_images
+    def on_image(done, total):
+        ibar.total, ibar.n = total, done
+        ibar.refresh()
 
-        ibar = tqdm(total=0, desc="preparing images", unit="img", file=sys.stderr, disable=None)
-
-        def on_image(done, total):
-            ibar.total, ibar.n = total, done
-            ibar.refresh()
-
-        try:
-            images = training_images(cfg.data, dataset_info(a.dataset), cfg.train.image_copies, cfg.train.seed,
-                                     progress=on_image)
-        except LabelError as exc:
-            raise UserError(str(exc)) from None
-        finally:
-            ibar.close()
-        held = len(images.holdout_index)
-        say(f"{len(images.names)} labelled images ({len(images.unreadable)} unreadable): {len(images.train_index)} train, "
-            f"{held} held out for validation")
+    def on_prepared(images):
+        ibar.close()
+        say(f"{len(images.names)} labelled images ({len(images.unreadable)} unreadable): {len(images.train_index)} "
+            f"train, {len(images.holdout_index)} held out for validation")
         for name, reason in images.unreadable[:10]:
             say(f"unreadable: {name}: {reason}")
-    result = (quick_search if a.quick_search else train)(cfg, progress=on_epoch, images=images,
-                                                                  say=lambda m: bar.write(m, file=sys.stderr))
-    bar.close()
-    saved = registry.save(result, a.name, a.models_dir, overwrite=a.overwrite)
-    from ..learn import guard as guards
 
-    g = guards.fit_for(saved, cfg.data, images=images)
-    m = result.metrics
+    def close():
+        bar.close()
+        if ibar is not None:
+            ibar.close()
+
+    return Hooks(on_epoch, on_image, on_prepared, lambda m: bar.write(m, file=sys.stderr)), close
+
+
+def _print_trained(t, models_dir) -> None:
+    from ..learn import framing
+
+    saved, m, g = t.saved, t.result.metrics, t.guard
     print(f"saved {saved.dataset}/{saved.name} (best epoch {m['best_epoch']}) to {saved.path}")
     print(f"learned from: {saved.sources_text()}")
     held = f"  held-out images accuracy {m['holdout']['accuracy']:.4f}" if "holdout" in m else ""
@@ -212,10 +188,8 @@ def cmd_train(a) -> int:
     print(f"val accuracy {m['val']['accuracy']:.4f}{held}  test accuracy {m['test']['accuracy']:.4f}  "
           f"test AUC {m['test']['auc'] or float('nan'):.4f}")
     print(f"input check fitted: {100 * g.val_pass_rate:.1f}% of validation images pass; confidence temperature {g.temperature:.3f}")
-    from ..learn import framing
-
-    source = None if images is not None else framing.inherit(saved, a.models_dir)
-    if images is not None:
+    source = None if t.images is not None else framing.inherit(saved, models_dir)
+    if t.images is not None:
         print("uploads go to this model as the upload path makes them: it learned from real uploads, so neither the "
               "squeeze estimator nor the softening applies")
     elif source is not None:
@@ -223,10 +197,36 @@ def cmd_train(a) -> int:
     elif saved.dataset in framing.SQUEEZED_DATASETS:
         print(f"uploads squeezed sideways are not reframed yet: `python -m engine framing --dataset {saved.dataset} "
               f"--model {saved.name}` fits the estimator (about 4 min)")
+
+
+def cmd_train(a) -> int:
+    from ..learn.labelled import LabelError
+    from ..learn.pipeline import run
+    from ..learn.recipes import RecipeError
+
+    try:
+        cfg, base, source = _train_config(a)
+    except RecipeError as exc:
+        raise UserError(str(exc)) from None
+    say(f"recipe: {source}; overridden by the flags given")
+    if a.show_recipe:
+        return _show_recipe(cfg, base, a)
+    if cfg.train.seeds > 1:
+        say(f"{cfg.train.seeds} runs (seeds {cfg.train.seed}-{cfg.train.seed + cfg.train.seeds - 1}): "
+            "the best on validation is kept")
+    hooks, close = _train_hooks(cfg, a)
+    try:
+        trained = run(cfg, a.name, a.models_dir, overwrite=a.overwrite, quick_search=a.quick_search, hooks=hooks)
+    except (LabelError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        close()
+    _print_trained(trained, a.models_dir)
     if not a.no_circuit_check:
         from ..fhe.circuit import compile_model
         from ..study.evaluate import circuit_line
 
+        saved = trained.saved
         say("compiling the circuit, checking its stability and timing it encrypted")
         compiled = compile_model(saved, saved.config.compile, None, say)
         print(circuit_line(compiled.report.to_dict()))

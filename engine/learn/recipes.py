@@ -3,8 +3,8 @@ a generic recipe otherwise.
 
 The search (``python -m engine search``) chose, on validation only, the recipes the shipped
 models use: client-side pooling, 2-3 bit weights and activations, augmentation, rounding to 6
-bits (stable: repeated simulations agree). Its choice is read from
-``bench/results/<dataset>_search.json``; a dataset never searched gets :data:`GENERIC`, the
+bits (stable: repeated simulations agree). Its choice is shipped
+as ``engine/learn/searched/<dataset>.json`` (``search --adopt`` writes it); a dataset never searched gets :data:`GENERIC`, the
 same kind of recipe with what the second round measured on both searched datasets: each hidden
 neuron pruned (gradually) to its strongest inputs so accumulators stay at 6 bits for any image size or
 channel count (Concrete picks one parameter set for the whole circuit from its widest integer:
@@ -20,11 +20,12 @@ stability and adopt the nearest stable setting by themselves when that one is no
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from ..config import REPO_ROOT, CompileConfig, ModelConfig, TrainConfig
+from ..config import CompileConfig, ModelConfig, TrainConfig
 
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
+SEARCHED_DIR = Path(__file__).resolve().parent / "searched"  # package data: one file per searched dataset
 
 GENERIC = {
     # Issue 31 (bench/subset_levers.py, validation only, 3 seeds each): pruning gradually over 10
@@ -90,14 +91,41 @@ def apply(part, **overrides):
     return dataclasses.replace(part, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def recipe(dataset: str, results_dir: Path = RESULTS_DIR) -> tuple[dict, str]:
-    """({"model", "train", "compile"} configs, where they come from) for ``dataset``."""
-    path = Path(results_dir) / f"{dataset.lower()}_search.json"
+class RecipeError(ValueError):
+    """A shipped recipe file that cannot be read as a recipe (named, with what is wrong)."""
+
+
+def recipes_dir() -> Path:
+    """Where the searched recipes are: ``$ENGINE_RECIPES_DIR``, else this package's ``searched/``."""
+    return Path(os.environ.get("ENGINE_RECIPES_DIR") or SEARCHED_DIR)
+
+
+def recipe(dataset: str, folder: Path | None = None) -> tuple[dict, str]:
+    """({"model", "train", "compile"} configs, where they come from) for ``dataset``: the search's
+    choice shipped as ``searched/<dataset>.json`` (:func:`adopt` writes it), else :data:`GENERIC`.
+    A file that is there but broken is a :class:`RecipeError`, never a silent fallback."""
+    path = Path(folder or recipes_dir()) / f"{dataset.lower()}.json"
+    if not path.exists():
+        return dict(GENERIC), "the generic recipe (no search for this dataset)"
     try:
-        chosen = json.loads(path.read_text())["chosen"]["config"]
+        chosen = json.loads(path.read_text(encoding="utf-8"))["config"]
         m, t, c = chosen["model"], chosen["train"], chosen["compile"]
         return ({"model": ModelConfig(**{**m, "hidden": tuple(m["hidden"])}),
                  "train": TrainConfig(**{**t, "limit_train": 0}),
                  "compile": CompileConfig(**c)}, f"the search's choice for {dataset} ({path.name})")
-    except (OSError, ValueError, KeyError, TypeError):
-        return dict(GENERIC), "the generic recipe (no search for this dataset)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RecipeError(f"the recipe {path} is broken ({type(exc).__name__}: {exc}); mend it or delete it to train "
+                          "with the generic recipe") from None
+
+
+def adopt(search: dict, folder: Path | None = None) -> Path:
+    """Ship a search's chosen point (``python -m engine search --adopt``) as its dataset's recipe."""
+    dataset = search["dataset"]
+    c = search["chosen"]["config"]
+    path = Path(folder or recipes_dir()) / f"{dataset.lower()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"dataset": dataset, "from": "python -m engine search: the point chosen on validation",
+            "config": {"model": c["model"], "train": {**c["train"], "limit_train": 0}, "compile": c["compile"]}}
+    path.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+    recipe(dataset, path.parent)  # it reads back
+    return path
