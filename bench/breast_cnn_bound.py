@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from engine.config import shared_medmnist_dir
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 # name: (channels of the convolution, its kernel, its stride); a linear layer follows, each output
 # pruned to its LINEAR_INPUTS strongest inputs. 2-bit inputs and weights, 3-bit activations: a 3x3
@@ -47,7 +46,6 @@ def pooled(images: np.ndarray) -> np.ndarray:
 
 
 def build(arch: tuple, input_bits: int = 2, weight_bits: int = 2, act_bits: int = 3):
-    import torch
     from brevitas import nn as qnn
     from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerTensorFloat
     from torch import nn
@@ -199,7 +197,6 @@ def teacher_row(data: dict) -> dict | None:
 
 
 def main() -> int:
-    import os
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(ARCHS))
@@ -208,7 +205,7 @@ def main() -> int:
     ap.add_argument("--fhe-images", type=int, default=3)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    folder = Path(os.environ.get("MEDMNIST_DIR") or REPO.parent / "shared" / "data" / "medmnist")
+    folder = shared_medmnist_dir()
     with np.load(folder / "breastmnist.npz") as z:
         data = {k: z[k] for k in z.files}
     rows = [r for r in [teacher_row(data)] if r]

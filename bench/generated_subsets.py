@@ -16,11 +16,11 @@ on those subsets.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
+from engine.config import shared_medmnist_dir
 
 SPLITS = ("train", "val", "test")
 TINTS = np.array([[1.0, 0.55, 0.6], [0.5, 0.75, 1.0]])  # reddish, bluish
@@ -73,6 +73,6 @@ def make(out: Path, source: Path, seed: int = 0) -> list[Path]:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(__doc__)
-    src = Path(os.environ.get("MEDMNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"))
+    src = shared_medmnist_dir()
     for p in make(Path(sys.argv[1]), src):
         print(p)

@@ -26,7 +26,6 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from engine.learn import guard as guards  # noqa: E402
 from engine.learn.data import DataConfig, load_split  # noqa: E402

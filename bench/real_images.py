@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from bench.real_train import SHARES, variant  # noqa: E402
 from engine.learn import guard as guards  # noqa: E402

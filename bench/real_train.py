@@ -29,7 +29,6 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from engine.config import DataConfig, PipelineConfig  # noqa: E402
 from engine.learn import metrics  # noqa: E402

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 RESULTS = REPO / "bench" / "results"
 OUT = REPO / "docs" / "generated"

@@ -32,21 +32,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 import httpx  # noqa: E402
 
 from engine.serve.loadtest import run_loadtest  # noqa: E402
 from engine.study.evaluate import machine_info  # noqa: E402
-from tenants_report import GIB, Server, free_port  # noqa: E402
+from tenants_report import Server, free_port  # noqa: E402
 
 OUT = REPO / "bench" / "results"
 MODEL = "fcnn-16-w2a2i3-scatter3-real"  # the shipped default (its clients compute the scattering stage)

@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from engine.study.evaluate import machine_info  # noqa: E402
 from engine.serve.loadtest import markdown  # noqa: E402

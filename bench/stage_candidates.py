@@ -86,15 +86,14 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
-    from engine.learn import registry
-    from engine.learn.train import train
+    from engine.learn import pipeline, registry
 
     if not a.score_only:
         for item in a.candidates:
             name, _, spec = item.partition("=")
             t0 = time.perf_counter()
-            result = train(config(spec, str(Path(a.images).resolve()), a.label_map), say=print)
-            registry.save(result, name, Path(a.models_dir), overwrite=True)
+            pipeline.run(config(spec, str(Path(a.images).resolve()), a.label_map), name, Path(a.models_dir),
+                         overwrite=True, hooks=pipeline.Hooks(say=print))
             print(f"{name}: trained in {time.perf_counter() - t0:.0f} s")
     rows = []
     for saved in sorted(registry.list_models("pneumoniamnist", Path(a.models_dir)), key=lambda s: s.name):

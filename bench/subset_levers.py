@@ -19,15 +19,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
+from engine.config import shared_medmnist_dir
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 VARIANTS = {
     "default": {},  # pruned to 8 inputs per neuron after one dense epoch
@@ -135,7 +132,7 @@ def main() -> int:
                          "(its rows are named search:VARIANT)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    real = os.environ.get("MEDMNIST_DIR") or str(REPO.parent / "shared" / "data" / "medmnist")
+    real = str(shared_medmnist_dir())
     gen = Path(tempfile.mkdtemp(prefix="generated-"))
     from generated_subsets import make
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -37,15 +35,10 @@ import numpy as np  # noqa: E402
 from engine.serve.client import EncryptedClient, HTTPTransport  # noqa: E402
 from engine.serve.loadtest import markdown, run_loadtest  # noqa: E402
 from engine.study.evaluate import machine_info  # noqa: E402
+from engine.serve.ports import free_port  # noqa: E402
 
 GIB = 2**30
 OUT = REPO / "bench" / "results"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

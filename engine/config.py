@@ -22,6 +22,14 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("MEDMNIST_DIR") or Path.home() / ".medmnist")
 
 
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # the team's data beside a clone (tests and benches read it)
+
+
+def shared_medmnist_dir() -> Path:
+    """The MedMNIST files tests and benches read: ``$MEDMNIST_DIR``, else ``../shared/data/medmnist``."""
+    return Path(os.environ.get("MEDMNIST_DIR") or SHARED_DATA / "medmnist")
+
+
 def default_models_dir() -> Path:
     """Model registry root: ``$ENGINE_MODELS_DIR``, else ``models/`` in the repository."""
     return Path(os.environ.get("ENGINE_MODELS_DIR") or REPO_ROOT / "models")

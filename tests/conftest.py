@@ -3,7 +3,6 @@ model trained, saved and compiled once per session (real Concrete ML, a 784-8-2 
 
 from __future__ import annotations
 
-import os
 import json
 from pathlib import Path
 
@@ -11,13 +10,13 @@ import numpy as np
 import pytest
 from medmnist import INFO
 
-from engine.config import CompileConfig, DataConfig, ModelConfig, PipelineConfig, TrainConfig
+from engine.config import CompileConfig, DataConfig, ModelConfig, PipelineConfig, TrainConfig, shared_medmnist_dir
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def real_data_dir() -> Path:
-    for cand in (os.environ.get("MEDMNIST_DIR"), REPO.parent / "shared" / "data" / "medmnist"):
+    for cand in (shared_medmnist_dir(),):
         if cand and (Path(cand) / "pneumoniamnist.npz").exists():
             return Path(cand)
     pytest.fail("PneumoniaMNIST not found: set MEDMNIST_DIR to the folder holding pneumoniamnist.npz", pytrace=False)

@@ -3,7 +3,6 @@ Playwright (Debian's chromium; Playwright's own browser download is not used).""
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
+from engine.serve.ports import free_port
 
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -29,12 +29,6 @@ def chromium_path() -> str:
             return cand
     pytest.fail("Chromium not found: install it (apt-get install chromium) or set CHROMIUM=/path/to/chromium",
                 pytrace=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, log, what: str) -> None:

@@ -263,7 +263,6 @@ def test_search_scores_points_and_chooses_a_stable_one(env, tmp_path):
 
 def test_serve_then_predict_and_loadtest_over_http(env, tmp_path):
     """`engine serve` in its own process; `predict --server` and `loadtest` as its clients."""
-    import socket
     import time
     import urllib.request
 
@@ -273,9 +272,9 @@ def test_serve_then_predict_and_loadtest_over_http(env, tmp_path):
                   "--p-error", "1e-5", "--name", "cli-served", "--overwrite").stdout
     assert re.search(r"kept seed [01] of 2: validation accuracy [\d.]+% \(\d+ bits\), [\d.]+% \(\d+ bits\) \(spread",
                      trained)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from engine.serve.ports import free_port
+
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--port", str(port), "--key-store-bytes", "2GiB"],

@@ -15,6 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptu
 from conftest import REPO
 from engine.learn import guard as guards
 from engine.learn.images import ImageError, load_image
+from engine.config import SHARED_DATA
 
 PATIENT = "Doe^Jane"
 PATIENT_ID = "PID-314159"
@@ -25,7 +26,7 @@ def xray() -> np.ndarray:
     """A real chest X-ray (the real-image folder's first one, else a shipped sample), 8-bit grey
     spanning 0..255 (without a window, a DICOM's values are mapped by their own range, as a
     viewer's auto-window does)."""
-    real = sorted((REPO.parent / "shared" / "data" / "real" / "chest_xray_224" / "NORMAL").glob("*.jpeg"))
+    real = sorted((SHARED_DATA / "real" / "chest_xray_224" / "NORMAL").glob("*.jpeg"))
     if real:
         a = np.asarray(Image.open(real[0]).convert("L")).astype(np.float64)
     else:

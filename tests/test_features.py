@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from engine.config import DataConfig, ModelConfig, PipelineConfig
+from engine.config import DataConfig, ModelConfig
 from engine.learn import registry
 from engine.learn.data import load_split, to_features
 from engine.learn.features import (FeatureNorm, Scattering, describe, features, from_description, remote_features,

@@ -1,7 +1,6 @@
 """The HTTP service on loopback ports with the real tiny circuit: predictions, every error path,
 fuzzing of the POST routes, key isolation, eviction and re-upload, replicas, the Dask backend."""
 
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,12 +14,7 @@ from hypothesis import strategies as st
 from engine.serve.client import EncryptedClient, HTTPTransport, InProcessTransport, find_circuit
 from engine.config import ServiceConfig
 from engine.serve.hosting import Service
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from engine.serve.ports import free_port
 
 
 class RunningService:

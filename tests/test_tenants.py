@@ -125,7 +125,7 @@ def test_tokens_tls_ownership_quotas_audit_and_docs(tls, cid, predictor, test_sp
 
     # offline API docs: the schema, and a page that loads nothing from elsewhere
     schema = bob.get(f"{tls.url}/openapi.json").json()
-    assert f"/circuits/{{cid}}/predict" in schema["paths"]
+    assert "/circuits/{cid}/predict" in schema["paths"]
     page = bob.get(f"{tls.url}/docs").text
     assert "/circuits/{cid}/predict" in page and "Bearer token" in page
     assert "<script" not in page and "http://" not in page and "https://" not in page

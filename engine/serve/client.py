@@ -353,15 +353,14 @@ class LocalServiceProcess:
         ``first``: datasets whose circuits it hosts first (``serve --first``)."""
         import atexit
         import os
-        import socket
         import subprocess
         import sys
 
         from ..config import REPO_ROOT
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        from .ports import free_port
+
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "engine", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         if models_dir:

@@ -38,6 +38,7 @@ class Stability:
     images: int
     runs: int
     latency_s: float | None = None  # encrypted, median over a few images (measured for proposals)
+    pairs: tuple[float, ...] = ()  # each pair of runs' agreement (the mean is ``agreement``)
 
     @property
     def stable(self) -> bool:
@@ -55,8 +56,9 @@ def measure(predictor, images: np.ndarray, runs: int = RUNS, first=None) -> Stab
 
     results = [first] if first is not None else []
     results += [predictor.run(images, ["simulate"])["simulate"] for _ in range(runs - len(results))]
-    agree = float(np.mean([agreement(a, b) for a, b in itertools.combinations(results, 2)]))
-    return Stability(predictor.compile_config or predictor.saved.config.compile, agree, len(images), runs)
+    pairs = tuple(float(agreement(a, b)) for a, b in itertools.combinations(results, 2))
+    return Stability(predictor.compile_config or predictor.saved.config.compile, float(np.mean(pairs)), len(images),
+                     runs, pairs=pairs)
 
 
 def validation_images(data_cfg, n: int = 300) -> np.ndarray:
