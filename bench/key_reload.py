@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from engine.fhe.keys import FHEClient, evaluation_keys_for  # noqa: E402
 from engine.fhe.runtime import FHEServer  # noqa: E402
 from engine.fhe.threads import release_memory  # noqa: E402
-from engine.serve.hosting import rss_bytes  # noqa: E402
+from engine.fhe.footprint import rss_bytes  # noqa: E402
 from engine.study.evaluate import machine_info  # noqa: E402
 
 GIB = 2**30

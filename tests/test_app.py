@@ -16,7 +16,7 @@ def service_url(tiny_saved, models_dir, cache_dir, tmp_path_factory):
     """One service for every AppTest here (AppTest runs do not share Streamlit's resource cache,
     so an app-started service per test would pile up); the app starting its own service is
     covered by the browser test."""
-    from engine.serve.client import LocalServiceProcess
+    from engine.serve.process import LocalServiceProcess
 
     proc = LocalServiceProcess(models_dir, cache_dir, key_store_bytes=3 * 2**30,
                                log=tmp_path_factory.mktemp("service") / "service.log")

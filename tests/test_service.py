@@ -487,6 +487,59 @@ def test_key_pool_hands_each_user_fresh_ready_keys(svc, circuit, predictor, feat
     pool.close()
 
 
+def test_both_transports_raise_the_same_client_exception_for_every_service_error(tiny_saved, models_dir, cache_dir,
+                                                                                   feats, tmp_path):
+    """Each error the service can answer (400, 404 unknown circuit, 404 unknown key, 413, 429, 507)
+    reaches a client as the same exception, with the same status, in-process and over HTTP."""
+    from engine.serve.client import InProcessTransport, KeyGone, Rejected, Retry
+
+    busy = RunningService(config(models_dir, cache_dir, max_queue=1, workers=1, key_grace_s=0.0))
+    small = RunningService(config(models_dir, cache_dir, key_store_bytes=4096))
+    gate = threading.Event()
+    try:
+        cid = busy.service.host(tiny_saved).id
+        small.service.host(tiny_saved)
+        client = new_client(busy, {"id": cid}, tmp_path)
+        key_id = client.register()
+        ct = client.fhe.encrypt(feats[:1])
+        size = busy.service.circuit(cid).key_bytes
+        keys = client.fhe.evaluation_keys()
+
+        def met(transport, call):
+            try:
+                call(transport)
+            except (Rejected, KeyGone, Retry) as exc:
+                return type(exc).__name__, getattr(exc, "status", None)
+            return None
+
+        cases = {
+            "malformed keys": (busy, lambda t: t.upload_keys(t.endpoints()[0], cid, b"garbage")),
+            "keys too large": (busy, lambda t: t.upload_keys(t.endpoints()[0], cid, bytes(2 * size))),
+            "unknown circuit": (busy, lambda t: t.upload_keys(t.endpoints()[0], "nope", b"x")),
+            "unknown key": (busy, lambda t: t.predict(t.endpoints()[0], cid, "not-a-key", ct)),
+            "malformed ciphertext": (busy, lambda t: t.predict(t.endpoints()[0], cid, key_id, bytes(len(ct)))),
+            "no storage": (small, lambda t: t.upload_keys(t.endpoints()[0], cid, keys)),
+        }
+        expected = {"malformed keys": ("Rejected", 400), "keys too large": ("Rejected", 413),
+                    "unknown circuit": ("Rejected", 404), "unknown key": ("KeyGone", None),
+                    "malformed ciphertext": ("Rejected", 400), "no storage": ("Rejected", 507)}
+        for name, (where, call) in cases.items():
+            got = [met(t, call) for t in (InProcessTransport(where.service), HTTPTransport(where.url))]
+            assert got == [expected[name]] * 2, (name, got)
+        blocker = busy.service.pool.submit("someone-else", gate.wait)  # the one worker busy, the one slot taken
+        time.sleep(0.2)
+        busy.service.pool.submit("someone-else", lambda: None)
+        full = [met(t, lambda t: t.predict(t.endpoints()[0], cid, key_id, ct))
+                for t in (InProcessTransport(busy.service), HTTPTransport(busy.url))]
+        assert full == [("Retry", None)] * 2
+        gate.set()
+        blocker.result(timeout=30)
+    finally:
+        gate.set()
+        busy.stop()
+        small.stop()
+
+
 def test_loadtest_reports_a_load_whose_requests_all_failed(tiny_saved, models_dir, cache_dir, capsys):
     """A key store too small for one key set: every upload is refused (507, not a 500), and
     loadtest prints the failures by kind and exits 1 instead of crashing."""
@@ -498,7 +551,7 @@ def test_loadtest_reports_a_load_whose_requests_all_failed(tiny_saved, models_di
                      tiny_saved.dataset, "--model", tiny_saved.name])
         out = capsys.readouterr().out
         assert code == 1
-        assert "0 answered, 2 errors" in out and "2 failed: upload: ServiceUnavailable" in out
+        assert "0 answered, 2 errors" in out and "2 failed: upload: Rejected" in out
         m = httpx.get(f"{s.url}/metrics").text
         assert 'route="/circuits/{cid}/keys",status="507"' in m and 'status="500"' not in m
     finally:

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import itertools
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Protocol, TypeVar
 
 import numpy as np
 
 from ..config import CompileConfig
 from ..fhe.keys import FHEClient
+
+T = TypeVar("T")
 
 
 class ServiceUnavailable(Exception):
@@ -33,9 +37,56 @@ class KeyGone(Exception):
 
 
 class Retry(Exception):
+    """The service is busy (429): try again after ``after`` seconds."""
+
     def __init__(self, message: str, after: float):
         super().__init__(message)
         self.after = after
+
+
+class Rejected(ServiceUnavailable):
+    """The service refused this request (HTTP ``status``: 400 malformed, 404 unknown circuit, 413
+    too large, 507 no storage): sending it again does not help."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def refusal(status: int, message: str, what: str, retry_after: float = 1.0, key_id: str | None = None) -> Exception:
+    """The client's exception for a service error, the same whichever transport met it: 429 is
+    :class:`Retry`, a 404 to a prediction (``key_id``) :class:`KeyGone`, 401 a missing token, any
+    other error :class:`Rejected`."""
+    if status == 429:
+        return Retry(message, retry_after)
+    if status == 404 and key_id is not None:
+        return KeyGone(key_id)
+    if status == 401:
+        return ServiceUnavailable(f"{what}: the service wants a token (--token or ENGINE_TOKEN): {message}")
+    return Rejected(f"{what}: HTTP {status}: {message}", status)
+
+
+class Transport(Protocol):
+    """How a client reaches the service: in this process or over HTTP. Every method raises the
+    client's exceptions (:func:`refusal`), never the service's own."""
+
+    def endpoints(self) -> list[str]: ...
+
+    def next_endpoint(self) -> str: ...
+
+    def describe(self) -> str: ...
+
+    def circuits(self, endpoint: str | None = None) -> list[dict]: ...
+
+    def client_zip(self, cid: str, endpoint: str | None = None) -> bytes: ...
+
+    def upload_keys(self, endpoint: str, cid: str, keys: bytes) -> str: ...
+
+    def predict(self, endpoint: str, cid: str, key_id: str, ciphertext: bytes) -> "Reply": ...
+
+    def forget(self, endpoint: str, cid: str, key_id: str) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -46,7 +97,7 @@ class Reply:
 
 
 class InProcessTransport:
-    """The service core in this process: no network, same calls."""
+    """The service core in this process: no network, same calls, same exceptions."""
 
     def __init__(self, service):
         self.service = service
@@ -54,38 +105,41 @@ class InProcessTransport:
     def endpoints(self) -> list[str]:
         return ["in-process"]
 
+    def next_endpoint(self) -> str:
+        return "in-process"
+
     def describe(self) -> str:
         return "in this process"
+
+    @contextmanager
+    def _mapped(self, what: str, key_id: str | None = None):
+        from .errors import Busy, ServiceError
+
+        try:
+            yield
+        except ServiceError as exc:
+            after = exc.retry_after if isinstance(exc, Busy) else 1.0
+            raise refusal(exc.status, str(exc), what, after, key_id) from None
 
     def circuits(self, endpoint: str | None = None) -> list[dict]:
         return self.service.describe()
 
     def client_zip(self, cid: str, endpoint: str | None = None) -> bytes:
-        return self.service.client_zip(cid).read_bytes()
+        with self._mapped("download client.zip"):
+            return self.service.client_zip(cid).read_bytes()
 
     def upload_keys(self, endpoint: str, cid: str, keys: bytes) -> str:
-        from .hosting import Busy, NotFound
-
-        try:
+        with self._mapped("upload evaluation keys"):
             return self.service.register(cid, keys)
-        except Busy as exc:
-            raise Retry(str(exc), exc.retry_after) from None
-        except NotFound as exc:
-            raise ServiceUnavailable(str(exc)) from None
 
     def predict(self, endpoint: str, cid: str, key_id: str, ciphertext: bytes) -> Reply:
-        from .hosting import Busy, NotFound
-
-        try:
+        with self._mapped("encrypted prediction", key_id):
             body, queued, ran = self.service.predict(cid, key_id, ciphertext)
-        except NotFound:
-            raise KeyGone(key_id) from None
-        except Busy as exc:
-            raise Retry(str(exc), exc.retry_after) from None
         return Reply(body, queued, ran)
 
     def forget(self, endpoint: str, cid: str, key_id: str) -> None:
-        self.service.forget(cid, key_id)
+        with self._mapped("forget keys"):
+            self.service.forget(cid, key_id)
 
     def close(self) -> None:
         pass
@@ -139,13 +193,9 @@ class HTTPTransport:
             raise ServiceUnavailable(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
 
     @staticmethod
-    def _check(r, what: str):
-        if r.status_code == 401:
-            raise ServiceUnavailable(f"{what}: the service wants a token (--token or ENGINE_TOKEN): {_message(r)}")
-        if r.status_code == 429:
-            raise Retry(_message(r), float(r.headers.get("retry-after", "1")))
+    def _check(r, what: str, key_id: str | None = None):
         if r.status_code >= 400:
-            raise ServiceUnavailable(f"{what}: HTTP {r.status_code}: {_message(r)}")
+            raise refusal(r.status_code, _message(r), what, float(r.headers.get("retry-after", "1")), key_id)
         return r
 
     def circuits(self, endpoint: str | None = None) -> list[dict]:
@@ -163,9 +213,7 @@ class HTTPTransport:
     def predict(self, endpoint: str, cid: str, key_id: str, ciphertext: bytes) -> Reply:
         r = self._request("POST", f"{endpoint}/circuits/{cid}/predict", content=ciphertext,
                           headers={"content-type": "application/octet-stream", "x-key-id": key_id})
-        if r.status_code == 404:
-            raise KeyGone(key_id)
-        self._check(r, "encrypted prediction")
+        self._check(r, "encrypted prediction", key_id)
         return Reply(r.content, float(r.headers.get("x-queue-seconds", 0)), float(r.headers.get("x-server-seconds", 0)))
 
     def forget(self, endpoint: str, cid: str, key_id: str) -> None:
@@ -248,6 +296,26 @@ class EncryptedClient:
             tmp.rename(folder / "client.zip")
         return cls(transport, circuit_id, FHEClient(folder), **kw)
 
+    @classmethod
+    def from_keys(cls, transport, circuit_id: str, folder: Path, secret_keyset: bytes, key_ids: dict[str, str],
+                  evaluation_key_bytes: int, keygen_s: float = 0.0,
+                  upload_s: float | None = None) -> "EncryptedClient":
+        """A client with keys made elsewhere (a key maker process, or kept from an earlier start):
+        :meth:`download` then :meth:`adopt`."""
+        return cls.download(transport, circuit_id, folder).adopt(secret_keyset, key_ids, evaluation_key_bytes,
+                                                                 keygen_s, upload_s)
+
+    def adopt(self, secret_keyset: bytes, key_ids: dict[str, str], evaluation_key_bytes: int, keygen_s: float = 0.0,
+              upload_s: float | None = None) -> "EncryptedClient":
+        """Use keys made elsewhere: their secret keys, and the ids their evaluation keys were
+        registered under per endpoint; ``upload_s``: that upload counts as this client's own."""
+        self.fhe.adopt_secret_keys(secret_keyset, keygen_s)
+        self.key_ids = dict(key_ids)
+        self.evaluation_key_bytes = evaluation_key_bytes
+        if upload_s is not None:
+            self.uploads, self.upload_s, self.uploaded_bytes = 1, upload_s, evaluation_key_bytes
+        return self
+
     def twin(self, circuit_id: str, folder: Path) -> "EncryptedClient":
         """A client of ``circuit_id``, the service's circuit for several images per call of the
         same model, with this client's keys: the same key ids, no second upload."""
@@ -269,15 +337,7 @@ class EncryptedClient:
         self.fhe.keygen()
         keys = self.fhe.evaluation_keys()
         t0 = time.perf_counter()
-        deadline = time.monotonic() + self.max_wait_s
-        while True:
-            try:
-                key_id = self.transport.upload_keys(endpoint, self.key_circuit, keys)
-                break
-            except Retry as r:
-                if time.monotonic() + r.after > deadline:
-                    raise ServiceUnavailable(f"the service stayed busy for {self.max_wait_s:.0f} s: {r}") from None
-                time.sleep(r.after)
+        key_id, _ = self._retrying(lambda ep: self.transport.upload_keys(ep, self.key_circuit, keys), endpoint)
         self.upload_s += time.perf_counter() - t0
         self.uploads += 1
         self.uploaded_bytes += len(keys)
@@ -300,30 +360,42 @@ class EncryptedClient:
         service answered it alike (the load test does this alone, after its crowd)."""
         return self._send(exchange.ciphertext, n, 0.0)[0]
 
-    def _send(self, ct: bytes, n: int, encrypt_s: float) -> tuple[np.ndarray, Exchange]:
+    def _retrying(self, call: Callable[[str], T], endpoint: str | None = None) -> tuple[T, str]:
+        """(``call(endpoint)``'s answer, the endpoint), the one retry loop: a busy service is
+        waited for (up to ``max_wait_s``), a key set it lost uploaded again, an endpoint that does
+        not answer skipped for the next (twice round the replicas at most; never with a fixed
+        ``endpoint``); a request it rejects is raised at once."""
         deadline = time.monotonic() + self.max_wait_s
-        uploads0, failures = self.uploads, 0
-        endpoints = self.transport.endpoints()
+        failures, replicas = 0, len(self.transport.endpoints())
         while True:
-            endpoint = self._endpoint()
+            ep = endpoint or self._endpoint()
             try:
-                key_id = self.register(endpoint)
-                t1 = time.perf_counter()
-                reply = self.transport.predict(endpoint, self.circuit_id, key_id, ct)
-                wall = time.perf_counter() - t1
-                break
+                return call(ep), ep
             except KeyGone:
-                self.key_ids.pop(endpoint, None)  # re-upload on the next turn
+                self.key_ids.pop(ep, None)  # re-upload on the next turn
             except Retry as r:
                 if time.monotonic() + r.after > deadline:
                     raise ServiceUnavailable(f"the service stayed busy for {self.max_wait_s:.0f} s: {r}") from None
                 time.sleep(r.after)
+            except Rejected:
+                raise
             except ServiceUnavailable:
                 failures += 1
-                if failures >= 2 * len(endpoints):
+                if endpoint is not None or failures >= 2 * replicas:
                     raise
             if time.monotonic() > deadline:
                 raise ServiceUnavailable(f"no answer within {self.max_wait_s:.0f} s")
+
+    def _send(self, ct: bytes, n: int, encrypt_s: float) -> tuple[np.ndarray, Exchange]:
+        uploads0 = self.uploads
+
+        def attempt(endpoint: str):
+            key_id = self.register(endpoint)
+            t1 = time.perf_counter()
+            reply = self.transport.predict(endpoint, self.circuit_id, key_id, ct)
+            return reply, time.perf_counter() - t1
+
+        (reply, wall), endpoint = self._retrying(attempt)
         t2 = time.perf_counter()
         logits = self.fhe.decrypt(reply.body, n)
         decrypt_s = time.perf_counter() - t2
@@ -340,80 +412,3 @@ class EncryptedClient:
                 except Exception:  # noqa: BLE001 - the service may be gone already
                     pass
         self.key_ids.clear()
-
-
-class LocalServiceProcess:
-    """``python -m engine serve`` as a child process on a free loopback port (the dashboard's
-    service when no ``ENGINE_SERVER_URL`` is given); stopped by :meth:`stop` or at exit."""
-
-    def __init__(self, models_dir: Path | None = None, cache_dir: Path | None = None, key_store_bytes: int | None = None,
-                 log: Path | None = None, timeout_s: float = 600.0, key_dir: Path | None = None,
-                 key_disk_bytes: int | None = None, first: str = "", wait: bool = True):
-        """``wait``: return once the service is ready (else once started: see :meth:`status`);
-        ``first``: datasets whose circuits it hosts first (``serve --first``)."""
-        import atexit
-        import os
-        import subprocess
-        import sys
-
-        from ..config import REPO_ROOT
-
-        from .ports import free_port
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "engine", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        if models_dir:
-            cmd += ["--models-dir", str(models_dir)]
-        if cache_dir:
-            cmd += ["--cache-dir", str(cache_dir)]
-        if key_store_bytes:
-            cmd += ["--key-store-bytes", str(key_store_bytes)]
-        if key_dir:
-            cmd += ["--key-dir", str(key_dir)]
-        if key_disk_bytes:
-            cmd += ["--key-disk-bytes", str(key_disk_bytes)]
-        if first:
-            cmd += ["--first", first]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-        out = open(log, "ab") if log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        atexit.register(self.stop)
-        self.log = log
-        if wait:
-            self.wait_ready(timeout_s)
-
-    def status(self) -> dict:
-        """The service's ``/health`` (``status``: ok, starting with its ``step`` and the circuits
-        ``hosted`` so far, or error), or ``{"status": "launching"}`` before it listens; raises
-        :class:`ServiceUnavailable` if the process exited."""
-        import httpx
-
-        if self.proc.poll() is not None:
-            raise ServiceUnavailable(f"the local service exited with code {self.proc.returncode}"
-                                     + (f" (log: {self.log})" if self.log else ""))
-        try:
-            return httpx.get(f"{self.url}/health", timeout=2).json()
-        except (httpx.HTTPError, ValueError):
-            return {"status": "launching"}
-
-    def wait_ready(self, timeout_s: float = 600.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            st = self.status()
-            if st.get("status") == "ok":
-                return
-            if st.get("status") == "error":
-                self.stop()
-                raise ServiceUnavailable(f"the local service failed to start: {st.get('error')}")
-            time.sleep(0.3)
-        self.stop()
-        raise ServiceUnavailable(f"the local service did not become ready within {timeout_s:.0f} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except Exception:  # noqa: BLE001
-                self.proc.kill()

@@ -28,174 +28,23 @@ import hashlib
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-
-import psutil
 
 from ..learn import registry
 from ..config import CompileConfig, ServiceConfig, cpu_cores, default_cache_dir, default_models_dir
 from ..fhe.circuit import BatchedCircuitError, CompiledModel, compile_model, is_cached
-from ..fhe.runtime import FHEServer, WarmUp, warmup_material
+from ..fhe.footprint import key_set_footprint, rss_bytes
+from ..fhe.runtime import FHEServer, warmup_material
 from ..fhe.threads import release_memory, set_run_threads
-from .keystore import KeyStore, StoreFull
+from .errors import BadRequest, Busy, NoStorage, NotFound, ServiceError, TooLarge, runtime_errors  # noqa: F401
+from .hosted import HostedCircuit, check_body, compile_apart
+from .keystore import KeyStore, KeyStores, StoreFull
 from .keyvault import KeyVault, name_of
-from .placement import ClusterError, KeysMissing, Placement, WorkerLost
+from .placement import KeysMissing, Placement, WorkerLost
+from .runners import LocalRunner, Runner
 from .workpool import QueueFull, WorkPool
-
-
-class ServiceError(Exception):
-    status = 400
-
-
-class BadRequest(ServiceError):
-    status = 400
-
-
-class NotFound(ServiceError):
-    status = 404
-
-
-class TooLarge(ServiceError):
-    status = 413
-
-
-class NoStorage(ServiceError):
-    status = 507
-
-
-class Busy(ServiceError):
-    status = 429
-
-    def __init__(self, message: str, retry_after: float = 1.0):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-@dataclass
-class HostedCircuit:
-    id: str
-    dataset: str
-    model: str
-    model_hash: str
-    compiled: CompiledModel
-    server: FHEServer
-    warm: "WarmUp"
-    key_bytes: int  # serialized evaluation keys: always this size for this circuit
-    ciphertext_bytes: int  # one serialized input
-    footprint: int  # memory of one registered, prepared key set (measured at start-up)
-    server_zip_digest: str = ""
-    # the client's whole feature stage and the model's scaling of it (engine.learn.features.describe)
-    feature_stage: dict = field(default_factory=dict)
-    keys_from: str = ""  # a batched circuit: the 1-image circuit whose registered keys it runs with
-
-    @property
-    def key_owner(self) -> str:
-        """Whose keys these are: a key id registered at either circuit of a pair serves both."""
-        return self.keys_from or self.id
-
-    @property
-    def max_key_body(self) -> int:
-        return self.key_bytes + 4096
-
-    @property
-    def max_ciphertext_body(self) -> int:
-        return self.ciphertext_bytes + 4096
-
-    def describe(self) -> dict:
-        r = self.compiled.report
-        return {"id": self.id, "dataset": self.dataset, "model": self.model, "model_hash": self.model_hash,
-                "compile": r.compile, "input_shape": r.input_shape, "max_bit_width": r.max_bit_width,
-                "pbs_count": r.pbs_count, "evaluation_key_bytes": self.key_bytes,
-                "ciphertext_bytes": self.ciphertext_bytes, "key_set_memory_bytes": self.footprint,
-                # a client from before feature_stage reads the pooling and the levels alone
-                "input_pool": self.feature_stage.get("input_pool", 1),
-                "input_levels": self.feature_stage.get("input_levels", 0), "feature_stage": self.feature_stage,
-                "batch_size": int(r.input_shape[0]), "keys_from": self.key_owner}
-
-
-def _compile_apart(saved: registry.SavedModel, cache_dir: Path, cc: CompileConfig) -> None:
-    """Compile into the cache in a child process: compiling imports torch and concrete-ml, which
-    the service process itself never needs (about 230 MB)."""
-    import multiprocessing as mp
-
-    proc = mp.get_context("spawn").Process(target=_compile_child,
-                                           args=(str(saved.path), str(cache_dir), dataclasses.asdict(cc)))
-    proc.start()
-    proc.join()
-    if proc.exitcode != 0:
-        raise RuntimeError(f"compiling {saved.dataset}/{saved.name} failed (exit code {proc.exitcode})")
-
-
-def _compile_child(model_path: str, cache_dir: str, settings: dict) -> None:
-    compile_model(registry._read(Path(model_path)), CompileConfig(**settings), Path(cache_dir))
-
-
-def _key_set_footprint(compiled: CompiledModel, server: FHEServer) -> int:
-    """Memory one registered, prepared key set takes: the resident-memory growth of deserializing
-    the throwaway keys and running once with them. Measured the first time and stored with the
-    warm-up material (``footprint.json``; a shipped circuit carries it), so every service on the
-    machine accounts a circuit's keys alike, and a start with it runs nothing: the first run of
-    the circuit's code in this process is then the first client's (its keys' preparation)."""
-    import json
-
-    stored = compiled.path / "warmup" / "footprint.json"
-    try:
-        return int(json.loads(stored.read_text())["key_set_bytes"])
-    except (OSError, ValueError, KeyError):
-        pass
-    warm = warmup_material(compiled, samples=True)
-    release_memory()
-    before = rss_bytes()
-    keys = FHEServer.load_keys(warm.evaluation_keys)
-    server.execute(warm.ciphertext, keys)
-    measured = max(rss_bytes() - before, warm.key_bytes)
-    del keys
-    release_memory()
-    tmp = stored.with_suffix(f".{secrets.token_hex(4)}")
-    tmp.write_text(json.dumps({"key_set_bytes": measured}))
-    tmp.replace(stored)
-    return measured
-
-
-def rss_bytes() -> int:
-    return psutil.Process().memory_info().rss
-
-
-class LocalRunner:
-    """FHE runs in this process (threads: Concrete releases the GIL while it computes).
-
-    The runner interface (also :class:`engine.serve.cluster.DaskRunner`'s): ``where`` is the key
-    store a key set goes to (its ``name``: here "local", there a worker's address), and the
-    value a key store keeps is what ``warm`` or ``reload`` answers (here the keys themselves)."""
-
-    def load(self, c: HostedCircuit, key_id: str, body: bytes):
-        return FHEServer.load_keys(body)
-
-    def warm(self, c: HostedCircuit, key_id: str, keys, where: str):
-        c.server.execute(c.warm.ciphertext, keys)
-        return keys
-
-    def reload(self, c: HostedCircuit, key_id: str, body: bytes, where: str):
-        """Keys checked at their upload, read back from the key folder (SHA-256 checked): the
-        first run prepares them."""
-        from concrete.compiler import ServerKeyset
-
-        return ServerKeyset.deserialize(body)
-
-    def prepare(self, c: HostedCircuit, key_id: str, keys) -> None:
-        """The first run with reloaded keys, on the warm-up ciphertext (a start-up's preload)."""
-        c.server.execute(c.warm.ciphertext, keys)
-
-    def run(self, c: HostedCircuit, key_id: str, keys, ciphertext: bytes) -> bytes:
-        return c.server.execute(ciphertext, keys)
-
-    def drop(self, key_id: str, keys) -> None:
-        release_memory()
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass
@@ -204,16 +53,6 @@ class Admitted:
 
     circuit: HostedCircuit
     slot: KeyStore
-
-
-def _check_body(body: bytes, size: int, limit: int, fits: Callable[[bytes], bool], what: str) -> None:
-    """413 past ``limit``; 400 unless exactly ``size`` bytes with the circuit's structure."""
-    if len(body) > limit:
-        raise TooLarge(f"{what} for this circuit: {size:,} bytes; got {len(body):,}")
-    if len(body) != size:
-        raise BadRequest(f"{what} for this circuit: {size:,} bytes; got {len(body):,}")
-    if not fits(body):
-        raise BadRequest(f"malformed {what}: their structure or parameters are not this circuit's")
 
 
 class Service:
@@ -236,11 +75,11 @@ class Service:
 
                 security = Security(tls_ca_file=c.dask_tls_ca, tls_client_cert=c.dask_tls_cert,
                                     tls_client_key=c.dask_tls_key, require_encryption=True)
-            self.runner = DaskRunner(c.scheduler, security=security)
+            self.runner: Runner = DaskRunner(c.scheduler, security=security)
             # the runs happen in the Dask workers, with their own threads; the pool's threads
             # only wait on them: two per worker thread, so a busy worker never idles another
             self.pool = WorkPool(1, c.max_queue)  # grows as workers join (_worker_joined)
-            self.store = Placement(c.key_store_bytes, on_evict=self._left_memory, **options)
+            self.store: KeyStores = Placement(c.key_store_bytes, on_evict=self._left_memory, **options)
             self.runner.on_run = self.store.count_run
             self.runner.booked = self._booked
         else:
@@ -257,8 +96,7 @@ class Service:
         self.ready = False
         self.step = "starting"  # what the start-up is doing (for /health while not ready)
         self.started = time.time()
-        if c.backend == "dask":
-            self.runner.watch(self._worker_joined, self._worker_left)
+        self.runner.watch(self._worker_joined, self._worker_left)
 
     # -- circuits
     def load(self, progress: Callable[[str], None] | None = None) -> "Service":
@@ -303,7 +141,7 @@ class Service:
 
     def workers(self) -> list[dict]:
         """The Dask workers and what each holds (empty for the local backend)."""
-        return self.store.describe() if isinstance(self.store, Placement) else []
+        return self.store.describe()
 
     def _discarded(self, name: str, why: str) -> None:
         self.discards.append(f"{name[:16]}: {why}")
@@ -358,7 +196,7 @@ class Service:
     def _compiled(self, saved: registry.SavedModel, cc: CompileConfig, say) -> CompiledModel:
         if not is_cached(saved, cc, self.cache_dir):
             say(f"compiling {saved.dataset}/{saved.name} for {cc.batch_size} image(s) per call (in a separate process)")
-            _compile_apart(saved, self.cache_dir, cc)
+            compile_apart(saved, self.cache_dir, cc)
         return compile_model(saved, cc, self.cache_dir, say)
 
     def _host(self, saved: registry.SavedModel, compiled: CompiledModel, say, pair: HostedCircuit | None = None) -> HostedCircuit:
@@ -374,12 +212,11 @@ class Service:
                 raise ValueError(f"{cid}: its keys differ from those of {pair.id}")
             footprint = pair.footprint
         else:
-            footprint = _key_set_footprint(compiled, server)
+            footprint = key_set_footprint(compiled, server)
         c = HostedCircuit(cid, saved.dataset, saved.name, saved.hash, compiled, server, warm,
                           warm.key_bytes, len(warm.ciphertext), footprint, zip_digest,
                           feature_stage=saved.stage_description(), keys_from=pair.id if pair else "")
-        if hasattr(self.runner, "add_circuit"):  # Dask: every worker, present and future, loads it
-            self.runner.add_circuit(c)
+        self.runner.add_circuit(c)  # with Dask, every worker, present and future, loads it
         self.circuits[cid] = c
         return c
 
@@ -413,9 +250,7 @@ class Service:
     # -- keys and runs
     def _reserve(self, c: HostedCircuit, avoid: str | None = None) -> KeyStore:
         try:
-            if avoid is not None:
-                return self.store.reserve(c.footprint, wait_s=self.config.key_wait_s, avoid=avoid)
-            return self.store.reserve(c.footprint, wait_s=self.config.key_wait_s)
+            return self.store.reserve(c.footprint, wait_s=self.config.key_wait_s, avoid=avoid)
         except StoreFull as exc:
             raise Busy(str(exc), retry_after=1.0) from None
         except ValueError as exc:  # one key set is larger than the store: no wait makes room
@@ -439,28 +274,23 @@ class Service:
         key_id = secrets.token_urlsafe(24)
         name = name_of(key_id)
         try:
-            _check_body(body, c.key_bytes, c.max_key_body, c.warm.keys_fit, "evaluation keys")
+            check_body(body, c.key_bytes, c.max_key_body, c.warm.keys_fit, "evaluation keys")
             try:
                 keys = self.runner.load(c, name, body)
             except Exception as exc:  # noqa: BLE001 - any deserialization failure is the body's fault
                 raise BadRequest(f"malformed evaluation keys ({type(exc).__name__})") from None
             for attempt in (1, 2):
                 try:
-                    value = self.pool.run(name, self.runner.warm, c, name, keys, slot.name, background=True,
-                                          tenant=tenant)[0]
+                    with runtime_errors("evaluation keys do not fit this circuit"):
+                        value = self.pool.run(name, self.runner.warm, c, name, keys, slot.name, background=True,
+                                              tenant=tenant)[0]
                     break
-                except QueueFull as exc:
-                    raise Busy(str(exc), exc.retry_after) from None
-                except ClusterError as exc:
-                    raise Busy(f"{exc}; retry", retry_after=1.0) from None
                 except (WorkerLost, KeysMissing) as exc:  # its worker left: another one
                     slot.release(c.footprint)
                     slot = None
                     if attempt == 2:
                         raise Busy(f"{exc}; retry", retry_after=1.0) from None
                     slot = self._reserve(c, avoid=exc.worker)
-                except (ValueError, RuntimeError) as exc:  # Concrete refused to run with these keys
-                    raise BadRequest(f"evaluation keys do not fit this circuit ({type(exc).__name__})") from None
             try:
                 self.vault.put(name, body, c.key_owner, tenant, in_use=self.store.__contains__)
             except OSError as exc:
@@ -528,7 +358,7 @@ class Service:
         """One encrypted run: (serialized result, seconds queued, seconds computing). With Dask, a
         run whose worker leaves is run once more, its key set placed on another worker."""
         c = self.circuit(cid)
-        _check_body(body, c.ciphertext_bytes, c.max_ciphertext_body, c.warm.ciphertext_fits, "ciphertext")
+        check_body(body, c.ciphertext_bytes, c.max_ciphertext_body, c.warm.ciphertext_fits, "ciphertext")
         try:
             FHEServer.check_ciphertext(body)
         except Exception as exc:  # noqa: BLE001
@@ -553,24 +383,19 @@ class Service:
             self.store.unpin(entry)
             raise NotFound("unknown or evicted key id: upload the evaluation keys again")
         try:
-            if entry is not None:
-                return self.pool.run(name, self.runner.run, c, name, entry.value, body, tenant=tenant)
-            slot = self._reserve(c)  # out of memory: reload from the key folder, in the room reserved here
-            try:
-                fut = self.pool.submit(name, self._load_cold, c, name, body, slot, tenant=tenant, cold=True)
-            except QueueFull:
-                slot.release(c.footprint)
-                raise
-            return fut.result()
-        except QueueFull as exc:
-            raise Busy(str(exc), exc.retry_after) from None
-        except ClusterError as exc:
-            raise Busy(f"{exc}; retry", retry_after=1.0) from None
+            with runtime_errors("the ciphertext does not fit this circuit"):
+                if entry is not None:
+                    return self.pool.run(name, self.runner.run, c, name, entry.value, body, tenant=tenant)
+                slot = self._reserve(c)  # out of memory: reload from the key folder, in the room reserved here
+                try:
+                    fut = self.pool.submit(name, self._load_cold, c, name, body, slot, tenant=tenant, cold=True)
+                except QueueFull:
+                    slot.release(c.footprint)
+                    raise
+                return fut.result()
         except KeyError:  # the key folder lost them (already discarded): the client uploads again
             self.store.remove(name)
             raise NotFound("unknown or evicted key id: upload the evaluation keys again") from None
-        except (ValueError, RuntimeError) as exc:  # Concrete refused this ciphertext
-            raise BadRequest(f"the ciphertext does not fit this circuit ({type(exc).__name__})") from None
         finally:
             if entry is not None:
                 self.store.unpin(entry)

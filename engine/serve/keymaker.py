@@ -205,12 +205,9 @@ class KeyPool:
             client.register()  # generates keys, uploads them, keeps only the secret keys
             return client
         made = self._makers[i].make(self._urls, self.circuit_id, self.folder)
-        client = EncryptedClient.download(self._factory(), self.circuit_id, self.folder)
-        client.fhe.adopt_secret_keys(made["secret_keyset"], made["keygen_s"])
-        client.key_ids = dict(made["key_ids"])
-        client.uploads, client.upload_s = 1, made["upload_s"]
-        client.uploaded_bytes = client.evaluation_key_bytes = made["evaluation_key_bytes"]
-        return client
+        return EncryptedClient.from_keys(self._factory(), self.circuit_id, self.folder, made["secret_keyset"],
+                                         made["key_ids"], made["evaluation_key_bytes"], made["keygen_s"],
+                                         made["upload_s"])
 
     def close(self) -> None:
         """Stop the key makers and drop the spare key sets on the service (nobody holds their
@@ -312,11 +309,8 @@ class SharedKeys:
             if maker is not None:
                 maker.stop()
             self.origin = "kept from an earlier start"
-            self.client = EncryptedClient.download(transport, circuit_id, folder)
             try:
-                self.client.fhe.adopt_secret_keys(keyset)
-                self.client.key_ids = {endpoint: key_id}
-                self.client.evaluation_key_bytes = nbytes
+                self.client = EncryptedClient.from_keys(transport, circuit_id, folder, keyset, {endpoint: key_id}, nbytes)
                 return
             except RuntimeError:  # unreadable keys: make new ones
                 pass
@@ -335,15 +329,13 @@ class SharedKeys:
 
         worker = threading.Thread(target=run, name="shared-keys", daemon=True)
         worker.start()
-        self.client = EncryptedClient.download(transport, circuit_id, folder)
+        client = EncryptedClient.download(transport, circuit_id, folder)  # meanwhile
         worker.join()
         if "error" in made:
             raise made["error"]
         made = made["keys"]
-        self.client.fhe.adopt_secret_keys(made["secret_keyset"], made["keygen_s"])
-        self.client.key_ids = {endpoint: next(iter(made["key_ids"].values()))}
-        self.client.uploads, self.client.upload_s = 1, made["upload_s"]
-        self.client.evaluation_key_bytes = made["evaluation_key_bytes"]
+        self.client = client.adopt(made["secret_keyset"], {endpoint: next(iter(made["key_ids"].values()))},
+                                   made["evaluation_key_bytes"], made["keygen_s"], made["upload_s"])
         self.save()
 
     def save(self) -> None:

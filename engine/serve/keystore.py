@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 
 class StoreFull(Exception):
@@ -38,6 +38,33 @@ class Entry:
     last_used: float = field(default_factory=time.monotonic)
     pins: int = 0
     used: bool = False
+
+
+class KeyStores(Protocol):
+    """Where the service keeps prepared key sets: one :class:`KeyStore` (local runs), or one per
+    Dask worker (:class:`engine.serve.placement.Placement`)."""
+
+    capacity: int  # bytes
+    used_bytes: int
+    evictions: int
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def names(self) -> list[str]: ...
+
+    def describe(self) -> list[dict]: ...
+
+    def room_for(self, nbytes: int) -> bool: ...
+
+    def reserve(self, nbytes: int, wait_s: float = 0.0, avoid: str | None = None) -> "KeyStore": ...
+
+    def acquire(self, name: str) -> Entry | None: ...
+
+    def unpin(self, entry: Entry) -> None: ...
+
+    def remove(self, name: str) -> bool: ...
 
 
 class KeyStore:
@@ -93,11 +120,17 @@ class KeyStore:
         with self._lock:
             return sum(e.nbytes for e in self._entries.values()) + self._reserved + nbytes <= self.capacity
 
+    def describe(self) -> list[dict]:
+        """The workers and what each holds (:meth:`engine.serve.placement.Placement.describe`):
+        none here, the one store is this process's."""
+        return []
+
     # -- admission
-    def reserve(self, nbytes: int, wait_s: float = 0.0) -> "KeyStore":
+    def reserve(self, nbytes: int, wait_s: float = 0.0, avoid: str | None = None) -> "KeyStore":
         """Make room for ``nbytes`` and hold it for a ``put``: evict idle entries, least recently
         used first, but only if that makes enough room (never for nothing). Waits up to
-        ``wait_s`` for entries in use to become idle, then raises :class:`StoreFull`. Returns the
+        ``wait_s`` for entries in use to become idle, then raises :class:`StoreFull`. ``avoid``
+        (a worker to keep clear of) means nothing to the one store of a process. Returns the
         store that holds the room (this one; :class:`engine.serve.placement.Placement` answers
         the chosen worker's)."""
         if nbytes > self.capacity:
@@ -185,13 +218,6 @@ class KeyStore:
             self._reserved = 0
             self._lock.notify_all()
         return gone
-
-    def expire(self) -> int:
-        """Drop entries idle for longer than the time-to-live; returns how many."""
-        with self._lock:
-            gone = self._expire_locked()
-        self._notify(gone)
-        return len(gone)
 
     def _expire_locked(self) -> list[tuple[str, Entry]]:
         if not self.ttl_s:
