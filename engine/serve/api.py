@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import asynccontextmanager
 from typing import Callable
 
 from fastapi import FastAPI, Request
@@ -27,7 +28,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.concurrency import run_in_threadpool
 
 from ..config import ServiceConfig
-from .hosting import Busy, NotFound, Service, ServiceError, TooLarge
+from .errors import Busy, NotFound, ServiceError, TooLarge
+from .hosting import Service
 from .tenants import Tenant, Tenants
 
 OPEN_ROUTES = ("/health", "/metrics")  # answered without a token
@@ -117,80 +119,111 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
     """The FastAPI app; with ``load`` the circuits load in the background (``/health`` says when).
     ``tenants``: tokens, quotas and key ownership (default: no tokens, no limits); ``audit``: a
     logger that gets one JSON line per request."""
-    app = FastAPI(title="Encrypted MedMNIST inference", docs_url=None, redoc_url=None,
+    state = {"error": None}
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        if load:
+            import anyio.to_thread
+
+            anyio.to_thread.current_default_thread_limiter().total_tokens = max(100, 2 * service.pool.max_queue)
+            threading.Thread(target=_load_circuits, args=(service, state, say), name="load-circuits", daemon=True).start()
+        yield
+
+    app = FastAPI(title="Encrypted MedMNIST inference", docs_url=None, redoc_url=None, lifespan=lifespan,
                   description="Encrypted-inference service: circuits, evaluation keys and ciphertexts only.")
     metrics = Metrics(service)
-    state = {"error": None}
     app.state.service = service
     tenants = tenants or Tenants(None)
     tenants.owner_of = service.owner_of
     tenants.count_of = service.key_sets_of
+    # one middleware per concern; the last added runs first: metrics, then the audit log, then
+    # tokens and rate limits, then a 500 for anything the route raised
+    app.middleware("http")(_internal_errors)
+    app.middleware("http")(_authentication(tenants))
+    if audit is not None:
+        app.middleware("http")(_audit_log(audit))
+    app.middleware("http")(_request_metrics(metrics))
+    _error_handlers(app)
+    _info_routes(app, service, metrics, state)
+    _key_routes(app, service, tenants, metrics)
+    return app
 
-    def _load() -> None:
-        try:
-            service.load(say)
-            say(f"ready: {len(service.circuits)} circuit(s)")
-        except Exception as exc:  # noqa: BLE001 - reported by /health
-            state["error"] = f"{type(exc).__name__}: {exc}"
-            say(f"loading failed: {state['error']}\n{traceback.format_exc()}")
 
-    if load:
-        @app.on_event("startup")
-        async def _start() -> None:
-            import anyio.to_thread
+def _load_circuits(service: Service, state: dict, say: Callable[[str], None]) -> None:
+    try:
+        service.load(say)
+        say(f"ready: {len(service.circuits)} circuit(s)")
+    except Exception as exc:  # noqa: BLE001 - reported by /health
+        state["error"] = f"{type(exc).__name__}: {exc}"
+        say(f"loading failed: {state['error']}\n{traceback.format_exc()}")
 
-            anyio.to_thread.current_default_thread_limiter().total_tokens = max(100, 2 * service.pool.max_queue)
-            threading.Thread(target=_load, name="load-circuits", daemon=True).start()
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next):
-        start = time.perf_counter()
-        tenant = None
+def _route_of(request: Request) -> str:
+    return getattr(request.scope.get("route"), "path", "unmatched")
+
+
+def _tenant_name(request: Request) -> str | None:
+    """Who sent the request: its tenant, "unauthenticated" without a valid token, None on an open route."""
+    return getattr(request.state, "tenant_name", None)
+
+
+def _authentication(tenants: Tenants):
+    async def authenticate(request: Request, call_next):
+        """Every route but the open ones needs a known token (401), within its tenant's request rate (429)."""
         if request.url.path in OPEN_ROUTES:
-            response = await _call(call_next, request)
-        else:
-            tenant = tenants.authenticate(request.headers.get("authorization"))
-            if tenant is None:
-                response = _error(401, "missing or unknown token: send Authorization: Bearer TOKEN",
-                                  {"WWW-Authenticate": "Bearer"})
-            elif (wait := tenants.limit(tenant)) > 0:
-                response = _error(429, f"tenant '{tenant.name}' is over its request rate",
-                                  {"Retry-After": str(max(1, round(wait + 0.5)))})
-            else:
-                request.state.tenant = tenant
-                response = await _call(call_next, request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        seconds = time.perf_counter() - start
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(seconds)
-        name = tenant.name if tenant is not None else ("unauthenticated" if request.url.path not in OPEN_ROUTES else None)
+            return await call_next(request)
+        tenant = tenants.authenticate(request.headers.get("authorization"))
+        if tenant is None:
+            request.state.tenant_name = "unauthenticated"
+            return _error(401, "missing or unknown token: send Authorization: Bearer TOKEN", {"WWW-Authenticate": "Bearer"})
+        request.state.tenant, request.state.tenant_name = tenant, tenant.name
+        if (wait := tenants.limit(tenant)) > 0:
+            return _error(429, f"tenant '{tenant.name}' is over its request rate",
+                          {"Retry-After": str(max(1, round(wait + 0.5)))})
+        return await call_next(request)
+    return authenticate
+
+
+def _request_metrics(metrics: Metrics):
+    async def observe(request: Request, call_next):
+        """Requests by route, status and tenant, their latency, the tenants' FHE time."""
+        start = time.perf_counter()
+        response = await call_next(request)
+        path, status = _route_of(request), str(response.status_code)
+        metrics.requests.labels(path, status).inc()
+        metrics.latency.labels(path).observe(time.perf_counter() - start)
+        name = _tenant_name(request)
         if name is not None:
-            metrics.tenant_requests.labels(name, str(response.status_code)).inc()
+            metrics.tenant_requests.labels(name, status).inc()
             server_s = float(response.headers.get("x-server-seconds", 0) or 0)
             if server_s:
                 metrics.tenant_fhe_seconds.labels(name).inc(server_s)
         if path.endswith("/predict"):
             metrics.predictions.inc()
-        if audit is not None:
-            params = request.scope.get("path_params") or {}
-            audit.info(json.dumps({
-                "time": round(time.time(), 3), "tenant": name, "method": request.method, "route": path,
-                "circuit": params.get("cid"), "status": response.status_code,
-                "bytes_in": int(request.headers.get("content-length") or 0),
-                "bytes_out": int(response.headers.get("content-length") or 0),
-                "queue_s": float(response.headers.get("x-queue-seconds", 0) or 0),
-                "server_s": float(response.headers.get("x-server-seconds", 0) or 0),
-                "seconds": round(seconds, 6)}))
         return response
+    return observe
 
-    def tenant_of(request: Request) -> Tenant:
-        return request.state.tenant
 
-    def mine(request: Request, key_id: str) -> None:
-        if not tenants.owns(tenant_of(request), key_id):
-            raise NotFound("unknown or evicted key id: upload the evaluation keys again")
+def _audit_log(audit):
+    async def log(request: Request, call_next):
+        """One JSON line per request: who, what, how large, how long (never a body)."""
+        start = time.perf_counter()
+        response = await call_next(request)
+        params = request.scope.get("path_params") or {}
+        audit.info(json.dumps({
+            "time": round(time.time(), 3), "tenant": _tenant_name(request), "method": request.method,
+            "route": _route_of(request), "circuit": params.get("cid"), "status": response.status_code,
+            "bytes_in": int(request.headers.get("content-length") or 0),
+            "bytes_out": int(response.headers.get("content-length") or 0),
+            "queue_s": float(response.headers.get("x-queue-seconds", 0) or 0),
+            "server_s": float(response.headers.get("x-server-seconds", 0) or 0),
+            "seconds": round(time.perf_counter() - start, 6)}))
+        return response
+    return log
 
+
+def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError):
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, Busy) else None
@@ -204,6 +237,8 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
     async def _bad_method(_request: Request, _exc):
         return _error(405, "method not allowed")
 
+
+def _info_routes(app: FastAPI, service: Service, metrics: Metrics, state: dict) -> None:
     @app.get("/health")
     async def health():
         if state["error"]:
@@ -229,6 +264,24 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
     async def client_zip(cid: str):
         path = await run_in_threadpool(service.client_zip, cid)
         return FileResponse(path, media_type="application/zip", filename="client.zip")
+
+    @app.get("/metrics")
+    async def prometheus():
+        """Prometheus metrics (no token needed)."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs():
+        return HTMLResponse(docs_page(app.openapi()))
+
+
+def _key_routes(app: FastAPI, service: Service, tenants: Tenants, metrics: Metrics) -> None:
+    def tenant_of(request: Request) -> Tenant:
+        return request.state.tenant
+
+    def mine(request: Request, key_id: str) -> None:
+        if not tenants.owns(tenant_of(request), key_id):
+            raise NotFound("unknown or evicted key id: upload the evaluation keys again")
 
     @app.post("/circuits/{cid}/keys")
     async def keys(cid: str, request: Request):
@@ -266,19 +319,9 @@ def create_app(service: Service, load: bool = True, say: Callable[[str], None] =
         return Response(result, media_type=OCTET,
                         headers={"X-Queue-Seconds": f"{queued:.6f}", "X-Server-Seconds": f"{ran:.6f}"})
 
-    @app.get("/metrics")
-    async def prometheus():
-        """Prometheus metrics (no token needed)."""
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
-    async def docs():
-        return HTMLResponse(docs_page(app.openapi()))
-
-    return app
-
-
-async def _call(call_next, request: Request):
+async def _internal_errors(request: Request, call_next):
+    """Anything a route raised that is not a service error: a 500 with its type, the traceback to the operator's log."""
     try:
         return await call_next(request)
     except Exception as exc:  # noqa: BLE001 - never a traceback to the client; the operator's log gets it
