@@ -66,7 +66,7 @@ def test_home_encrypted_prediction(app_env):
     if note.startswith("Encrypted and decrypted with this session's own keys"):
         assert "**This session's keys** generated" in status
     else:
-        # the status row is redrawn at the end of the run with the keys' state then (views/0_Home.py):
+        # the status row is redrawn at the end of the run with the keys' state then (dashboard/views/0_Home.py):
         # this session's keys may have arrived after the shared set answered
         assert "shared key set" in note and ("the app's shared key set answers" in status
                                              or "**This session's keys** generated" in status)
@@ -95,15 +95,15 @@ def app_env_url(at) -> str:
 
 def test_read_only_demo_offers_inference_only(app_env, monkeypatch):
     monkeypatch.setenv("ENGINE_READ_ONLY", "1")
-    at = ok(page("views/1_Train.py"))
+    at = ok(page("dashboard/views/1_Train.py"))
     assert any("training is disabled" in i.value for i in at.info) and not at.button
-    at = ok(page("views/5_Bit-width_explorer.py"))
+    at = ok(page("dashboard/views/5_Bit-width_explorer.py"))
     assert any("new sweeps are disabled" in i.value for i in at.info)
 
 
 def test_train_page_trains_and_saves(app_env, monkeypatch):
     monkeypatch.setenv("ENGINE_MODELS_DIR", str(app_env / "models"))
-    at = AppTest.from_file(str(REPO / "views/1_Train.py"), default_timeout=TIMEOUT).run()
+    at = AppTest.from_file(str(REPO / "dashboard/views/1_Train.py"), default_timeout=TIMEOUT).run()
     ok(at)
     at.selectbox(key="train_dataset").set_value("pneumoniamnist").run()
     ok(at)  # the form now holds the search's recipe for pneumoniamnist
@@ -139,7 +139,7 @@ def test_train_page_keeps_every_field_of_the_recipe(app_env, monkeypatch):
     recipe = unusual_recipe(app_env / "recipes")
     monkeypatch.setenv("ENGINE_RECIPES_DIR", str(app_env / "recipes"))
     monkeypatch.setenv("ENGINE_MODELS_DIR", str(app_env / "models"))
-    at = AppTest.from_file(str(REPO / "views/1_Train.py"), default_timeout=TIMEOUT).run()
+    at = AppTest.from_file(str(REPO / "dashboard/views/1_Train.py"), default_timeout=TIMEOUT).run()
     at.selectbox(key="train_dataset").set_value("pneumoniamnist").run()
     ok(at)
     shown = at.json[0].value
@@ -156,7 +156,7 @@ def test_train_page_keeps_every_field_of_the_recipe(app_env, monkeypatch):
 
 
 def test_compile_page_reports_circuit_and_keys(app_env, predictor):
-    at = ok(page("views/2_Compile.py"))
+    at = ok(page("dashboard/views/2_Compile.py"))
     at.button(key="compile_btn").click().run()
     ok(at)
     metrics = {m.label: m.value for m in at.metric}
@@ -169,7 +169,7 @@ def test_compile_page_reports_circuit_and_keys(app_env, predictor):
 
 
 def test_inference_page_four_modes(app_env):
-    at = ok(page("views/3_Encrypted_inference.py"))
+    at = ok(page("dashboard/views/3_Encrypted_inference.py"))
     assert len(at.multiselect(key="inf_pick").value) == 2
     at.button(key="inf_run").click().run()
     ok(at)
@@ -185,13 +185,13 @@ def test_inference_page_four_modes(app_env):
 
 
 def test_upload_page_renders(app_env):
-    at = ok(page("views/4_Upload.py"))
+    at = ok(page("dashboard/views/4_Upload.py"))
     assert "28×28 grayscale" in at.markdown[0].value
 
 
 def test_bitwidth_explorer_shows_shipped_curves_without_a_dataset_file(app_env, monkeypatch, tmp_path):
     monkeypatch.setenv("MEDMNIST_DIR", str(tmp_path / "empty"))
-    at = ok(page("views/5_Bit-width_explorer.py"))
+    at = ok(page("dashboard/views/5_Bit-width_explorer.py"))
     assert at.selectbox(key="ex_dataset").value == "pneumoniamnist"  # the selected model's dataset
     assert any("Shipped sweep" in c.value for c in at.caption)
     charts = at.get("plotly_chart")
@@ -213,7 +213,7 @@ def test_bitwidth_explorer_shows_shipped_curves_without_a_dataset_file(app_env, 
 
 
 def test_bitwidth_explorer_new_sweep_appears_point_by_point(app_env):
-    at = ok(page("views/5_Bit-width_explorer.py"))
+    at = ok(page("dashboard/views/5_Bit-width_explorer.py"))
     at.text_input(key="sw_hidden").set_value("4")
     at.number_input(key="sw_epochs").set_value(1)
     at.number_input(key="sw_limit").set_value(256)
@@ -235,7 +235,7 @@ def test_bitwidth_explorer_new_sweep_appears_point_by_point(app_env):
 
 
 def test_benchmarks_page(app_env):
-    at = ok(page("views/6_Benchmarks.py"))
+    at = ok(page("dashboard/views/6_Benchmarks.py"))
     assert any("No stored results" in i.value for i in at.info)
     (app_env / "results").mkdir()
     rep = {"dataset": "pneumoniamnist", "model": "tiny", "n": 10, "modes": {
@@ -243,7 +243,7 @@ def test_benchmarks_page(app_env):
         "fhe": {"accuracy": 0.88, "auc": 0.94, "latency_median_s": 0.5, "latency_p90_s": 0.6}},
         "targets": [{"target": "median end-to-end latency <= 150 ms", "measured": "500.0 ms", "met": False}]}
     (app_env / "results" / "x.json").write_text(json.dumps(rep))
-    at = ok(page("views/6_Benchmarks.py"))
+    at = ok(page("dashboard/views/6_Benchmarks.py"))
     df = at.dataframe[0].value
     assert list(df["mode"]) == ["float", "fhe"] and df["latency_median_ms"].tolist() == [1.0, 500.0]
     assert len(at.get("plotly_chart")) == 2

@@ -1,5 +1,7 @@
 """The engine's folders show its design: four wings over ``engine/config.py``, each importing only
 the wings below it (config < learn < fhe < serve < study < cli), no import circle, no Streamlit.
+The dashboard is a package on top: its pages (``dashboard/views/``) import the dashboard's
+modules, which import the engine; the engine never imports the dashboard.
 
 Run as a script (``python tests/test_layout.py``) it prints the tree with line counts and the
 import check."""
@@ -12,6 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE = ROOT / "engine"
+DASHBOARD = ROOT / "dashboard"
+VIEWS = DASHBOARD / "views"
 RANK = {"config": 0, "learn": 1, "fhe": 2, "serve": 3, "study": 4, "cli": 5, "__main__": 5}
 
 
@@ -95,6 +99,43 @@ def streamlit_users() -> list[str]:
             if any(m == "streamlit" or m.startswith("streamlit.") for m in imports_of(p))]
 
 
+def dashboard_graph() -> dict[str, set[str]]:
+    """The dashboard's modules (not its pages) and which of them each imports."""
+    files = {module_name(p): p for p in sorted(DASHBOARD.rglob("*.py")) if VIEWS not in p.parents}
+    return {name: {m for m in imports_of(path) if m in files and m != name and m != "dashboard"}
+                for name, path in files.items()}
+
+
+def importers_of(prefix: str, paths) -> list[str]:
+    return [module_name(p) for p in paths
+            if any(m == prefix or m.startswith(prefix + ".") for m in imports_of(p))]
+
+
+def test_the_engine_never_imports_the_dashboard():
+    assert importers_of("dashboard", ENGINE.rglob("*.py")) == []
+
+
+def test_the_dashboard_has_no_import_circle_and_no_module_imports_a_page():
+    graph = dashboard_graph()
+    assert set(graph) >= {"dashboard.page", "dashboard.service", "dashboard.sessions", "dashboard.keysets"}
+    assert circles(graph) == []
+    assert importers_of("dashboard.views", [p for p in DASHBOARD.rglob("*.py") if VIEWS not in p.parents]) == []
+
+
+def test_every_page_goes_through_the_dashboard_package():
+    """Each page imports the dashboard's modules (never a module at the project's root); the app's
+    entry point reaches the dashboard through its service module only (light: see app.py)."""
+    pages = sorted(VIEWS.glob("*.py"))
+    assert len(pages) == 8
+    roots = {p.stem for p in ROOT.glob("*.py")}
+    for p in pages:
+        imported = imports_of(p)
+        assert any(m.startswith("dashboard.") for m in imported), p.name
+        assert not {m.split(".")[0] for m in imported} & roots, p.name
+    assert {m for m in imports_of(ROOT / "app.py") if m.startswith("dashboard")} == {"dashboard", "dashboard.service"}
+    assert not (ROOT / "pages").exists()  # Streamlit would list it by itself (see app.py)
+
+
 def test_no_wing_imports_a_wing_above_it():
     assert upward_imports(engine_graph()) == []
 
@@ -128,3 +169,5 @@ if __name__ == "__main__":
     print("circles:", circles(graph) or "none")
     print("imports of a wing above:", upward_imports(graph) or "none")
     print("engine modules importing streamlit:", streamlit_users() or "none")
+    print("engine modules importing the dashboard:", importers_of("dashboard", ENGINE.rglob("*.py")) or "none")
+    print("dashboard circles:", circles(dashboard_graph()) or "none")

@@ -469,7 +469,7 @@ def test_dask_backend_equals_local_pool(tiny_saved, models_dir, cache_dir, feats
 
 
 def test_key_pool_hands_each_user_fresh_ready_keys(svc, circuit, predictor, feats, tmp_path):
-    from engine.serve.keymaker import KeyPool
+    from dashboard.keysets import KeyPool
 
     transport = HTTPTransport(svc.url)
     pool = KeyPool(lambda: transport, circuit["id"], tmp_path, spares=1, makers=1)

@@ -131,7 +131,7 @@ def test_train_page_trains_with_my_labelled_images(archive, data_dir, tmp_path, 
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("MEDMNIST_DIR", str(data_dir))
     monkeypatch.chdir(REPO)
-    at = AppTest.from_file(str(REPO / "views/1_Train.py"), default_timeout=300).run()
+    at = AppTest.from_file(str(REPO / "dashboard/views/1_Train.py"), default_timeout=300).run()
     at.selectbox(key="train_dataset").set_value("pneumoniamnist").run()
     at.radio(key="train_source").set_value("MedMNIST + my labelled images (.zip)").run()
     assert not at.exception

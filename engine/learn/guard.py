@@ -184,15 +184,17 @@ class Guard:
         return Confidence(p, float(top2[-1]), float(top2[-1] - top2[-2]), withheld)
 
     # -- storage
+    # the scalar fields, stored each under its own name; files written before names were stored
+    # keep them in one array, in this order (read through the same names)
+    SCALARS = ("maha_threshold", "recon_threshold", "stats_threshold", "temperature", "channels", "multi_label",
+               "val_pass_rate", "texture_threshold", "texture_median", "soften")
+    ARRAYS = ("mean", "components", "variances", "stats_mean", "stats_icov")
+
     def save(self, folder: Path) -> Path:
         path = Path(folder) / GUARD_FILE
-        np.savez_compressed(path, mean=self.mean, components=self.components, variances=self.variances,
-                            stats_mean=self.stats_mean, stats_icov=self.stats_icov,
-                            scalars=np.array([self.maha_threshold, self.recon_threshold, self.stats_threshold, self.temperature,
-                                              self.channels, self.multi_label, self.val_pass_rate, self.texture_threshold,
-                                              np.nan if self.texture_median is None else self.texture_median,
-                                              float(self.soften)],
-                                             dtype=np.float64))
+        scalars = {name: np.float64(np.nan if getattr(self, name) is None else getattr(self, name))
+                   for name in self.SCALARS}
+        np.savez_compressed(path, **{name: getattr(self, name) for name in self.ARRAYS}, **scalars)
         return path
 
     @classmethod
@@ -201,12 +203,19 @@ class Guard:
         if not path.exists():
             return None
         with np.load(path) as f:
-            s = f["scalars"]
-            return cls(f["mean"], f["components"], f["variances"], float(s[0]), float(s[1]), f["stats_mean"],
-                       f["stats_icov"], float(s[2]), float(s[3]), int(s[4]), bool(s[5]), float(s[6]),
-                       float(s[7]) if len(s) > 7 else float("inf"),
-                       float(s[8]) if len(s) > 8 and np.isfinite(s[8]) else None, Framing.load(folder),
-                       bool(s[9]) if len(s) > 9 else True)
+            arrays = {name: f[name] for name in cls.ARRAYS}
+            if "scalars" in f.files:  # an older file: the same values by position
+                stored = dict(zip(cls.SCALARS, (float(v) for v in f["scalars"])))
+            else:
+                stored = {name: float(f[name]) for name in cls.SCALARS if name in f.files}
+        median = stored.get("texture_median", np.nan)
+        return cls(**arrays, maha_threshold=stored["maha_threshold"], recon_threshold=stored["recon_threshold"],
+                   stats_threshold=stored["stats_threshold"], temperature=stored["temperature"],
+                   channels=int(stored["channels"]), multi_label=bool(stored["multi_label"]),
+                   val_pass_rate=stored["val_pass_rate"],
+                   texture_threshold=stored.get("texture_threshold", float("inf")),
+                   texture_median=median if np.isfinite(median) else None,
+                   framing=Framing.load(folder), soften=bool(stored.get("soften", True)))
 
 
 def _fit_temperature(logits: np.ndarray, labels: np.ndarray, multi_label: bool) -> float:

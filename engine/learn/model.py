@@ -74,10 +74,6 @@ class QATFCNN(nn.Module):
     def linears(self) -> list[qnn.QuantLinear]:
         return [m for m in self.layers if isinstance(m, qnn.QuantLinear)]
 
-    @property
-    def n_hidden_neurons(self) -> int:
-        return sum(self.cfg.hidden)
-
     # -- pruning: bound the number of active inputs of each neuron (hence accumulator width)
     def apply_pruning(self, share: float = 1.0) -> None:
         """Keep the largest weights of each neuron (row-wise L1): ``share`` 1 keeps

@@ -5,12 +5,13 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-import ui
+from dashboard import page
+from engine.learn import registry
 from engine.study.evaluate import load_reports, report_rows, results_dir, target_rows
 
-st.set_page_config(page_title="Benchmarks", page_icon=ui.FAVICON, layout="wide")
+st.set_page_config(page_title="Benchmarks", page_icon=page.FAVICON, layout="wide")
 st.title("Benchmarks")
-ref = ui.REFERENCE
+ref = page.REFERENCE
 st.markdown(
     f"Stored results from `python -m engine bench` / `evaluate --json` in `{results_dir()}`. "
     f"Dotted lines: the published reference ({100 * ref['plaintext_accuracy']:.1f}% plaintext, "
@@ -52,7 +53,7 @@ if targets:
     st.dataframe(pd.DataFrame(targets), hide_index=True)
 
 st.subheader("What each saved model learned from")
-models = ui.registry.list_models()
+models = registry.list_models()
 if models:
     st.dataframe(pd.DataFrame([{"model": f"{m.dataset}/{m.name}", "learned from": m.sources_text(),
                                 "held-out images accuracy (float)": m.metrics.get("holdout", {}).get("accuracy")}

@@ -3,11 +3,12 @@
 import pandas as pd
 import streamlit as st
 
-import ui
+from dashboard import circuits, jobs, page, tables
+from engine.learn.metrics import label_text
 from engine.learn import guard as guards
 from engine.learn.images import EXTENSIONS, ImageError
 
-saved, cc, info = ui.model_page("Upload", "Classify your own images, encrypted")
+saved, cc, info = page.model_page("Upload", "Classify your own images, encrypted")
 size, channels = saved.config.data.size, info.n_channels
 st.markdown(
     f"Model **{saved.name}** expects {size}×{size} {'grayscale' if channels == 1 else 'RGB'} "
@@ -17,7 +18,7 @@ st.markdown(
 )
 st.caption(f"Feature stage, computed by this browser session's client in the clear on the {size}×{size} image: "
            f"{saved.stage_text()}. Only the encrypted values leave it.")
-guard = ui.guard(saved)
+guard = circuits.guard(saved)
 if guard is None:
     st.caption("No input check for this model: its guard file is missing and the dataset is not on this machine.")
 else:
@@ -42,10 +43,6 @@ def warn(item) -> None:
                    icon=":material/warning:")
 
 
-def confidence_text(fhe, i: int, verdict=None) -> str:
-    return "" if guard is None else guard.confidence(fhe.logits[i], verdict).text()
-
-
 if len(items) == 1:
     item = items[0]
     if item.error:
@@ -61,19 +58,19 @@ if len(items) == 1:
     if st.button("Encrypted prediction", icon=":material/lock:", type="primary", key="upload_run"):
         try:
             with st.spinner("Encrypting, computing on ciphertext, decrypting…"):
-                p = ui.predictor(saved, cc)
+                p = circuits.predictor(saved, cc)
                 results = p.run(item.image[None], ["fhe"])
             fhe = results["fhe"]
-            st.success(f"Encrypted prediction: **{ui.label_text(info, fhe.predictions[0])}** · {confidence_text(fhe, 0, item.verdict)}")
+            st.success(f"Encrypted prediction: **{label_text(info, fhe.predictions[0])}** · {tables.confidence_text(saved, fhe.logits[0], item.verdict)}")
             if not info.multi_label and not (item.verdict is not None and item.verdict.foreign):
                 probs = guard.confidence(fhe.logits[0]).probabilities if guard is not None else fhe.scores[0]
                 st.bar_chart(pd.DataFrame({"class": [info.labels[c] for c in info.labels],
                                            "probability (calibrated)": [float(probs[c]) for c in info.labels]}),
                              x="class", y="probability (calibrated)", horizontal=True)
-            st.dataframe(ui.results_table(results, info), hide_index=True)
-            st.caption(ui.sizes_text(results))
+            st.dataframe(tables.results_table(results, info), hide_index=True)
+            st.caption(tables.sizes_text(results))
         except Exception as exc:  # noqa: BLE001
-            ui.fail(exc)
+            page.fail(exc)
     st.stop()
 
 # -- a batch: one table
@@ -86,13 +83,13 @@ if st.button(f"Encrypted predictions for {len(good)} images", icon=":material/lo
     try:
         import numpy as np
 
-        p = ui.predictor(saved, cc)
-        bar, update = ui.progress_bar("Encrypting and classifying")
+        p = circuits.predictor(saved, cc)
+        bar, update = jobs.progress_bar("Encrypting and classifying")
         fhe = p.run(np.stack([it.image for it in good]), ["fhe"], progress=update)["fhe"]
         st.session_state["upload_batch"] = (saved.hash, [it.name for it in items],
-                                            ui.batch_table(items, fhe, info, guard))
+                                            tables.batch_table(items, fhe, info, guard))
     except Exception as exc:  # noqa: BLE001
-        ui.fail(exc)
+        page.fail(exc)
 batch = st.session_state.get("upload_batch")
 if batch and batch[0] == saved.hash and batch[1] == [it.name for it in items]:
     table = batch[2]

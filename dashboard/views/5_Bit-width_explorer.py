@@ -4,12 +4,13 @@ import dataclasses
 
 import streamlit as st
 
-import ui
+from dashboard import jobs, page
+from engine.learn.data import present_datasets
 from engine.study import explore
 from engine.config import CompileConfig, ModelConfig, PipelineConfig, TrainConfig
 from engine.learn.data import DataError
 
-st.set_page_config(page_title="Bit-width explorer", page_icon=ui.FAVICON, layout="wide")
+st.set_page_config(page_title="Bit-width explorer", page_icon=page.FAVICON, layout="wide")
 st.title("Accuracy against bit-width")
 st.markdown(
     "Each point trains the model's recipe with weights, activations and inputs at one bit-width, "
@@ -18,7 +19,7 @@ st.markdown(
     "encrypted latency, key generation, evaluation-key size and circuit size."
 )
 
-saved = ui.select_model()
+saved = page.select_model()
 shipped = explore.shipped_datasets()
 current = saved.dataset if saved is not None else (shipped[0] if shipped else None)
 options = sorted(set(shipped) | ({current} if current else set()))
@@ -60,10 +61,10 @@ with tab_pareto:
         st.plotly_chart(explore.pareto(search), key="ex_pareto")
 
 with tab_new:
-    if ui.read_only():
+    if page.read_only():
         st.info("Read-only demo (ENGINE_READ_ONLY=1): new sweeps are disabled.", icon=":material/lock:")
-    elif dataset not in ui.present_datasets(ui.data_dir()):
-        st.warning(f"No {dataset} file in {ui.data_dir()}: a new sweep needs the dataset. Put the official "
+    elif dataset not in present_datasets(page.data_dir()):
+        st.warning(f"No {dataset} file in {page.data_dir()}: a new sweep needs the dataset. Put the official "
                    f"`{dataset}.npz` there or set MEDMNIST_DIR; the shipped curves above need nothing.")
     else:
         base_model = saved.config if saved is not None and saved.dataset == dataset else None
@@ -81,16 +82,16 @@ with tab_new:
             try:
                 hidden = ModelConfig.parse_hidden(hidden_text)
                 if base_model is not None:
-                    base = base_model.replace(data=ui.data_config(dataset),
+                    base = base_model.replace(data=page.data_config(dataset),
                                               model=ModelConfig(hidden, input_pool=base_model.model.input_pool,
                                                                 input_levels=base_model.model.input_levels),
                                               train=dataclasses.replace(base_model.train, epochs=int(epochs),
                                                                         limit_train=int(limit), seeds=1))
                 else:
-                    base = PipelineConfig(data=ui.data_config(dataset), model=ModelConfig(hidden=hidden),
+                    base = PipelineConfig(data=page.data_config(dataset), model=ModelConfig(hidden=hidden),
                                           train=TrainConfig(epochs=int(epochs), limit_train=int(limit)), compile=CompileConfig())
                 new_rows = st.session_state.setdefault("ex_new_rows", {}).setdefault(dataset, [])
-                with ui.long_job("sweep"):
+                with jobs.long_job("sweep"):
                     bar = st.progress(0.0, text="Sweeping")
                     chart = st.empty()
                     points = explore.sweep_points(base, list(range(bits[0], bits[1] + 1)), sorted(rounding) or [5])
@@ -102,7 +103,7 @@ with tab_new:
                 st.session_state["ex_flash"] = f"{len(points)} points measured; they are in the Curves tab (marked 'new')."
                 st.rerun()  # the Curves tab, drawn above, now includes them
             except (DataError, ValueError) as exc:
-                ui.fail(exc)
+                page.fail(exc)
         if "ex_flash" in st.session_state:
             st.success(st.session_state.pop("ex_flash"))
         if st.session_state.get("ex_new_rows", {}).get(dataset):

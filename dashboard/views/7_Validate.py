@@ -3,11 +3,11 @@
 import pandas as pd
 import streamlit as st
 
-import ui
+from dashboard import circuits, figures, jobs, page
 from engine.study import validate
 from engine.learn.images import ImageError, load_image
 
-saved, cc, info = ui.model_page("Validate", "Validate on your own labelled images")
+saved, cc, info = page.model_page("Validate", "Validate on your own labelled images")
 names = "; ".join(f"`{n}` ({i})" for i, n in info.labels.items())
 st.markdown(
     f"Upload a `.zip` with **one folder per class**, named after {saved.dataset}'s labels or their index: {names}. "
@@ -33,13 +33,13 @@ st.write(f"**{len(files)} files**: " + ", ".join(f"{n} {lbl}" for lbl, n in coun
 key = (saved.hash, up.name, up.size, mapping)
 if st.button(f"Validate {len(files)} images, encrypted", icon=":material/lock:", type="primary", key="validate_run"):
     try:
-        bar, update = ui.progress_bar("Encrypting and classifying")
-        report = validate.validate(ui.predictor(saved, cc), ui.guard(saved), files, ["fhe"], progress=update,
+        bar, update = jobs.progress_bar("Encrypting and classifying")
+        report = validate.validate(circuits.predictor(saved, cc), circuits.guard(saved), files, ["fhe"], progress=update,
                                    source=up.name)
         bar.empty()
         st.session_state["validate_report"] = (key, report)
     except Exception as exc:  # noqa: BLE001
-        ui.fail(exc)
+        page.fail(exc)
 stored = st.session_state.get("validate_report")
 if not stored or stored[0] != key:
     st.stop()
@@ -60,8 +60,8 @@ st.caption(f"Accuracy of the flagged images: {validate.pct(report['accuracy_flag
            f"confidence ≥ 90%: {validate.pct(report['confident_share'])} of images, "
            f"{validate.pct(report['accuracy_confident'])} right.")
 left, right = st.columns(2)
-left.plotly_chart(ui.confusion_figure(report), key="validate_confusion")
-right.plotly_chart(ui.reliability_figure(report), key="validate_reliability")
+left.plotly_chart(figures.confusion_figure(report), key="validate_confusion")
+right.plotly_chart(figures.reliability_figure(report), key="validate_reliability")
 table = pd.DataFrame(report["images"])[["file", "label_name", "prediction_name", "right", "confidence", "uncertain",
                                         "flagged", "warning"]].rename(columns={"label_name": "true",
                                                                                "prediction_name": "prediction"})

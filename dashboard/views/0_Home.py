@@ -19,23 +19,25 @@ st.markdown(
     "secret key opens the result) → **prediction** (seen by the hospital only)"
 )
 
-import ui  # noqa: E402
+from dashboard import circuits, page, service, sessions, tables  # noqa: E402
+from engine.learn.data import dataset_info  # noqa: E402
+from engine.learn.metrics import label_text  # noqa: E402
 from engine.learn.data import gallery_split  # noqa: E402
 
-saved = ui.select_model()
+saved = page.select_model()
 if saved is None:
     st.stop()
 cc = saved.config.compile
-info = ui.dataset_info(saved.dataset)
-ui.prepare_keys(saved)  # key generation starts now, in the background
+info = dataset_info(saved.dataset)
+sessions.prepare_keys(saved)  # key generation starts now, in the background
 
 m = saved.metrics
 status_box = st.empty()  # drawn now, and again at the end of the run: after a click, it says what answered
 
 
 def status_row(patience_s: float) -> None:
-    remote = ui.session_remote(saved, wait=False, patience_s=patience_s)
-    shared = ui.shared_keys(saved)
+    remote = sessions.session_remote(saved, wait=False, patience_s=patience_s)
+    shared = service.shared_keys(saved)
     keys = (f"generated; evaluation keys uploaded once ({remote.evaluation_key_bytes / 2**20:.1f} MiB), "
             "this session now holds only its secret keys" if remote is not None else
             "being made; until then the app's shared key set answers" + (f" ({shared.origin})" if shared else " (being made too)"))
@@ -43,7 +45,7 @@ def status_row(patience_s: float) -> None:
         f"**Model** {saved.name} ({saved.dataset}, hidden {list(saved.config.model.hidden)}): validation accuracy "
         f"{100 * m['val']['accuracy']:.1f}%, test {100 * m['test']['accuracy']:.1f}% (float)  \n"
         f"**Learned from** {saved.sources_text()}  \n"
-        f"**Server** {ui.service_url()} ({ui.service_origin()})  \n"
+        f"**Server** {service.service_url()} ({service.service_origin()})  \n"
         f"**This session's keys** {keys}"
     )
 
@@ -54,7 +56,7 @@ status_row(0.5)
 def start_progress(box) -> bool:
     """Draw the start-up step by step in ``box``; whether answers can come (the service hosts
     the circuit and one key set, shared or this session's own, is ready)."""
-    steps = ui.start_steps(saved)
+    steps = sessions.start_steps(saved)
     ready = steps[0][0] and steps[1][0] and (steps[2][0] or steps[3][0])
     if ready:
         box.caption(":material/check_circle: " + " · ".join(what for ok, what in steps if ok))
@@ -70,11 +72,11 @@ start_box = st.empty()
 started = start_progress(start_box)
 
 st.subheader("Try it: encrypted prediction on a sample image")
-split, source = gallery_split(ui.data_config(saved.dataset))
+split, source = gallery_split(page.data_config(saved.dataset))
 idx = st.number_input(f"Sample index ({source})", 0, len(split) - 1, 0, key="home_index")
 img = split.images[int(idx)]
 left, right = st.columns([1, 3])
-left.image(img, caption=f"true: {ui.label_text(info, split.targets[int(idx)])}",
+left.image(img, caption=f"true: {label_text(info, split.targets[int(idx)])}",
            width=160, clamp=True)
 if right.button("Encrypt and classify", icon=":material/lock:", type="primary", key="home_run"):
     try:
@@ -83,23 +85,23 @@ if right.button("Encrypt and classify", icon=":material/lock:", type="primary", 
         working = right.empty()
         working.caption("Encrypting, sending the ciphertext to the server, decrypting the answer…")
         # This session's own keys if ready, else the app's shared key set: no wait for a key generation.
-        p, which = ui.encrypted_predictor(saved)
+        p, which = circuits.encrypted_predictor(saved)
         st.session_state["home_result"] = (saved.hash, int(idx), p.run(img[None], ["fhe"]), which)
         working.empty()
     except Exception as exc:  # noqa: BLE001 - shown to the user, never a traceback
-        ui.fail(exc)
+        page.fail(exc)
 last = st.session_state.get("home_result")
 if last and last[0] == saved.hash and last[1] == int(idx):
     _, _, results, which = last
     fhe = results["fhe"]
-    conf = ui.confidence_text(saved, fhe.logits[0])
-    right.success(f"Encrypted prediction: **{ui.label_text(info, fhe.predictions[0])}** "
+    conf = tables.confidence_text(saved, fhe.logits[0])
+    right.success(f"Encrypted prediction: **{label_text(info, fhe.predictions[0])}** "
                   f"({1000 * fhe.latency_s[0]:.0f} ms end to end)" + (f" · {conf}" if conf else ""))
     right.caption(f"Encrypted and decrypted with {which}.")
     # Markdown rather than st.table / st.code: a fresh browser session would otherwise fetch and
     # compile about 2.4 MB of JavaScript (Arrow reader, syntax highlighter) before showing the answer.
-    right.markdown(ui.results_table(results, info, guard=ui.guard(saved)).drop(columns="image").set_index("mode").to_markdown())
-    right.caption(ui.sizes_text(results))
+    right.markdown(tables.results_table(results, info, guard=circuits.guard(saved)).drop(columns="image").set_index("mode").to_markdown())
+    right.caption(tables.sizes_text(results))
     w = fhe.wire
     with st.container(border=True):
         st.markdown(f"**What crossed the wire** (to {w['endpoint']}): sent {w['sent_bytes']:,} bytes of ciphertext, "
@@ -111,15 +113,15 @@ if last and last[0] == saved.hash and last[1] == int(idx):
         if st.button("Decrypt the same result with another key", key="home_wrong_key"):
             try:
                 with st.spinner("Generating a fresh, unrelated key pair…"):
-                    st.session_state["home_wrong"] = (saved.hash, int(idx), ui.decrypt_with_fresh_key(saved, w["result"]))
+                    st.session_state["home_wrong"] = (saved.hash, int(idx), circuits.decrypt_with_fresh_key(saved, w["result"]))
             except Exception as exc:  # noqa: BLE001
-                ui.fail(exc)
+                page.fail(exc)
         wrong = st.session_state.get("home_wrong")
         if wrong and wrong[:2] == (saved.hash, int(idx)):
             a, b = st.columns(2)
             a.markdown("**With this session's key**")
             a.write({"logits": [round(float(v), 3) for v in fhe.logits[0]],
-                     "prediction": ui.label_text(info, fhe.predictions[0])})
+                     "prediction": label_text(info, fhe.predictions[0])})
             b.markdown("**With a freshly generated wrong key**")
             b.write({"logits": [round(float(v), 3) for v in wrong[2]], "note": "noise: not the answer"})
 

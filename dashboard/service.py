@@ -1,14 +1,16 @@
 """The dashboard's encrypted-inference service: the one given by ``ENGINE_SERVER_URL``, else a
 local one this app starts (``python -m engine serve`` in a child process).
 
-``app.py`` calls :func:`service_url` before it imports anything heavy (``ui`` loads torch,
+``app.py`` calls :func:`start` before it imports anything heavy (the pages load torch,
 medmnist and the engine: about 2.7 s here), so the service starts while the first page is
 still being drawn. The app does not wait for it: Home shows the start step by step
-(``ui.start_steps``); the default dataset's circuit is hosted first.
+(:func:`dashboard.sessions.start_steps`); the default dataset's circuit is hosted first.
+Light on purpose: nothing here imports torch or concrete.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -19,7 +21,9 @@ from engine.config import default_cache_dir, default_models_dir
 from engine.learn import registry
 from engine.serve.client import HTTPTransport, ServiceUnavailable, find_circuit
 from engine.serve.process import LocalServiceProcess
-from engine.serve.keymaker import KeyMakerProcess, SharedKeys
+from engine.serve.keymaker import KeyMakerProcess
+
+from .keysets import SharedKeys
 
 DEFAULT_DATASET = "pneumoniamnist"
 
@@ -77,7 +81,7 @@ def service_status() -> dict:
 
 
 @st.cache_resource(show_spinner=False)
-def _transport(url: str) -> HTTPTransport:
+def transport_to(url: str) -> HTTPTransport:
     return HTTPTransport(url)
 
 
@@ -91,11 +95,11 @@ def _shared_keys(url: str, dataset: str, name: str, model_hash: str):
     folder = default_cache_dir() / "client"
     shipped = shipped_entry(saved)
     if shipped is None:
-        return _keygen_executor().submit(lambda: SharedKeys(_transport(url), served_circuit(saved)["id"], folder))
+        return keygen_executor().submit(lambda: SharedKeys(transport_to(url), served_circuit(saved)["id"], folder))
     # The circuit id and client.zip are known: the keys are made while the service starts, by a
     # key maker launched now (unless they are kept from an earlier start).
     cid = cache_key(saved.hash, saved.config.compile)
-    return _keygen_executor().submit(SharedKeys, _transport(url), cid, folder,
+    return keygen_executor().submit(SharedKeys, transport_to(url), cid, folder,
                                      client_zip=shipped / "deployment" / "client.zip", maker=_early_maker(url, dataset, name, model_hash))
 
 
@@ -114,13 +118,13 @@ def _early_maker(url: str, dataset: str, name: str, model_hash: str) -> KeyMaker
     return None if (default_cache_dir() / "client" / cid / SharedKeys.FILE).exists() else KeyMakerProcess(start=True, log=default_cache_dir() / "keymaker.log")
 
 
-def _shared_future(saved: registry.SavedModel):
+def shared_future(saved: registry.SavedModel):
     return _shared_keys(service_url(), saved.dataset, saved.name, saved.hash)
 
 
 def shared_keys(saved: registry.SavedModel, wait: bool = False) -> SharedKeys | None:
     """The app's shared key set for ``saved``'s circuit; None while it is being made (unless ``wait``)."""
-    fut = _shared_future(saved)
+    fut = shared_future(saved)
     if not wait and not fut.done():
         return None
     return fut.result(timeout=600)
@@ -148,7 +152,7 @@ class _Background:
 
 
 @st.cache_resource(show_spinner=False)
-def _keygen_executor() -> _Background:
+def keygen_executor() -> _Background:
     return _Background()
 
 
@@ -163,8 +167,8 @@ def served_circuit(saved: registry.SavedModel, timeout_s: float = 600.0) -> dict
             raise ServiceUnavailable(f"the service failed to start: {status.get('error')}")
         if status.get("status") == "ok" or any(c["dataset"] == saved.dataset for c in status.get("hosted", [])):
             try:
-                return find_circuit(_transport(service_url()), saved.dataset, saved.hash,
-                                    json.loads(json.dumps(saved.config.compile.__dict__)))
+                return find_circuit(transport_to(service_url()), saved.dataset, saved.hash,
+                                    dataclasses.asdict(saved.config.compile))
             except ServiceUnavailable:
                 if status.get("status") == "ok" or time.monotonic() > deadline:
                     raise

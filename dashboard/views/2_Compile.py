@@ -2,9 +2,10 @@
 
 import streamlit as st
 
-import ui
+from dashboard import circuits, page
+from engine.study.stability import STABLE
 
-st.set_page_config(page_title="Compile", page_icon=ui.FAVICON, layout="wide")
+st.set_page_config(page_title="Compile", page_icon=page.FAVICON, layout="wide")
 st.title("Compile to an FHE circuit")
 st.markdown(
     "Compilation turns the quantized network into a TFHE circuit. Each hidden neuron becomes one "
@@ -13,21 +14,21 @@ st.markdown(
     "of an off-by-one lookup result, traded against speed. Circuits are cached on disk, keyed by "
     "model hash, settings and Concrete ML version."
 )
-saved = ui.select_model()
+saved = page.select_model()
 if saved is None:
     st.stop()
-cc = ui.compile_settings(saved, st)
+cc = circuits.compile_settings(saved, st)
 
-locked = ui.read_only() and cc != saved.config.compile
+locked = page.read_only() and cc != saved.config.compile
 if locked:
     st.info("Read-only demo: only the served compile settings can be shown here.")
 if st.button("Compile", type="primary", key="compile_btn", disabled=locked):
     try:
         with st.spinner("Compiling (instant when cached)…"):
-            compiled = ui.compiled_circuit(saved, cc)
+            compiled = circuits.compiled_circuit(saved, cc)
         st.session_state["compiled_report"] = compiled.report.to_dict()
     except Exception as exc:  # noqa: BLE001
-        ui.fail(exc)
+        page.fail(exc)
 
 rep = st.session_state.get("compiled_report")
 if rep and rep["model_hash"] == saved.hash and rep["compile"]["rounding_threshold_bits"] == cc.rounding_threshold_bits \
@@ -39,7 +40,7 @@ if rep and rep["model_hash"] == saved.hash and rep["compile"]["rounding_threshol
     c[3].metric("Source", "cache" if rep["from_cache"] else "fresh compile")
     st.caption(f"Cache key {rep['cache_key']} · concrete-ml {rep['versions']['concrete-ml']}")
     try:
-        stab = ui.stability(saved, cc)
+        stab = circuits.stability(saved, cc)
     except Exception as exc:  # noqa: BLE001 - no dataset here: say so, the rest of the page works
         stab = None
         st.caption(f"Stability not measured: {exc}")
@@ -48,16 +49,16 @@ if rep and rep["model_hash"] == saved.hash and rep["compile"]["rounding_threshol
                   help=f"Repeated FHE simulations of {stab.images} validation images ({stab.runs} runs) give the same "
                        "prediction this often: how likely the same image gets the same encrypted answer twice.")
         if stab.stable:
-            st.success(f"Stable: the same image gets the same answer (at least {100 * ui.STABLE:g}% agreement).", icon=":material/check_circle:")
+            st.success(f"Stable: the same image gets the same answer (at least {100 * STABLE:g}% agreement).", icon=":material/check_circle:")
         else:
-            st.warning(f"Unstable: repeated runs agree on only {100 * stab.agreement:.2f}% of validation images (under {100 * ui.STABLE:g}%). "
+            st.warning(f"Unstable: repeated runs agree on only {100 * stab.agreement:.2f}% of validation images (under {100 * STABLE:g}%). "
                        "The same image can get different encrypted answers.", icon=":material/warning:")
-            if st.button("Find the nearest stable setting", key="stability_btn", disabled=ui.read_only()):
+            if st.button("Find the nearest stable setting", key="stability_btn", disabled=page.read_only()):
                 try:
                     with st.spinner("Compiling safer settings and measuring them (a minute or two)…"):
-                        st.session_state["stability_proposal"] = (saved.hash, cc, ui.nearest_stable(saved, cc))
+                        st.session_state["stability_proposal"] = (saved.hash, cc, circuits.nearest_stable(saved, cc))
                 except Exception as exc:  # noqa: BLE001
-                    ui.fail(exc)
+                    page.fail(exc)
             prop = st.session_state.get("stability_proposal")
             if prop and prop[0] == saved.hash and prop[1] == cc:
                 if prop[2] is None:
@@ -71,12 +72,12 @@ if rep and rep["model_hash"] == saved.hash and rep["compile"]["rounding_threshol
         try:
             from engine.fhe.keys import FHEClient
 
-            client = FHEClient(ui.compiled_circuit(saved, cc))  # a throwaway pair, to measure
+            client = FHEClient(circuits.compiled_circuit(saved, cc))  # a throwaway pair, to measure
             client.keygen()
             st.session_state["keygen"] = (client.keygen_s, len(client.evaluation_keys()))
             del client
         except Exception as exc:  # noqa: BLE001
-            ui.fail(exc)
+            page.fail(exc)
     if "keygen" in st.session_state:
         ks, size = st.session_state["keygen"]
         k = st.columns(2)

@@ -6,22 +6,23 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-import ui
+from dashboard import jobs, page
+from engine.learn.data import available_datasets, present_datasets
 from engine.learn import registry
 from engine.config import ModelConfig
 from engine.learn import pipeline
 from engine.learn.data import DataError, locate
 from engine.learn.recipes import RecipeError, recipe
 
-st.set_page_config(page_title="Train", page_icon=ui.FAVICON, layout="wide")
+st.set_page_config(page_title="Train", page_icon=page.FAVICON, layout="wide")
 st.title("Train a quantization-aware model")
 
-if ui.read_only():
+if page.read_only():
     st.info("This is a read-only demo (ENGINE_READ_ONLY=1): training is disabled. Try the encrypted inference pages.",
             icon=":material/lock:")
     st.stop()
-present = ui.present_datasets(ui.data_dir())
-choices = present + [d for d in ui.available_datasets() if d not in present]
+present = present_datasets(page.data_dir())
+choices = present + [d for d in available_datasets() if d not in present]
 dataset = st.selectbox("MedMNIST subset", choices, key="train_dataset",
                        format_func=lambda d: d + ("" if d in present else " (download)"))
 try:
@@ -92,7 +93,7 @@ if submitted and data_source != SOURCES[0] and own_zip is None:
 def form_config(images_path: str = ""):
     """The form's values over the dataset's recipe (every setting the form does not show kept):
     what Train trains."""
-    data = ui.data_config(dataset, allow_download=True)
+    data = page.data_config(dataset, allow_download=True)
     data = _replace(data, images=images_path, label_map=label_map, images_only=data_source == SOURCES[2])
     return pipeline.configure(
         data, model=dict(hidden=ModelConfig.parse_hidden(hidden_text), weight_bits=wbits, act_bits=abits,
@@ -108,7 +109,7 @@ with st.expander("Every setting this trains with (the recipe with the values abo
         st.caption(str(exc))
 if submitted:
     try:
-        cfg = form_config(ui.store_upload(own_zip.name, own_zip.getvalue()) if own_zip is not None else "")
+        cfg = form_config(page.store_upload(own_zip.name, own_zip.getvalue()) if own_zip is not None else "")
         locate(cfg.data)  # a missing file fails here, before the progress bar
         bar = st.progress(0.0, text="training…")
         chart = st.empty()
@@ -129,7 +130,7 @@ if submitted:
                               yaxis2=dict(title="accuracy", overlaying="y", side="right", range=[0, 1]))
             return fig
 
-        with ui.long_job("training"):
+        with jobs.long_job("training"):
             ibar = st.progress(0.0, text="preparing your images…") if cfg.data.images else None
 
             def on_images(done, total):
@@ -157,9 +158,9 @@ if submitted:
                        f"(validation accuracy spread {100 * result.metrics['seed_spread']:.1f} points).")
         st.caption(f"Learned from: {saved.sources_text()}")
     except (DataError, ValueError, FileExistsError) as exc:
-        ui.fail(exc)
+        page.fail(exc)
     except Exception as exc:  # noqa: BLE001 - a bad archive (LabelError) and the like: one clear message
-        ui.fail(exc)
+        page.fail(exc)
 
 st.subheader("Saved models")
 models = registry.list_models()
