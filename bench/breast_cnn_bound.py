@@ -86,7 +86,8 @@ def fit(arch: tuple, data: dict, seed: int, epochs: int) -> tuple:
     import torch
     from engine.config import TrainConfig
     from engine.learn.data import dataset_info
-    from engine.learn.train import augment, loss_fn
+    from engine.learn.losses import loss_fn
+    from engine.learn.trainset import augment
 
     torch.manual_seed(seed)
     model = build(arch)

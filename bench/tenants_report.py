@@ -32,7 +32,9 @@ REPO = Path(__file__).resolve().parent.parent
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from engine.serve.client import EncryptedClient, HTTPTransport  # noqa: E402
+from engine.serve.client import EncryptedClient
+
+from engine.serve.transports import HTTPTransport  # noqa: E402
 from engine.serve.loadtest import markdown, run_loadtest  # noqa: E402
 from engine.study.evaluate import machine_info  # noqa: E402
 from engine.serve.ports import free_port  # noqa: E402

@@ -19,7 +19,8 @@ import streamlit as st
 
 from engine.config import default_cache_dir, default_models_dir
 from engine.learn import registry
-from engine.serve.client import HTTPTransport, ServiceUnavailable, find_circuit
+from engine.serve.client import ServiceUnavailable, find_circuit
+from engine.serve.transports import HTTPTransport
 from engine.serve.process import LocalServiceProcess
 from engine.serve.keymaker import KeyMakerProcess
 

@@ -13,7 +13,7 @@ MODE_LABELS = {"float": "Float (PyTorch)", "quantized": "Quantized clear", "simu
 
 
 def batch_table(items, fhe, info, guard) -> pd.DataFrame:
-    from engine.learn.guard import batch_rows
+    from engine.learn.screening import batch_rows
 
     return pd.DataFrame(batch_rows(items, fhe.logits, fhe.predictions, lambda p: label_text(info, p), guard))
 

@@ -13,7 +13,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid
 
 from conftest import REPO
-from engine.learn import guard as guards
+from engine.learn import screening
 from engine.learn.images import ImageError, load_image
 from engine.config import SHARED_DATA
 
@@ -120,7 +120,7 @@ def test_only_pixels_leave_the_file(tmp_path):
     """No header field reaches the decoded image, its notes, the screening rows or the CLI output."""
     raw = dicom(twelve_bit(xray()), "MONOCHROME2", WindowCenter=2000.0, WindowWidth=3000.0)
     loaded = load_image(raw, 28, 1, name="scan.dcm")
-    items = guards.screen([("scan.dcm", raw)], None, 28, 1)
+    items = screening.screen([("scan.dcm", raw)], None, 28, 1)
     text = repr(loaded.notes) + repr(items[0].notes) + repr(items[0].error)
     for secret in (PATIENT, "Doe", PATIENT_ID, INSTITUTION):
         assert secret not in text

@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import REPO
 from engine.learn import guard as guards
+from engine.learn import screening
 from engine.learn import registry
 from engine.learn.data import DataConfig, load_split
 
@@ -61,7 +62,7 @@ def test_shipped_guard_flags_patterns_and_flat_images_uploaded_as_files(dataset)
     files = {"sine.png": 127.5 + 127.5 * np.sin(xx / 6.0) * np.sin(yy / 9.0), "stripes.png": 127.5 + 127.5 * np.sin(xx / 4.0),
              "checker.png": (xx // 16 + yy // 16) % 2 * 255.0, "grey.png": np.full((224, 224), 128.0),
              "white.png": np.full((224, 224), 255.0)}
-    items = guards.screen([(k, _png(v.astype(np.uint8))) for k, v in files.items()], g, 28, g.channels)
+    items = screening.screen([(k, _png(v.astype(np.uint8))) for k, v in files.items()], g, 28, g.channels)
     assert [it.name for it in items if not it.verdict.foreign] == []
 
 
@@ -93,11 +94,11 @@ def test_batch_upload_with_a_zip_gives_one_row_per_file(tiny_saved, predictor, d
         z.writestr("__MACOSX/scans/._a.png", "resource fork")
     files = [("batch.zip", archive.getvalue()), ("black.png", png(np.zeros((3, 3), np.uint8))),
              ("broken.png", b"not a png")]
-    items = guards.screen(files, g, 28, 1)
+    items = screening.screen(files, g, 28, 1)
     assert [it.name for it in items] == ["batch.zip/scans/a.png", "batch.zip/scans/b.png", "black.png", "broken.png"]
     good = [it for it in items if it.error is None]
     res = predictor.run(np.stack([it.image for it in good]), ["quantized"])["quantized"]
-    rows = guards.batch_rows(items, res.logits, res.predictions, str, g)
+    rows = screening.batch_rows(items, res.logits, res.predictions, str, g)
     assert [r["file"] for r in rows] == [it.name for it in items]
     assert [bool(r["warning"]) for r in rows] == [False, False, True, True]
     assert rows[3]["prediction"] is None and rows[0]["prediction"] == str(res.predictions[0])

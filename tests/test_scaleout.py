@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from engine.serve.client import EncryptedClient, HTTPTransport
+from engine.serve.client import EncryptedClient
+from engine.serve.transports import HTTPTransport
 from engine.serve.hosting import Service
 from engine.serve.keyvault import name_of
 from test_service import RunningService, config
@@ -183,7 +184,7 @@ def test_tls_cluster(tiny_saved, models_dir, cache_dir, footprint, feats, predic
     from dask.distributed import LocalCluster
     from distributed.security import Security
 
-    from engine.serve.client import InProcessTransport
+    from engine.serve.transports import InProcessTransport
 
     ca = trustme.CA()
     ca_file, pem = tmp_path / "ca.pem", tmp_path / "node.pem"

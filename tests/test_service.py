@@ -11,7 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.serve.client import EncryptedClient, HTTPTransport, InProcessTransport, find_circuit
+from engine.serve.client import EncryptedClient, find_circuit
+
+from engine.serve.transports import HTTPTransport, InProcessTransport
 from engine.config import ServiceConfig
 from engine.serve.hosting import Service
 from engine.serve.ports import free_port
@@ -491,7 +493,8 @@ def test_both_transports_raise_the_same_client_exception_for_every_service_error
                                                                                    feats, tmp_path):
     """Each error the service can answer (400, 404 unknown circuit, 404 unknown key, 413, 429, 507)
     reaches a client as the same exception, with the same status, in-process and over HTTP."""
-    from engine.serve.client import InProcessTransport, KeyGone, Rejected, Retry
+    from engine.serve.client import KeyGone, Rejected, Retry
+    from engine.serve.transports import InProcessTransport
 
     busy = RunningService(config(models_dir, cache_dir, max_queue=1, workers=1, key_grace_s=0.0))
     small = RunningService(config(models_dir, cache_dir, key_store_bytes=4096))

@@ -11,7 +11,8 @@ from engine.config import REPO_ROOT, ServiceConfig
 from engine.fhe.circuit import SHIPPED_DIR, cache_key, shipped_entry
 from engine.learn import registry
 from engine.learn.data import load_samples
-from engine.serve.client import EncryptedClient, InProcessTransport
+from engine.serve.client import EncryptedClient
+from engine.serve.transports import InProcessTransport
 from engine.serve.hosting import Service
 
 

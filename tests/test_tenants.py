@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from conftest import REPO
 from engine.config import ServiceConfig
-from engine.serve.client import EncryptedClient, HTTPTransport, ServiceUnavailable
+from engine.serve.client import EncryptedClient, ServiceUnavailable
+from engine.serve.transports import HTTPTransport
 from engine.serve.hosting import Service
 from engine.serve.tenants import Tenants, add_token, audit_logger, read_tokens
 from test_service import free_port

@@ -5,7 +5,7 @@ import streamlit as st
 
 from dashboard import circuits, jobs, page, tables
 from engine.learn.metrics import label_text
-from engine.learn import guard as guards
+from engine.learn import screening
 from engine.learn.images import EXTENSIONS, ImageError
 
 saved, cc, info = page.model_page("Upload", "Classify your own images, encrypted")
@@ -30,7 +30,7 @@ ups = st.file_uploader("Images", type=[*EXTENSIONS, "zip"], accept_multiple_file
 if not ups:
     st.stop()
 try:
-    items = guards.screen([(u.name, u.getvalue()) for u in ups], guard, size, channels)
+    items = screening.screen([(u.name, u.getvalue()) for u in ups], guard, size, channels)
 except ImageError as exc:
     st.error(str(exc))
     st.stop()

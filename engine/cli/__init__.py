@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import measure, model, service
+from . import measure, model, service, train
 from .args import UserError
 
 # The order of ``--help``: each command group's module adds its own commands.
 ORDER = ("train", "framing", "compile", "predict", "evaluate", "bench", "search", "sweep", "serve", "loadtest", "models", "token")
-COMMANDS = {**model.COMMANDS, **measure.COMMANDS, **service.COMMANDS}
+COMMANDS = {**train.COMMANDS, **model.COMMANDS, **measure.COMMANDS, **service.COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def _user_errors() -> tuple[type, ...]:
     for its error class would cost ``serve`` about 500 MB of resident memory."""
     out: list[type] = [UserError, FileExistsError, ValueError]
     for module, name in [("engine.learn.data", "DataError"), ("engine.learn.images", "ImageError"),
-                         ("engine.serve.client", "ServiceUnavailable"), ("engine.learn.registry", "ModelNotFound")]:
+                         ("engine.serve.transports", "ServiceUnavailable"), ("engine.learn.registry", "ModelNotFound")]:
         if module in sys.modules:
             out.append(getattr(sys.modules[module], name))
     return tuple(out)

@@ -102,7 +102,38 @@ def predictor(a):
     p = Predictor.open(a.dataset.lower(), a.model, a.models_dir, cache_dir=a.cache_dir, progress_text=say)
     p.compile_config = compile_cfg(a, p.saved.config.compile)
     if getattr(a, "server", None):
-        from ..serve.client import HTTPTransport
+        from ..serve.transports import HTTPTransport
 
         p.transport = HTTPTransport(a.server, token=a.token, ca_file=a.ca_file)
     return p
+
+
+def stability_args(p) -> None:
+    p.add_argument("--stability-images", type=int, default=300,
+                   help="validation images for the stability check (repeated simulations; 0: skip)")
+    p.add_argument("--no-auto-stable", action="store_true",
+                   help="keep the compile setting even if the stability check finds it unstable "
+                        "(default: adopt the nearest stable one)")
+
+
+def settle_stability(saved, cc, a, compiled=None, cache_dir=None, latency_images: int = 3):
+    """The stability check after a compile or a training, printed; an unstable setting is
+    replaced by the nearest stable one as the model's own unless ``--no-auto-stable``."""
+    from ..learn.data import DataError
+    from ..study import stability
+
+    try:
+        s = stability.settle(saved, cc, data_cfg(a), a.stability_images, compiled, cache_dir,
+                             adopt=not a.no_auto_stable, latency_images=latency_images, say=say)
+    except DataError as exc:
+        say(f"stability not measured: {exc}")
+        return None
+    for line in stability.report_lines(s.current, s.proposal, tried=not s.current.stable):
+        print(line)
+    if s.adopted:
+        c = s.proposal.compile
+        print(f"adopted: {saved.dataset}/{saved.name} now compiles with rounding {c.rounding_threshold_bits} bits "
+              f"({c.rounding_method}), p_error {c.p_error:g} (--no-auto-stable keeps the setting asked for)")
+    elif s.proposal is not None:
+        print("kept the setting asked for (--no-auto-stable)")
+    return s

@@ -15,7 +15,8 @@ from typing import Callable
 
 from ..config import PipelineConfig
 from .recipes import SEARCH_VARIANTS
-from .train import ProgressFn, TrainResult, better, prepared_images, renumbered, train
+from .train import ProgressFn, TrainResult, better, renumbered, train
+from .trainset import prepared_images
 
 
 def candidates(cfg: PipelineConfig) -> list[tuple[str, PipelineConfig]]:

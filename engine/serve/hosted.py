@@ -46,6 +46,31 @@ class HostedCircuit:
     def max_ciphertext_body(self) -> int:
         return self.ciphertext_bytes + 4096
 
+    @classmethod
+    def build(cls, saved: registry.SavedModel, compiled: CompiledModel, say: Callable[[str], None],
+              pair: "HostedCircuit | None" = None) -> "HostedCircuit":
+        """``compiled`` made ready to serve: its server artifacts loaded, warm-up material made
+        under a throwaway key, the memory of one key set measured (``pair``: the 1-image circuit
+        whose key sets a batched twin runs with, and whose measurement it shares)."""
+        import hashlib
+
+        from ..fhe.footprint import key_set_footprint
+        from ..fhe.runtime import warmup_material
+
+        cid = compiled.report.cache_key
+        warm = warmup_material(compiled, say=say)
+        server = FHEServer(compiled.deployment_dir, library=warm.library)
+        zip_digest = hashlib.sha256((compiled.deployment_dir / "server.zip").read_bytes()).hexdigest()
+        if pair is not None:  # runs with the pair's key sets: no memory of its own to measure
+            if warm.key_bytes != pair.key_bytes:
+                raise ValueError(f"{cid}: its keys differ from those of {pair.id}")
+            footprint = pair.footprint
+        else:
+            footprint = key_set_footprint(compiled, server)
+        return cls(cid, saved.dataset, saved.name, saved.hash, compiled, server, warm, warm.key_bytes,
+                   len(warm.ciphertext), footprint, zip_digest, feature_stage=saved.stage_description(),
+                   keys_from=pair.id if pair else "")
+
     def describe(self) -> dict:
         r = self.compiled.report
         return {"id": self.id, "dataset": self.dataset, "model": self.model, "model_hash": self.model_hash,

@@ -24,7 +24,6 @@ in-process or over HTTP through the same client API.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import secrets
 import threading
 import time
@@ -33,18 +32,18 @@ from pathlib import Path
 from typing import Callable
 
 from ..learn import registry
-from ..config import CompileConfig, ServiceConfig, cpu_cores, default_cache_dir, default_models_dir
+from ..config import CompileConfig, ServiceConfig, default_cache_dir, default_models_dir
 from ..fhe.circuit import BatchedCircuitError, CompiledModel, compile_model, is_cached
-from ..fhe.footprint import key_set_footprint, rss_bytes
-from ..fhe.runtime import FHEServer, warmup_material
-from ..fhe.threads import release_memory, set_run_threads
-from .errors import BadRequest, Busy, NoStorage, NotFound, ServiceError, TooLarge, runtime_errors  # noqa: F401
+from ..fhe.footprint import rss_bytes
+from ..fhe.runtime import FHEServer
+from ..fhe.threads import release_memory
+from .errors import BadRequest, Busy, NoStorage, NotFound, runtime_errors
 from .hosted import HostedCircuit, check_body, compile_apart
-from .keystore import KeyStore, KeyStores, StoreFull
+from .keystore import KeyStore, StoreFull
 from .keyvault import KeyVault, name_of
-from .placement import KeysMissing, Placement, WorkerLost
-from .runners import LocalRunner, Runner
-from .workpool import QueueFull, WorkPool
+from .placement import KeysMissing, WorkerLost
+from .runners import backend
+from .workpool import QueueFull
 
 
 @dataclass
@@ -66,27 +65,7 @@ class Service:
         options = dict(ttl_s=c.key_ttl_s or None, grace_s=c.key_grace_s, linger_s=c.key_linger_s)
         self.replacements = 0  # key sets placed again after their worker left (Dask)
         self._displaced: set[str] = set()
-        if c.backend == "dask":
-            from .cluster import DaskRunner
-
-            security = None
-            if c.dask_tls_ca:  # ciphertexts and keys cross the network: encrypted, both sides checked
-                from distributed.security import Security
-
-                security = Security(tls_ca_file=c.dask_tls_ca, tls_client_cert=c.dask_tls_cert,
-                                    tls_client_key=c.dask_tls_key, require_encryption=True)
-            self.runner: Runner = DaskRunner(c.scheduler, security=security)
-            # the runs happen in the Dask workers, with their own threads; the pool's threads
-            # only wait on them: two per worker thread, so a busy worker never idles another
-            self.pool = WorkPool(1, c.max_queue)  # grows as workers join (_worker_joined)
-            self.store: KeyStores = Placement(c.key_store_bytes, on_evict=self._left_memory, **options)
-            self.runner.on_run = self.store.count_run
-            self.runner.booked = self._booked
-        else:
-            self.runner = LocalRunner()
-            cores = cpu_cores()
-            self.pool = WorkPool(c.workers or cores, c.max_queue, threads=set_run_threads, cores=cores)
-            self.store = KeyStore(c.key_store_bytes, on_evict=self._left_memory, **options)
+        self.runner, self.pool, self.store = backend(c, self._left_memory, self._booked, **options)
         self.discards: list[str] = []  # key files found partial or corrupt (reported, never served)
         self.vault = KeyVault(c.key_dir or None, c.key_disk_bytes, on_discard=self._discarded)
         self.reloads = 0
@@ -204,18 +183,7 @@ class Service:
         if cid in self.circuits:
             return self.circuits[cid]
         say(f"hosting {saved.dataset}/{saved.name} ({cid}, {compiled.batch_size} image(s) per call)")
-        warm = warmup_material(compiled, say=say)
-        server = FHEServer(compiled.deployment_dir, library=warm.library)
-        zip_digest = hashlib.sha256((compiled.deployment_dir / "server.zip").read_bytes()).hexdigest()
-        if pair is not None:  # runs with the pair's key sets: no memory of its own to measure
-            if warm.key_bytes != pair.key_bytes:
-                raise ValueError(f"{cid}: its keys differ from those of {pair.id}")
-            footprint = pair.footprint
-        else:
-            footprint = key_set_footprint(compiled, server)
-        c = HostedCircuit(cid, saved.dataset, saved.name, saved.hash, compiled, server, warm,
-                          warm.key_bytes, len(warm.ciphertext), footprint, zip_digest,
-                          feature_stage=saved.stage_description(), keys_from=pair.id if pair else "")
+        c = HostedCircuit.build(saved, compiled, say, pair)
         self.runner.add_circuit(c)  # with Dask, every worker, present and future, loads it
         self.circuits[cid] = c
         return c

@@ -20,7 +20,9 @@ import threading
 import time
 from pathlib import Path
 
-from .client import EncryptedClient, HTTPTransport, ServiceUnavailable
+from .client import EncryptedClient, ServiceUnavailable
+
+from .transports import HTTPTransport
 
 
 def wait_for_circuit(transport, circuit_id: str, timeout_s: float = 600.0) -> None:

@@ -21,12 +21,15 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .client import EncryptedClient, HTTPTransport, ServiceUnavailable
+from .client import EncryptedClient, ServiceUnavailable
+
+from .transports import HTTPTransport
 from ..learn.data import load_samples
 from ..learn.features import remote_features
 
@@ -38,6 +41,103 @@ def _circuit_for(transport: HTTPTransport, dataset: str | None, model: str | Non
                 and c.get("batch_size", 1) == 1:  # one image per request (not a batched twin)
             return c
     raise ServiceUnavailable(f"no circuit for dataset={dataset} model={model} at {transport.describe()}")
+
+
+@dataclass
+class Tally:
+    """What the clients saw, gathered under one lock: each answer's latency and stages, each
+    client's first answer and prediction phase, key uploads, errors by kind."""
+
+    latencies: list[float] = field(default_factory=list)
+    stages: list[dict] = field(default_factory=list)  # each answer's queue and server seconds (as the service reports them)
+    spans: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each client's prediction phase
+    first: list[float] = field(default_factory=list)
+    uploads: list[float] = field(default_factory=list)
+    firsts: dict[int, tuple] = field(default_factory=dict)  # client -> (logits, exchange) of its first answer
+    errors: Counter = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def answer(self, k: int, r: int, dt: float, logits, ex) -> None:
+        with self.lock:
+            self.latencies.append(dt)
+            self.stages.append(ex.stages)
+            if r == 0:
+                self.first.append(dt)
+                self.firsts[k] = (logits, ex)
+
+    def error(self, kind: str, n: int = 1) -> None:
+        with self.lock:
+            self.errors[kind] += n
+
+    def add(self, what: list, value) -> None:
+        with self.lock:
+            what.append(value)
+
+
+class PeakMemory:
+    """The service's highest ``engine_process_rss_bytes`` while the block runs (read every 0.5 s)."""
+
+    def __init__(self, transport: Callable[[], HTTPTransport]):
+        self._transport, self.peak = transport, 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        m = self._transport()
+        while not self._done.is_set():
+            try:
+                self.peak = max(self.peak, m.metrics().get("engine_process_rss_bytes", 0.0))
+            except Exception:  # noqa: BLE001 - the figure is best effort
+                pass
+            self._done.wait(0.5)
+        m.close()
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+
+def client_loop(k: int, c: EncryptedClient, x: np.ndarray, requests: int, start_line: threading.Barrier,
+                barrier_s: float, tally: Tally) -> None:
+    """One client: upload its keys, wait for the others, send its ``requests`` one after another."""
+    try:
+        t0 = time.perf_counter()
+        c.register()
+        tally.add(tally.uploads, time.perf_counter() - t0)
+    except Exception as exc:  # noqa: BLE001 - counted
+        tally.error(f"upload: {type(exc).__name__}", requests)
+        start_line.abort()
+        return
+    try:  # everyone's keys are up: the predictions start together. A key store too small
+        start_line.wait(timeout=barrier_s)  # for every client breaks the line after barrier_s
+    except threading.BrokenBarrierError:
+        pass
+    begin = time.perf_counter()
+    for r in range(requests):
+        img = x[(k * requests + r) % len(x)][None]
+        t0 = time.perf_counter()
+        try:
+            logits, ex = c.predict(img)
+        except Exception as exc:  # noqa: BLE001 - counted
+            tally.error(f"{type(exc).__name__}: {str(exc)[:80]}")
+            continue
+        tally.answer(k, r, time.perf_counter() - t0, logits, ex)
+    tally.add(tally.spans, (begin, time.perf_counter()))
+
+
+def recheck(made: list[EncryptedClient], firsts: dict[int, tuple]) -> tuple[int, int]:
+    """Each client's first ciphertext sent again, alone: (answers that differ, answers not rechecked)."""
+    differing, unchecked = 0, 0
+    for k, (logits, ex) in sorted(firsts.items()):
+        try:
+            differing += not np.array_equal(made[k].rerun(ex), logits)
+        except Exception:  # noqa: BLE001 - counted apart: not a wrong answer
+            unchecked += 1
+    return differing, unchecked
 
 
 def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "pneumoniamnist",
@@ -52,126 +152,67 @@ def run_loadtest(url: str, clients: int, requests: int, dataset: str | None = "p
 
     probe = transport()
     circuit = _circuit_for(probe, dataset, model)
-    samples = load_samples(circuit["dataset"])
-    x = remote_features(samples.images, circuit)  # the client's own feature stage
+    x = remote_features(load_samples(circuit["dataset"]).images, circuit)  # the client's own feature stage
     folder = Path(tempfile.mkdtemp(prefix="loadtest-"))
 
     say(f"{clients} client(s): downloading client.zip and generating keys")
-    made = []
-    keygen_s = []
-    for k in range(clients):
+    made, keygen_s = [], []
+    for _k in range(clients):
         c = EncryptedClient.download(transport(), circuit["id"], folder, keep_evaluation_keys=True,
                                      max_wait_s=max_seconds)
         keygen_s.append(c.fhe.keygen())
         made.append(c)
 
-    latencies: list[float] = []
-    stages: list[dict] = []  # each answer's queue and server seconds (as the service reports them)
-    spans: list[tuple[float, float]] = []  # (start, end) of each client's prediction phase
-    first: list[float] = []
-    uploads: list[float] = []
-    firsts: dict[int, tuple] = {}  # client -> (logits, exchange) of its first answer
-    errors: Counter = Counter()
-    lock = threading.Lock()
-    peak = {"rss": 0.0}
-    done = threading.Event()
-
-    def watch() -> None:
-        m = transport()
-        while not done.is_set():
-            try:
-                peak["rss"] = max(peak["rss"], m.metrics().get("engine_process_rss_bytes", 0.0))
-            except Exception:  # noqa: BLE001 - the figure is best effort
-                pass
-            done.wait(0.5)
-        m.close()
-
-    start_line = threading.Barrier(clients)
-
-    def client_loop(k: int, c: EncryptedClient) -> None:
-        try:
-            t0 = time.perf_counter()
-            c.register()
-            with lock:
-                uploads.append(time.perf_counter() - t0)
-        except Exception as exc:  # noqa: BLE001 - counted
-            with lock:
-                errors[f"upload: {type(exc).__name__}"] += requests
-            start_line.abort()
-            return
-        try:  # everyone's keys are up: the predictions start together. A key store too small
-            start_line.wait(timeout=barrier_s)  # for every client breaks the line after barrier_s
-        except threading.BrokenBarrierError:
-            pass
-        begin = time.perf_counter()
-        for r in range(requests):
-            img = x[(k * requests + r) % len(x)][None]
-            t0 = time.perf_counter()
-            try:
-                logits, ex = c.predict(img)
-            except Exception as exc:  # noqa: BLE001 - counted
-                with lock:
-                    errors[f"{type(exc).__name__}: {str(exc)[:80]}"] += 1
-                continue
-            dt = time.perf_counter() - t0
-            with lock:
-                latencies.append(dt)
-                stages.append(ex.stages)
-                if r == 0:
-                    first.append(dt)
-                    firsts[k] = (logits, ex)
-        with lock:
-            spans.append((begin, time.perf_counter()))
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
+    tally, start_line = Tally(), threading.Barrier(clients)
     say(f"{clients} client(s) x {requests} request(s): running")
-    threads = [threading.Thread(target=client_loop, args=(k, c)) for k, c in enumerate(made)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=max(1.0, max_seconds - (time.perf_counter() - start)))
-    wall = time.perf_counter() - start
-    done.set()
-    watcher.join(timeout=5)
+    with PeakMemory(transport) as memory:
+        threads = [threading.Thread(target=client_loop, args=(k, c, x, requests, start_line, barrier_s, tally))
+                   for k, c in enumerate(made)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=max(1.0, max_seconds - (time.perf_counter() - start)))
+        wall = time.perf_counter() - start
     try:
         metrics = probe.metrics()
     except ServiceUnavailable:  # the service is gone: the report says what the clients saw
         metrics = {}
-    say(f"re-sending {len(firsts)} first request(s) one at a time (a crowd must not change an answer)")
-    differing, unchecked = 0, 0
-    for k, (logits, ex) in sorted(firsts.items()):
-        try:
-            differing += not np.array_equal(made[k].rerun(ex), logits)
-        except Exception:  # noqa: BLE001 - counted apart: not a wrong answer
-            unchecked += 1
+    say(f"re-sending {len(tally.firsts)} first request(s) one at a time (a crowd must not change an answer)")
+    differing, unchecked = recheck(made, tally.firsts)
     for c in made:
         c.close()
         c.transport.close()
-    lat = np.asarray(latencies)
-    predict_wall = (max(e for _, e in spans) - min(b for b, _ in spans)) if spans else 0.0
     reuploads = sum(max(0, c.uploads - 1) for c in made)  # keys evicted and sent again
+    return {"url": url, "circuit": circuit["id"], "dataset": circuit["dataset"], "model": circuit["model"],
+            "clients": clients, "requests": requests, **_figures(tally), "key_reuploads": int(reuploads),
+            "answers_rechecked": len(tally.firsts) - unchecked, "answers_differing": int(differing),
+            "keygen_s_median": float(np.median(keygen_s)), "wall_s": wall,
+            **_server_figures(metrics, memory.peak)}
+
+
+def _figures(t: Tally) -> dict:
+    lat = np.asarray(t.latencies)
+    predict_wall = (max(e for _, e in t.spans) - min(b for b, _ in t.spans)) if t.spans else 0.0
     return {
-        "url": url, "circuit": circuit["id"], "dataset": circuit["dataset"], "model": circuit["model"],
-        "clients": clients, "requests": requests, "completed": int(len(lat)),
-        "errors": int(sum(errors.values())), "errors_by_kind": dict(errors),
+        "completed": int(len(lat)), "errors": int(sum(t.errors.values())), "errors_by_kind": dict(t.errors),
         "latency_p50_s": float(np.percentile(lat, 50)) if len(lat) else None,
         "latency_p95_s": float(np.percentile(lat, 95)) if len(lat) else None,
         "latency_max_s": float(lat.max()) if len(lat) else None,
         "throughput_rps": float(len(lat) / predict_wall) if predict_wall else None,
-        "queue_s_median": float(np.median([st["queue_s"] for st in stages])) if stages else None,
-        "server_s_median": float(np.median([st["server_s"] for st in stages])) if stages else None,
-        "server_s_p95": float(np.percentile([st["server_s"] for st in stages], 95)) if stages else None,
-        "first_request_latency_s": float(np.median(first)) if first else None,
-        "later_request_latency_s": float(np.median(lat[np.isin(lat, first, invert=True)])) if len(lat) > len(first) else None,
-        "key_upload_s_median": float(np.median(uploads)) if uploads else None,
-        "key_reuploads": int(reuploads),
-        "answers_rechecked": len(firsts) - unchecked,
-        "answers_differing": int(differing),
-        "keygen_s_median": float(np.median(keygen_s)),
-        "wall_s": wall,
-        "server_rss_peak_bytes": int(max(peak["rss"], metrics.get("engine_process_rss_bytes", 0.0))),
+        "queue_s_median": float(np.median([st["queue_s"] for st in t.stages])) if t.stages else None,
+        "server_s_median": float(np.median([st["server_s"] for st in t.stages])) if t.stages else None,
+        "server_s_p95": float(np.percentile([st["server_s"] for st in t.stages], 95)) if t.stages else None,
+        "first_request_latency_s": float(np.median(t.first)) if t.first else None,
+        "later_request_latency_s": (float(np.median(lat[np.isin(lat, t.first, invert=True)]))
+                                    if len(lat) > len(t.first) else None),
+        "key_upload_s_median": float(np.median(t.uploads)) if t.uploads else None,
+    }
+
+
+def _server_figures(metrics: dict, peak_rss: float) -> dict:
+    return {
+        "server_rss_peak_bytes": int(max(peak_rss, metrics.get("engine_process_rss_bytes", 0.0))),
         "server_key_store_capacity_bytes": int(metrics.get("engine_key_store_capacity_bytes", 0)),
         "server_key_store_evictions": int(metrics.get("engine_key_store_evictions", 0)),
         "server_key_reloads": int(metrics.get("engine_key_reloads", 0)),

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
+from ..config import ServiceConfig, cpu_cores
 from ..fhe.runtime import FHEServer
-from ..fhe.threads import release_memory
+from ..fhe.threads import release_memory, set_run_threads
 from .hosted import HostedCircuit
+from .keystore import KeyStore, KeyStores
+from .workpool import WorkPool
 
 
 class Runner(Protocol):
@@ -79,3 +82,31 @@ class LocalRunner:
 
     def close(self) -> None:
         pass
+
+
+def backend(c: ServiceConfig, on_evict: Callable, booked: Callable[[str], set[str]],
+            **options) -> tuple[Runner, WorkPool, KeyStores]:
+    """The runner, the work pool and the key store(s) of a service configured as ``c``: in this
+    process, or (``backend="dask"``) a Dask cluster with one key store per worker. ``options``:
+    the key stores' time-outs."""
+    if c.backend != "dask":
+        cores = cpu_cores()
+        return (LocalRunner(), WorkPool(c.workers or cores, c.max_queue, threads=set_run_threads, cores=cores),
+                KeyStore(c.key_store_bytes, on_evict=on_evict, **options))
+    from .cluster import DaskRunner
+    from .placement import Placement
+
+    security = None
+    if c.dask_tls_ca:  # ciphertexts and keys cross the network: encrypted, both sides checked
+        from distributed.security import Security
+
+        security = Security(tls_ca_file=c.dask_tls_ca, tls_client_cert=c.dask_tls_cert,
+                            tls_client_key=c.dask_tls_key, require_encryption=True)
+    runner = DaskRunner(c.scheduler, security=security)
+    # the runs happen in the Dask workers, with their own threads; the pool's threads only wait
+    # on them: two per worker thread, so a busy worker never idles another (it grows as they join)
+    pool = WorkPool(1, c.max_queue)
+    store = Placement(c.key_store_bytes, on_evict=on_evict, **options)
+    runner.on_run = store.count_run
+    runner.booked = booked
+    return runner, pool, store

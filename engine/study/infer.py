@@ -114,7 +114,7 @@ class Predictor:
         if self.remote is None:
             compiled = self.ensure_compiled()
             if self.transport is None:
-                from ..serve.client import InProcessTransport
+                from ..serve.transports import InProcessTransport
                 from ..serve.hosting import Service
 
                 service = Service(ServiceConfig(cache_dir=str(self.cache_dir or "")))

@@ -102,7 +102,7 @@ SHIFT_COPIES = 3
 def shifted_validation(data_cfg, copies: int = SHIFT_COPIES, seed: int = 0):
     """(uint8 images, labels, info): ``copies`` framing-shifted copies of the validation split."""
     from ..learn.data import load_split
-    from ..learn.train import random_affine
+    from ..learn.augment import random_affine
 
     val = load_split(data_cfg, "val")
     rng = np.random.default_rng(seed)

@@ -15,7 +15,8 @@ import numpy as np
 
 from ..learn import metrics
 from ..learn.data import DatasetInfo
-from ..learn.guard import CONFIDENT, Guard, Screened, screen  # CONFIDENT: answers at this confidence are counted apart
+from ..learn.guard import CONFIDENT, Guard  # CONFIDENT: answers at this confidence are counted apart
+from ..learn.screening import Screened, screen
 from ..learn.images import ImageError
 # The labelled folder is read by the learn wing (training reads it the same way); re-exported here.
 from ..learn.labelled import LabelError, LabelledFile, label_of, parse_label_map, read_labelled  # noqa: F401
