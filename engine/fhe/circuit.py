@@ -266,6 +266,13 @@ def _inputset_in_batches(batch_size: int):
         yield
 
 
+def compile_options(cc: CompileConfig) -> dict:
+    """Concrete ML's compile arguments for ``cc``: never without ``rounding_threshold_bits``
+    (Concrete sizes the whole circuit by its widest integer, accumulators included)."""
+    return {"rounding_threshold_bits": {"n_bits": cc.rounding_threshold_bits, "method": cc.rounding_method},
+            "p_error": cc.p_error}
+
+
 def _build_entry(saved: SavedModel, cc: CompileConfig, key: str, out: Path) -> CircuitReport:
     import torch
     from concrete.ml.deployment import FHEModelDev
@@ -278,12 +285,7 @@ def _build_entry(saved: SavedModel, cc: CompileConfig, key: str, out: Path) -> C
         raise ValueError(f"{saved.name} keeps {len(inputset)} calibration images: too few for batches of {cc.batch_size}")
     t0 = time.perf_counter()
     with _inputset_in_batches(cc.batch_size):
-        qm = compile_brevitas_qat_model(
-            model,
-            inputset,
-            rounding_threshold_bits={"n_bits": cc.rounding_threshold_bits, "method": cc.rounding_method},
-            p_error=cc.p_error,
-        )
+        qm = compile_brevitas_qat_model(model, inputset, **compile_options(cc))
     compile_s = time.perf_counter() - t0
     FHEModelDev(str(out / "deployment"), qm).save()
     with open(out / "quantized_module.json", "w", encoding="utf-8") as f:
