@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import psutil
 from engine.serve.ports import free_port
+
+from bench import publish
 
 REPO = Path(__file__).resolve().parent.parent
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -141,10 +142,7 @@ def main() -> int:
         app.terminate()
         app.wait(timeout=60)
     result["command"] = f"python bench/dashboard_sessions.py --sessions {a.sessions}" + (f" --app {a.app}" if a.app != "app.py" else "")
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.json:
-        Path(a.json).write_text(text)
+    publish(result, a.json)
     return 0
 
 

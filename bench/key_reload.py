@@ -29,15 +29,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from engine.fhe.keys import FHEClient, evaluation_keys_for
+from engine.fhe.runtime import FHEServer
+from engine.fhe.threads import release_memory
+from engine.fhe.footprint import rss_bytes
+from engine.study.evaluate import machine_info
+
 REPO = Path(__file__).resolve().parent.parent
-
-import numpy as np  # noqa: E402
-
-from engine.fhe.keys import FHEClient, evaluation_keys_for  # noqa: E402
-from engine.fhe.runtime import FHEServer  # noqa: E402
-from engine.fhe.threads import release_memory  # noqa: E402
-from engine.fhe.footprint import rss_bytes  # noqa: E402
-from engine.study.evaluate import machine_info  # noqa: E402
 
 GIB = 2**30
 CIRCUIT = REPO / "models" / "pneumoniamnist" / "fcnn-16-w2a2i3-pool3" / "circuit"

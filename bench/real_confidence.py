@@ -88,15 +88,13 @@ def markdown(result: dict) -> str:
 
 
 def main() -> int:
+    from bench.real_train import labelled_args
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dataset", default="pneumoniamnist")
-    ap.add_argument("--model", default=None, help="model name (default: the dataset's default)")
+    labelled_args(ap)
     ap.add_argument("--models-dir", default=None)
-    ap.add_argument("--images", required=True, help="a labelled folder (one subfolder per class)")
-    ap.add_argument("--label-map", default="")
     ap.add_argument("--held-out", action="store_true", help="only the part the model held out of this folder")
     ap.add_argument("--mode", default="quantized", choices=["float", "quantized", "simulate", "fhe"])
-    ap.add_argument("--json", default=None, help="also write the figures here")
     a = ap.parse_args()
     from engine.learn import registry
     from engine.learn.data import dataset_info

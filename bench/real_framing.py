@@ -25,25 +25,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+from engine.learn import guard as guards
+from engine.learn.data import DataConfig, load_split
+from engine.learn.framing import Framing
+from engine.study.infer import Predictor
+from bench.real_train import SHARES, labelled_args, variant  # centre crops of the width, as there
+from engine.study.validate import LabelledFile, parse_label_map, read_labelled, validate
 
-from engine.learn import guard as guards  # noqa: E402
-from engine.learn.data import DataConfig, load_split  # noqa: E402
-from engine.learn.framing import Framing  # noqa: E402
-from engine.study.infer import Predictor  # noqa: E402
-from bench.real_train import SHARES, variant  # noqa: E402 - centre crops of the width, as there
-from engine.study.validate import LabelledFile, parse_label_map, read_labelled, validate  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dataset", default="pneumoniamnist")
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--images", required=True)
-    ap.add_argument("--label-map", default=None)
+    labelled_args(ap)
     ap.add_argument("--settings", default="", help="SCALE:THRESHOLD pairs to try besides off and the stored one")
     ap.add_argument("--splits", default="val",
                     help="MedMNIST splits uploaded as PNG files, e.g. val,test (test: for reporting only, never for choosing)")
-    ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
     p = Predictor.open(a.dataset, a.model)

@@ -22,24 +22,20 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.real_train import SHARES, labelled_args, variant
+from engine.learn import guard as guards
+from engine.learn import registry
+from engine.learn.framing import Framing
+from engine.study.infer import Predictor
+from engine.study.validate import parse_label_map, read_labelled, validate
 
-from bench.real_train import SHARES, variant  # noqa: E402
-from engine.learn import guard as guards  # noqa: E402
-from engine.learn import registry  # noqa: E402
-from engine.learn.framing import Framing  # noqa: E402
-from engine.study.infer import Predictor  # noqa: E402
-from engine.study.validate import parse_label_map, read_labelled, validate  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dataset", default="pneumoniamnist")
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--images", required=True)
-    ap.add_argument("--label-map", default=None)
+    labelled_args(ap)
     ap.add_argument("--no-crops", action="store_true", help="skip the crops and the stretch (BUSI: not X-ray framing)")
-    ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
     p = Predictor.open(a.dataset, a.model)

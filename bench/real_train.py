@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+from engine.config import DataConfig, PipelineConfig
+from engine.learn import metrics
+from engine.learn.data import dataset_info, load_split, to_features
+from engine.learn.labelled import LabelledFile, parse_label_map, prepare_training_images, read_labelled
+from engine.learn.recipes import recipe
+from engine.learn.train import train
 
-from engine.config import DataConfig, PipelineConfig  # noqa: E402
-from engine.learn import metrics  # noqa: E402
-from engine.learn.data import dataset_info, load_split, to_features  # noqa: E402
-from engine.learn.labelled import LabelledFile, parse_label_map, prepare_training_images, read_labelled  # noqa: E402
-from engine.learn.recipes import recipe  # noqa: E402
-from engine.learn.train import train  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 SHARES = (1.0, 0.85, 0.75)
 KEYS = {"hidden": ("model", "hidden", lambda v: tuple(int(h) for h in v.split("/"))),
@@ -46,6 +46,15 @@ KEYS = {"hidden": ("model", "hidden", lambda v: tuple(int(h) for h in v.split("/
         "seed": ("train", "seed", int), "wd": ("train", "weight_decay", float), "noise": ("train", "rounding_noise", float),
         "pruneat": ("train", "prune_after", float),
         "only": ("data", "images_only", lambda v: v == "1"), "medmnist": ("data", "images", None)}
+
+
+def labelled_args(ap) -> None:
+    """What every bench on one's own labelled images asks: the model, the folder, where to write."""
+    ap.add_argument("--dataset", default="pneumoniamnist")
+    ap.add_argument("--model", default=None, help="model name (default: the dataset's default)")
+    ap.add_argument("--images", required=True, help="a labelled folder (one subfolder per class)")
+    ap.add_argument("--label-map", default=None, help="e.g. NORMAL=0,PNEUMONIA=1 (default: the dataset's label names)")
+    ap.add_argument("--json", default=None, help="also write the figures here")
 
 
 def variant(files: list[LabelledFile], share: float = 1.0, stretch: float = 1.0) -> list[LabelledFile]:

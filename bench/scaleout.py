@@ -37,13 +37,14 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
+
+from engine.serve.loadtest import run_loadtest
+from engine.study.evaluate import machine_info
+from bench.tenants_report import Server
+from engine.serve.ports import free_port
+
 REPO = Path(__file__).resolve().parent.parent
-
-import httpx  # noqa: E402
-
-from engine.serve.loadtest import run_loadtest  # noqa: E402
-from engine.study.evaluate import machine_info  # noqa: E402
-from tenants_report import Server, free_port  # noqa: E402
 
 OUT = REPO / "bench" / "results"
 MODEL = "fcnn-16-w2a2i3-scatter3-real"  # the shipped default (its clients compute the scattering stage)

@@ -20,10 +20,10 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from engine.study.evaluate import machine_info
+from engine.serve.loadtest import markdown
 
-from engine.study.evaluate import machine_info  # noqa: E402
-from engine.serve.loadtest import markdown  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 GIB = 2**30
 

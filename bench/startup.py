@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -33,7 +32,9 @@ import threading
 import time
 from pathlib import Path
 
-from dashboard_sessions import FLAGS, free_port  # the same browser and port as the sessions benchmark
+from bench import publish
+from bench.dashboard_sessions import FLAGS  # the same browser as the sessions benchmark
+from engine.serve.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -171,10 +172,7 @@ def main() -> int:
         time.sleep(10)  # the stopped app's processes finish exiting
         result["restart"] = asyncio.run(run_app(clone, env, 0, a.deadline))
     result["command"] = f"python bench/startup.py --sessions {a.sessions}"
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.json:
-        Path(a.json).write_text(text)
+    publish(result, a.json)
     return 0
 
 

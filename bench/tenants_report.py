@@ -27,17 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
+import httpx
+import numpy as np
 
 from engine.serve.client import EncryptedClient
+from engine.serve.loadtest import markdown, run_loadtest
+from engine.serve.ports import free_port
+from engine.serve.transports import HTTPTransport
+from engine.study.evaluate import machine_info
 
-from engine.serve.transports import HTTPTransport  # noqa: E402
-from engine.serve.loadtest import markdown, run_loadtest  # noqa: E402
-from engine.study.evaluate import machine_info  # noqa: E402
-from engine.serve.ports import free_port  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 GIB = 2**30
 OUT = REPO / "bench" / "results"

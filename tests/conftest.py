@@ -119,3 +119,18 @@ def test_split(data_dir):
     from engine.learn.data import load_split
 
     return load_split(DataConfig("pneumoniamnist", data_dir=str(data_dir), allow_download=False), "test")
+
+
+def wait_healthy(url: str, log: Path, what: str) -> None:
+    """Wait until a service or app a test started answers ``/health`` (5 min at most); fail with
+    the end of its ``log`` if it does not."""
+    import time
+    import urllib.request
+
+    for _ in range(600):
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
+                return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{what} did not start: {Path(log).read_text()[-2000:]}")

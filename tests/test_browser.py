@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, wait_healthy
 from engine.serve.ports import free_port
 
 ARTIFACTS = REPO / "test-artifacts"
@@ -29,16 +29,6 @@ def chromium_path() -> str:
             return cand
     pytest.fail("Chromium not found: install it (apt-get install chromium) or set CHROMIUM=/path/to/chromium",
                 pytrace=False)
-
-
-def wait_healthy(url: str, log, what: str) -> None:
-    for _ in range(600):
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
-                return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"{what} did not start: {log.read_text()[-2000:]}")
 
 
 def start_app(cwd: Path, env: dict, log: Path) -> tuple[subprocess.Popen, str]:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, wait_healthy
 
 
 @pytest.fixture(scope="module")
@@ -263,8 +263,6 @@ def test_search_scores_points_and_chooses_a_stable_one(env, tmp_path):
 
 def test_serve_then_predict_and_loadtest_over_http(env, tmp_path):
     """`engine serve` in its own process; `predict --server` and `loadtest` as its clients."""
-    import time
-    import urllib.request
 
     # with intensity levels: the remote client (predict --server, loadtest) sends them too
     trained = run(env, "train", "--dataset", "pneumoniamnist", "--epochs", "1", "--hidden", "8", "--limit-train", "512",
@@ -280,14 +278,7 @@ def test_serve_then_predict_and_loadtest_over_http(env, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--port", str(port), "--key-store-bytes", "2GiB"],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        for _ in range(600):
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail((tmp_path / "serve.log").read_text()[-2000:])
+        wait_healthy(url, tmp_path / "serve.log", "the service")
         pred = tmp_path / "pred.json"
         out = run(env, "predict", "--dataset", "pneumoniamnist", "--model", "cli-served", "--index", "0", "3",
                   "--modes", "simulate,fhe", "--server", url, "--json", str(pred)).stdout

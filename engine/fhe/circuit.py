@@ -161,11 +161,8 @@ def batched_agreement(compiled: "CompiledModel", x: np.ndarray) -> float:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_entry(path: Path) -> CompiledModel:

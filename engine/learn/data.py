@@ -236,11 +236,8 @@ def _try_download(flag: str, size: int, root: Path) -> str:
 
 
 def md5sum(path: Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 @lru_cache(maxsize=8)
