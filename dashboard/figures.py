@@ -30,3 +30,29 @@ def reliability_figure(report: dict):
                       xaxis_range=[0.45, 1.05], height=320, margin=dict(l=10, r=10, t=30, b=10),
                       title="Reliability", showlegend=False)
     return fig
+
+
+def roc_figure(report: dict, point=None):
+    """The finding's ROC curve on the validated images, with the operating point in force (if any)
+    and the thresholds of the table marked."""
+    import plotly.graph_objects as go
+
+    op = report["operating"]
+    roc = op["roc"]
+    finding = report["labels"][op["finding"]]
+    fig = go.Figure([
+        go.Scatter(x=roc["fpr"], y=roc["tpr"], mode="lines", name="ROC", customdata=roc["thresholds"],
+                   hovertemplate=f"P({finding}) ≥ %{{customdata:.2f}}: sensitivity %{{y:.2f}}, 1 − specificity %{{x:.2f}}"),
+        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash"), name="chance"),
+    ])
+    rows = [r for r in op["table"] if r["sensitivity"] is not None and r["specificity"] is not None]
+    fig.add_trace(go.Scatter(x=[1 - r["specificity"] for r in rows], y=[r["sensitivity"] for r in rows], mode="markers",
+                             name="table thresholds", text=[f"{r['threshold']:.2f}" for r in rows],
+                             hovertemplate="threshold %{text}"))
+    if point is not None and point.figures.get("sensitivity") is not None:
+        fig.add_trace(go.Scatter(x=[1 - point.figures["specificity"]], y=[point.figures["sensitivity"]], mode="markers",
+                                 marker=dict(size=14, symbol="star"), name="operating point"))
+    fig.update_layout(xaxis_title="1 − specificity", yaxis_title=f"sensitivity ({finding})", height=340,
+                      margin=dict(l=10, r=10, t=30, b=10), title=f"ROC of {finding} (AUC {op['auc']:.3f})",
+                      showlegend=False)
+    return fig

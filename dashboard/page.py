@@ -15,6 +15,7 @@ from engine.config import DataConfig, default_cache_dir, default_data_dir
 from engine.learn import registry
 from engine.learn.data import DataError, dataset_info
 
+from . import points
 from .service import service_url
 from .sessions import prepare_keys
 
@@ -82,6 +83,7 @@ def model_page(page_title: str, title: str):
     cc = saved.config.compile
     st.sidebar.caption(f"Served circuit: rounding {cc.rounding_threshold_bits} bits ({cc.rounding_method}), "
                        f"p_error {cc.p_error:g}. Service: {service_url()}")
+    st.sidebar.caption(f"Answers decided by {points.in_force(saved)}.")
     prepare_keys(saved)
     return saved, cc, dataset_info(saved.dataset)
 

@@ -7,15 +7,29 @@ import pandas as pd
 from engine.learn import registry
 from engine.learn.metrics import label_text
 
+from . import points
 from .circuits import guard
 
 MODE_LABELS = {"float": "Float (PyTorch)", "quantized": "Quantized clear", "simulate": "FHE simulation", "fhe": "Encrypted (FHE)"}
 
 
-def batch_table(items, fhe, info, guard) -> pd.DataFrame:
+def decision_text(saved: registry.SavedModel, logits, info, verdict=None) -> str:
+    """Which rule decided an answer, and what it decided: shown under every answer."""
+    decided = points.decision(saved, logits, info, guard(saved), verdict)
+    if not decided:
+        return f"Decided by {points.in_force(saved)}."
+    return f"Decided at the {points.in_force(saved)}: **{decided}**."
+
+
+def batch_table(items, fhe, info, guard_, saved: registry.SavedModel) -> pd.DataFrame:
+    """One row per uploaded file; with an operating point in force, the decision at that point too."""
     from engine.learn.screening import batch_rows
 
-    return pd.DataFrame(batch_rows(items, fhe.logits, fhe.predictions, lambda p: label_text(info, p), guard))
+    table = pd.DataFrame(batch_rows(items, fhe.logits, fhe.predictions, lambda p: label_text(info, p), guard_))
+    if points.current(saved) is not None:
+        decided = iter(points.decisions(saved, items, fhe.logits, info, guard_))
+        table.insert(2, "decision (operating point)", [None if it.error else next(decided) for it in items])
+    return table
 
 
 def confidence_text(saved: registry.SavedModel, logits, verdict=None) -> str:

@@ -79,6 +79,20 @@ def test_home_encrypted_prediction(app_env):
     assert any("freshly generated wrong key" in m.value for m in at.markdown)
     right, wrong = [json.loads(j.value) for j in at.json][-2:]
     assert right["logits"] != wrong["logits"]
+    # without an operating point the answer is argmax and says so; with one, it names the point
+    # and the class decided there (a threshold of 0: every image is called pneumonia)
+    assert any(m.value == "Decided by argmax (no operating point chosen)." for m in at.markdown)
+    from engine.learn import registry
+    from engine.study.operating import OperatingPoint
+
+    tiny = registry.load("pneumoniamnist", "tiny")
+    at.session_state["operating_points"] = {tiny.hash: OperatingPoint(
+        dataset="pneumoniamnist", model="tiny", model_hash=tiny.hash, finding=1, finding_name="pneumonia",
+        other_name="normal", threshold=0.0, chosen_by="a test")}
+    at.button(key="home_run").click().run()
+    ok(at)
+    decided = next(m.value for m in at.markdown if m.value.startswith("Decided at the operating point"))
+    assert "pneumonia when P(pneumonia) >= 0.000 (a test)" in decided and ": **pneumonia (P(pneumonia)" in decided
 
 
 def markdown_rows(text: str) -> list[dict]:

@@ -1,6 +1,7 @@
 """The dashboard in a real headless Chromium: `streamlit run app.py` on localhost, driven by
 Playwright (Debian's chromium; Playwright's own browser download is not used)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -233,6 +234,15 @@ def test_validation_from_a_zip_in_browser(server, browser, tmp_path, data_dir):
         page.get_by_role("button", name="Download CSV").click()
     csv = Path(dl.value.path()).read_text()
     assert csv.splitlines()[0].startswith("file,true,prediction,right,confidence") and len(csv.splitlines()) == 5
+    # the operating point: its curve and table, chosen for a recall target, downloaded as JSON
+    page.get_by_role("heading", name="Operating point").wait_for(timeout=30_000)
+    page.locator(".js-plotly-plot").nth(2).wait_for(timeout=30_000)  # the ROC curve
+    page.get_by_role("button", name="Use this operating point").click()
+    page.get_by_text("In force for this session").first.wait_for(timeout=60_000)
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Download the operating point (JSON)").click()
+    point = json.loads(Path(dl.value.path()).read_text())
+    assert point["chosen_by"] == "recall >= 0.95" and point["images"]["n"] == 4 and point["dataset"] == "pneumoniamnist"
     assert page.locator('[data-testid="stException"]').count() == 0
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "validate_encrypted.png"), full_page=True)

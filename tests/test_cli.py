@@ -161,6 +161,73 @@ def test_evaluate_images_on_a_labelled_folder(env, tmp_path, data_dir):
     assert p.returncode == 2 and "Folder 'Unsure'" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_an_operating_point_chosen_on_one_folder_and_applied_to_another(env, tmp_path, data_dir):
+    """evaluate --images reports the ROC with bootstrap intervals; --target-recall --save-point
+    chooses and saves a point; --point applies it to a second folder of the same kind (its recall
+    stays in the first folder's interval, the figures are those of its decisions, the refer band
+    is counted apart) and to predict; a point made for another model is refused (exit 2)."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.learn.data import DataConfig, load_split
+
+    val = load_split(DataConfig("pneumoniamnist", data_dir=str(data_dir), allow_download=False), "val")
+    normal, pneumonia = (np.flatnonzero(val.labels[:, 0] == c) for c in (0, 1))
+    folders = {}
+    for name, part in (("first", slice(0, 60)), ("second", slice(60, 120))):
+        root = folders[name] = tmp_path / name
+        for cls, idx in (("NORMAL", normal[part]), ("PNEUMONIA", pneumonia[part])):
+            (root / cls).mkdir(parents=True)
+            for i in idx:
+                Image.fromarray(val.images[i]).save(root / cls / f"v{i}.png")
+    point, first = tmp_path / "point.json", tmp_path / "first.json"
+    out = run(env, "evaluate", "--dataset", "pneumoniamnist", "--model", "cli-tiny", "--images", str(folders["first"]),
+              "--modes", "quantized", "--target-recall", "0.95", "--refer-band", "0.45,0.5", "--save-point", str(point),
+              "--json", str(first)).stdout
+    rep = json.loads(first.read_text())
+    op = rep["operating"]
+    assert op["n"] == 120 and op["positives"] == 60 and op["finding"] == 1
+    assert op["auc_ci"][0] <= op["auc"] <= op["auc_ci"][1] and op["auc"] > 0.8
+    assert [r["threshold"] for r in op["table"]][:2] == [0.05, 0.1]
+    assert all(r["sensitivity_ci"][0] <= r["sensitivity"] <= r["sensitivity_ci"][1] for r in op["table"])
+    assert "ROC of pneumonia on 120 images" in out and "answers: argmax (no operating point)" in out
+    # without a point the answers are argmax: no decision of another kind
+    assert all("decision" not in im for im in rep["images"]) and rep["decided_by"].startswith("argmax")
+    saved = json.loads(point.read_text())
+    chosen = saved["figures"]
+    assert chosen["sensitivity"] >= 0.95 and saved["chosen_by"] == "recall >= 0.95" and saved["refer"] == [0.45, 0.5]
+    assert saved["images"]["n"] == 120 and len(saved["images"]["content_hash"]) == 64
+    second = tmp_path / "second.json"
+    out = run(env, "evaluate", "--dataset", "pneumoniamnist", "--model", "cli-tiny", "--images", str(folders["second"]),
+              "--modes", "quantized", "--point", str(point), "--json", str(second)).stdout
+    rep2 = json.loads(second.read_text())
+    at = rep2["at_point"]
+    images = rep2["images"]
+    referred = [im for im in images if 0.45 <= im["finding_probability"] < 0.5]
+    assert at["referred"] == len(referred) and all(im["decision"] == "refer to a radiologist" for im in referred)
+    answered = [im for im in images if im not in referred]
+    found = [im["decision"] == "pneumonia" for im in answered if im["label"] == 1]
+    cleared = [im["decision"] == "normal" for im in answered if im["label"] == 0]
+    assert at["sensitivity"] == pytest.approx(np.mean(found)) and at["specificity"] == pytest.approx(np.mean(cleared))
+    assert chosen["sensitivity_ci"][0] <= at["sensitivity"] <= 1.0
+    assert "at the operating point: sensitivity" in out and "referred" in out
+    # the point changes the decisions only, never the figures per mode
+    assert rep2["modes"]["quantized"]["accuracy"] == pytest.approx(np.mean([im["prediction"] == im["label"] for im in images]))
+    img = next((folders["second"] / "PNEUMONIA").glob("*.png"))
+    pred = tmp_path / "pred.json"
+    out = run(env, "predict", "--dataset", "pneumoniamnist", "--model", "cli-tiny", "--image", str(img), "--modes",
+              "quantized", "--point", str(point), "--json", str(pred)).stdout
+    row = json.loads(pred.read_text())[0]
+    assert "answers: operating point: pneumonia when P(pneumonia) >=" in out and "decided: " in out
+    assert row["threshold"] == saved["threshold"] and row["decision"] in ("pneumonia", "normal", "refer to a radiologist")
+    # a point made for another model: refused with a clear error
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**saved, "model_hash": "0" * 64}))
+    p = run(env, "predict", "--dataset", "pneumoniamnist", "--model", "cli-tiny", "--index", "0", "--modes", "quantized",
+            "--point", str(other), ok=False)
+    assert p.returncode == 2 and "this operating point was chosen for" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_train_then_evaluate_any_subset(env, tmp_path):
     from conftest import make_npz
 

@@ -97,6 +97,7 @@ if last and last[0] == saved.hash and last[1] == int(idx):
     conf = tables.confidence_text(saved, fhe.logits[0])
     right.success(f"Encrypted prediction: **{label_text(info, fhe.predictions[0])}** "
                   f"({1000 * fhe.latency_s[0]:.0f} ms end to end)" + (f" · {conf}" if conf else ""))
+    right.markdown(tables.decision_text(saved, fhe.logits[0], info))
     right.caption(f"Encrypted and decrypted with {which}.")
     # Markdown rather than st.table / st.code: a fresh browser session would otherwise fetch and
     # compile about 2.4 MB of JavaScript (Arrow reader, syntax highlighter) before showing the answer.

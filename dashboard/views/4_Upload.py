@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from dashboard import circuits, jobs, page, tables
+from dashboard import circuits, jobs, page, points, tables
 from engine.learn.metrics import label_text
 from engine.learn import screening
 from engine.learn.images import EXTENSIONS, ImageError
@@ -62,6 +62,7 @@ if len(items) == 1:
                 results = p.run(item.image[None], ["fhe"])
             fhe = results["fhe"]
             st.success(f"Encrypted prediction: **{label_text(info, fhe.predictions[0])}** · {tables.confidence_text(saved, fhe.logits[0], item.verdict)}")
+            st.markdown(tables.decision_text(saved, fhe.logits[0], info, item.verdict))
             if not info.multi_label and not (item.verdict is not None and item.verdict.foreign):
                 probs = guard.confidence(fhe.logits[0]).probabilities if guard is not None else fhe.scores[0]
                 st.bar_chart(pd.DataFrame({"class": [info.labels[c] for c in info.labels],
@@ -87,12 +88,13 @@ if st.button(f"Encrypted predictions for {len(good)} images", icon=":material/lo
         bar, update = jobs.progress_bar("Encrypting and classifying")
         fhe = p.run(np.stack([it.image for it in good]), ["fhe"], progress=update)["fhe"]
         st.session_state["upload_batch"] = (saved.hash, [it.name for it in items],
-                                            tables.batch_table(items, fhe, info, guard))
+                                            tables.batch_table(items, fhe, info, guard, saved), points.in_force(saved))
     except Exception as exc:  # noqa: BLE001
         page.fail(exc)
 batch = st.session_state.get("upload_batch")
 if batch and batch[0] == saved.hash and batch[1] == [it.name for it in items]:
     table = batch[2]
+    st.caption(f"Answers decided by {batch[3]}.")
     st.dataframe(table, hide_index=True)
     SHOWN = 24
     with st.expander(f"Each image and the {size}×{size} picture the model saw"

@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from dashboard import circuits, figures, jobs, page
+from dashboard import circuits, figures, jobs, page, points
 from engine.study import validate
 from engine.learn.images import ImageError, load_image
 
@@ -35,11 +35,86 @@ if st.button(f"Validate {len(files)} images, encrypted", icon=":material/lock:",
     try:
         bar, update = jobs.progress_bar("Encrypting and classifying")
         report = validate.validate(circuits.predictor(saved, cc), circuits.guard(saved), files, ["fhe"], progress=update,
-                                   source=up.name)
+                                   source=up.name, point=points.current(saved))
         bar.empty()
         st.session_state["validate_report"] = (key, report)
     except Exception as exc:  # noqa: BLE001
         page.fail(exc)
+
+
+def ci(v, interval) -> str:
+    return "-" if v is None else f"{100 * v:.1f}% ({validate.pct(interval[0])}–{validate.pct(interval[1])})"
+
+
+def operating_point_section(report: dict) -> None:
+    """ROC, the table at candidate thresholds with 95% intervals, and choosing a point (binary datasets)."""
+    from engine.study import operating
+
+    op = report.get("operating")
+    if not op or op["roc"] is None:
+        return
+    finding = report["labels"][op["finding"]]
+    st.subheader("Operating point")
+    st.markdown(f"How the answers trade {finding} recall (sensitivity) against false alarms on **your {op['n']} images** "
+                f"({op['positives']} {finding}, {op['negatives']} other). Intervals: 95% bootstrap "
+                f"({op['bootstrap']} resamples). The point is chosen here, kept in this browser session and never sent "
+                f"to the server; it does not retrain the model. Answers now: **{report['decided_by']}**.")
+    at = report.get("at_point")
+    if at and at.get("sensitivity") is not None:
+        st.info(f"At the operating point in force: sensitivity {ci(at['sensitivity'], at['sensitivity_ci'])}, "
+                f"specificity {ci(at['specificity'], at['specificity_ci'])}, PPV {validate.pct(at['ppv'])}, "
+                f"NPV {validate.pct(at['npv'])} over {at['answered']} answered images; {at['referred']} referred "
+                "to a radiologist.", icon=":material/rule:")
+    left, right = st.columns(2)
+    left.plotly_chart(figures.roc_figure(report, points.current(saved)), key="validate_roc")
+    rows = pd.DataFrame([{"P(" + finding + ") ≥": r["threshold"], "sensitivity": ci(r["sensitivity"], r["sensitivity_ci"]),
+                          "specificity": ci(r["specificity"], r["specificity_ci"]), "PPV": ci(r["ppv"], r["ppv_ci"]),
+                          "NPV": ci(r["npv"], r["npv_ci"])} for r in op["table"]])
+    right.dataframe(rows, hide_index=True, height=340)
+    with st.form("validate_choose"):
+        c1, c2, c3 = st.columns(3)
+        by = c1.radio("Choose by", [f"{finding} recall", "specificity", "a row of the table"], key="validate_point_by")
+        target = c2.number_input("Target (recall or specificity)", 0.5, 1.0, 0.95, 0.01, key="validate_point_target")
+        row = c2.selectbox("Row (threshold)", [r["threshold"] for r in op["table"]], index=9, key="validate_point_row")
+        band = c3.checkbox("Refer band: answer 'refer to a radiologist' between two thresholds", key="validate_point_refer")
+        lo, hi = c3.slider(f"Refer when P({finding}) is in", 0.0, 1.0, (0.4, 0.6), 0.01, key="validate_point_band")
+        chosen = st.form_submit_button("Use this operating point", icon=":material/rule:")
+    if chosen:
+        rows_ = report["images"]
+        labels = [r["label"] for r in rows_]
+        probs = [r["finding_probability"] for r in rows_]
+        import numpy as np
+
+        try:
+            kw = ({"target_recall": target} if by.endswith("recall") else {"target_specificity": target}
+                  if by == "specificity" else {})
+            point = operating.make_point(saved, info, np.asarray(labels), np.asarray(probs), [f for f in files if f.error is None],
+                                         refer=[lo, hi] if band else None, calibrated=report["calibrated"], source=up.name,
+                                         threshold=None if kw else float(row), **kw)
+            points.use(saved, point)
+            st.success(f"In force for this session: {point.describe()}. Validate again to audit it on these images.")
+        except operating.PointError as exc:
+            st.error(str(exc))
+    point = points.current(saved)
+    if point is not None:
+        st.download_button("Download the operating point (JSON)", point.to_json().encode(),
+                           file_name=f"operating_point_{saved.dataset}.json", mime="application/json",
+                           icon=":material/download:", key="validate_point_download")
+        if st.button("Back to argmax (drop the point)", key="validate_point_clear"):
+            points.clear(saved)
+            st.rerun()
+
+
+with st.expander("Load an operating point saved earlier (JSON)", icon=":material/upload:"):
+    saved_point = st.file_uploader("Operating point", type=["json"], key="validate_point_file")
+    if saved_point is not None:
+        from engine.study.operating import PointError
+
+        try:
+            st.success(f"In force for this session: {points.load(saved, saved_point.getvalue()).describe()}.")
+        except PointError as exc:
+            st.error(str(exc))
+
 stored = st.session_state.get("validate_report")
 if not stored or stored[0] != key:
     st.stop()
@@ -62,9 +137,11 @@ st.caption(f"Accuracy of the flagged images: {validate.pct(report['accuracy_flag
 left, right = st.columns(2)
 left.plotly_chart(figures.confusion_figure(report), key="validate_confusion")
 right.plotly_chart(figures.reliability_figure(report), key="validate_reliability")
-table = pd.DataFrame(report["images"])[["file", "label_name", "prediction_name", "right", "confidence", "uncertain",
-                                        "flagged", "warning"]].rename(columns={"label_name": "true",
-                                                                               "prediction_name": "prediction"})
+operating_point_section(report)
+columns = ["file", "label_name", "prediction_name"] + (["decision"] if "at_point" in report else []) + [
+    "right", "confidence", "uncertain", "flagged", "warning"]
+table = pd.DataFrame(report["images"])[columns].rename(columns={"label_name": "true", "prediction_name": "prediction",
+                                                               "decision": "decision (operating point)"})
 st.dataframe(table, hide_index=True)
 st.download_button("Download CSV", table.to_csv(index=False).encode(), file_name=f"validation_{saved.dataset}.csv",
                    mime="text/csv", icon=":material/download:", key="validate_csv")

@@ -22,6 +22,16 @@ def add_evaluate(sub) -> None:
                         "validate on your own labelled images through the upload path instead of a split")
     p.add_argument("--label-map", default=None,
                    help="with --images: folder names to label indices, e.g. NORMAL=0,PNEUMONIA=1")
+    point = p.add_argument_group("operating point (with --images, binary datasets: the threshold answers are decided with)")
+    point.add_argument("--target-recall", type=float, default=None,
+                       help="choose the threshold whose recall of the finding (pneumonia; malignant) reaches this, e.g. 0.95")
+    point.add_argument("--target-specificity", type=float, default=None,
+                       help="choose the threshold whose specificity reaches this, e.g. 0.9")
+    point.add_argument("--refer-band", default=None, metavar="LOW,HIGH",
+                       help="answer 'refer to a radiologist' when the finding's probability is in [LOW, HIGH)")
+    point.add_argument("--save-point", default=None, metavar="FILE", help="write the chosen point to this JSON file")
+    point.add_argument("--point", default=None, metavar="FILE",
+                       help="decide with this saved point and report the figures at it (made for this model only)")
     modes_arg(p, "float,quantized,simulate")
     server_arg(p)
     p.add_argument("--json", default=None, help="write the report to this file")
@@ -39,6 +49,8 @@ def cmd_evaluate(a) -> int:
 
     if a.images:
         return _validate_images(a)
+    if a.point or a.save_point or a.target_recall is not None or a.target_specificity is not None or a.refer_band:
+        raise UserError("operating points go with --images: they are chosen and audited on your own labelled images")
     if a.label_map:
         raise UserError("--label-map goes with --images")
     p = predictor(a)
@@ -256,14 +268,65 @@ def _validate_images(a) -> int:
     guard = guards.for_model(p.saved, data_cfg(a))
     if guard is None:
         say("no input check and no calibration: the model has no guard file and its dataset is not on this machine")
+    point = _point_args(a, p.saved)
     bar, update = progress_bar("validating")
-    report = validate.validate(p, guard, files, a.modes, progress=update, source=a.images)
+    report = validate.validate(p, guard, files, a.modes, progress=update, source=a.images, point=point)
     bar.close()
     print(validate.table(report))
+    if a.target_recall is not None or a.target_specificity is not None:
+        report["chosen_point"] = _choose_point(a, p, report, files, guard)
     if a.json:
         write_json(report, Path(a.json))
         print(f"wrote {a.json}")
     return 0
+
+
+def _point_args(a, saved):
+    """The saved point to decide with (checked against the model), after checking the other point options."""
+    from ..study.operating import OperatingPoint
+
+    targets = [t for t in (a.target_recall, a.target_specificity) if t is not None]
+    if len(targets) > 1:
+        raise UserError("give --target-recall or --target-specificity, not both")
+    if a.save_point and not targets:
+        raise UserError("--save-point needs --target-recall or --target-specificity")
+    if a.refer_band and not targets:
+        raise UserError("--refer-band goes with a target: it is saved with the point chosen")
+    if a.point and targets:
+        raise UserError("--point applies a saved point; a target chooses a new one: give one of them")
+    return OperatingPoint.load(a.point).check(saved) if a.point else None
+
+
+def _refer_band(text: str | None) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--refer-band takes LOW,HIGH probabilities, e.g. 0.3,0.6: {text!r}") from None
+    return [lo, hi]
+
+
+def _choose_point(a, p, report: dict, files, guard) -> dict:
+    """The point meeting the target on these images: printed, and saved with --save-point."""
+    import numpy as np
+
+    from ..study.operating import make_point
+
+    rows = report.get("images", [])
+    if "operating" not in report or not rows:
+        raise UserError(f"an operating point needs a binary dataset and readable images ({p.saved.dataset})")
+    labels = np.asarray([r["label"] for r in rows])
+    probs = np.asarray([r["finding_probability"] for r in rows])
+    point = make_point(p.saved, p.info, labels, probs, [f for f in files if f.error is None], a.target_recall,
+                       a.target_specificity, _refer_band(a.refer_band), calibrated=guard is not None, source=a.images)
+    f = point.figures
+    print(f"chosen: {point.describe()}; on these {point.images['n']} images sensitivity {100 * f['sensitivity']:.1f}% "
+          f"(95% CI {100 * f['sensitivity_ci'][0]:.1f}-{100 * f['sensitivity_ci'][1]:.1f}), specificity "
+          f"{100 * f['specificity']:.1f}% (95% CI {100 * f['specificity_ci'][0]:.1f}-{100 * f['specificity_ci'][1]:.1f})")
+    if a.save_point:
+        print(f"wrote {point.save(a.save_point)} (apply it with --point; predict takes it too)")
+    return json.loads(point.to_json())
 
 
 def _bit_list(text: str) -> list[int]:

@@ -66,6 +66,8 @@ def add_predict(sub) -> None:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--index", type=int, nargs="+", default=[0], help="image indices in the split")
     p.add_argument("--image", nargs="+", default=None, help="image files (PNG, JPEG, BMP, TIFF, .npy) instead of --index")
+    p.add_argument("--point", default=None, metavar="FILE",
+                   help="decide with this operating point (evaluate --images ... --save-point makes one; default: argmax)")
     modes_arg(p, "all")
     server_arg(p)
     p.add_argument("--json", default=None)
@@ -75,7 +77,6 @@ def cmd_predict(a) -> int:
     import numpy as np
 
     from ..learn.data import load_split
-    from ..learn.images import load_image
     from ..learn.metrics import label_text
 
     sub = None
@@ -91,27 +92,16 @@ def cmd_predict(a) -> int:
     info = p.info
     say(f"{p.saved.dataset}/{p.saved.name}: feature stage {p.saved.stage_text()}")
     guard = guards.for_model(p.saved, data_cfg(a))
-    verdicts = {}
-    if a.image:
-        sharpness = guard.sharpness if guard is not None else None
-        loaded = [load_image(Path(f), p.saved.config.data.size, info.n_channels, sharpness=sharpness,
-                             framing=guard.framing if guard is not None else None) for f in a.image]
-        images = np.stack([im.array for im in loaded])
-        names, truth = list(a.image), [None] * len(a.image)
-        if guard is None:
-            say("no input check: the model has no guard file and its dataset is not on this machine")
-        else:
-            for name, im in zip(names, loaded):
-                v = guard.check(im.array, im.original)
-                verdicts[name] = v
-                if v.foreign:
-                    print(f"warning: {name} does not look like a {p.saved.dataset} image: {v.message}")
-    else:
-        images, names = sub.images, [f"{a.split}[{i}]" for i in a.index]
-        truth = [label_text(info, t) for t in sub.targets]
+    point = None
+    if a.point:
+        from ..study.operating import OperatingPoint
+
+        point = OperatingPoint.load(a.point).check(p.saved)
+    images, names, truth, verdicts = _predict_inputs(a, p, guard, sub)
     bar, update = progress_bar("predicting")
     results = p.run(images, a.modes, progress=update)
     bar.close()
+    print(f"answers: {point.describe() if point is not None else 'argmax (no operating point)'}")
     out = []
     for i, name in enumerate(names):
         row = {"image": name, "true": truth[i]}
@@ -131,6 +121,10 @@ def cmd_predict(a) -> int:
         if name in verdicts:
             row["foreign_input"] = verdicts[name].foreign
             row["warning"] = verdicts[name].message
+        if point is not None:
+            row.update(_decided(point, results[list(results)[-1]].logits[i], guard, info, verdicts.get(name)))
+            conf_text += f"  decided: {row['decision']} (P({point.finding_name}) {100 * row['finding_probability']:.0f}%, " \
+                         f"threshold {100 * point.threshold:.0f}%)"
         out.append(row)
         truth_text = f"true={row['true']}  " if row["true"] is not None else ""
         print(f"{name}: {truth_text}" + "  ".join(f"{m}={row[m]['label']} ({row[m]['latency_s'] * 1000:.1f} ms)" for m in results)
@@ -142,6 +136,47 @@ def cmd_predict(a) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
     return 0
+
+
+def _predict_inputs(a, p, guard, sub):
+    """The images to classify (files through the upload path, each checked, or split indices),
+    their names, true labels and the input check's verdicts."""
+    import numpy as np
+
+    from ..learn.images import load_image
+    from ..learn.metrics import label_text
+
+    info = p.info
+    verdicts = {}
+    if a.image:
+        sharpness = guard.sharpness if guard is not None else None
+        loaded = [load_image(Path(f), p.saved.config.data.size, info.n_channels, sharpness=sharpness,
+                             framing=guard.framing if guard is not None else None) for f in a.image]
+        images = np.stack([im.array for im in loaded])
+        names, truth = list(a.image), [None] * len(a.image)
+        if guard is None:
+            say("no input check: the model has no guard file and its dataset is not on this machine")
+        else:
+            for name, im in zip(names, loaded):
+                v = guard.check(im.array, im.original)
+                verdicts[name] = v
+                if v.foreign:
+                    print(f"warning: {name} does not look like a {p.saved.dataset} image: {v.message}")
+    else:
+        images, names = sub.images, [f"{a.split}[{i}]" for i in a.index]
+        truth = [label_text(info, t) for t in sub.targets]
+    return images, names, truth, verdicts
+
+
+def _decided(point, logits, guard, info, verdict) -> dict:
+    """One answer decided at an operating point: a flagged input stays uncertain whatever the point."""
+    from ..study.operating import REFER, finding_probability
+
+    prob = float(finding_probability(logits[None], point.finding, guard if point.calibrated else None)[0])
+    c = point.decide(prob)
+    decision = "uncertain (flagged)" if verdict is not None and verdict.foreign else (REFER if c is None else info.labels[c])
+    return {"decision": decision, "finding_probability": round(prob, 4), "threshold": point.threshold,
+            "refer_band": point.refer}
 
 
 def add_models(sub) -> None:

@@ -85,9 +85,12 @@ def calibration_error(confidence: np.ndarray, right: np.ndarray, bins: int = 10)
 
 
 def validate(predictor, guard: Guard | None, files: list[LabelledFile], modes, progress=None,
-             source: str = "") -> dict:
+             source: str = "", point=None) -> dict:
     """The report on ``files`` (see the module docstring): per mode, and per image for the last
-    mode given (the answer the user would get)."""
+    mode given (the answer the user would get). Binary datasets: the ROC and precision-recall
+    curves of the finding with 95% bootstrap intervals (``operating``); with ``point`` (an
+    :class:`engine.study.operating.OperatingPoint` made for this model) the figures at that point
+    and each image's decision there (``at_point``), else the answers are argmax, as ``decided_by`` says."""
     from .infer import parse_modes
 
     modes = parse_modes(modes)
@@ -132,7 +135,30 @@ def validate(predictor, guard: Guard | None, files: list[LabelledFile], modes, p
     })
     if "fhe" in results:
         report["latency_median_s"] = float(np.median(results["fhe"].latency_s))
+    _operating(report, saved, info, guard, labels, last.logits, point)
     return report
+
+
+def _operating(report: dict, saved, info: DatasetInfo, guard: Guard | None, labels: np.ndarray, logits: np.ndarray,
+               point) -> None:
+    """The ROC part of the report, and the figures and decisions at ``point``."""
+    from . import operating
+
+    report["decided_by"] = point.describe() if point is not None else "argmax (no operating point)"
+    if info.n_outputs != 2 or info.multi_label:
+        return
+    finding = operating.finding_of(saved.dataset, info)
+    p = operating.finding_probability(logits, finding, guard if (point is None or point.calibrated) else None)
+    report["operating"] = operating.curves(labels, p, finding)
+    for row, v in zip(report["images"], p):
+        row["finding_probability"] = round(float(v), 6)
+    if point is None:
+        return
+    report["at_point"] = operating.audit(point, labels, p)
+    for row, v in zip(report["images"], p):
+        c = point.decide(float(v))
+        # a flagged image stays uncertain whatever the point
+        row["decision"] = "uncertain (flagged)" if row["flagged"] else (operating.REFER if c is None else info.labels[c])
 
 
 def pct(v) -> str:
@@ -161,8 +187,37 @@ def table(report: dict) -> str:
         lines.append(f"answers at {kind}confidence >= {100 * CONFIDENT:.0f}%: {pct(report['confident_share'])} "
                      f"of images, {pct(report['accuracy_confident'])} right"
                      + (f"; calibration error (ECE) {report['ece']:.3f}" if report.get("ece") is not None else ""))
+    lines += _operating_lines(report)
     if report.get("agreement"):
         lines.append("agreement: " + ", ".join(f"{k} {pct(v)}" for k, v in report["agreement"].items()))
     for u in report["unreadable"]:
         lines.append(f"unreadable: {u['file']}: {u['reason']}")
     return "\n".join(lines)
+
+
+def _ci(v, ci) -> str:
+    return f"{pct(v)} ({pct(ci[0])}-{pct(ci[1])})" if ci and ci[0] is not None else pct(v)
+
+
+def _operating_lines(report: dict) -> list[str]:
+    op = report.get("operating")
+    if not op:
+        return [f"answers: {report['decided_by']}"] if "decided_by" in report else []
+    names = report["labels"]
+    finding = names[op["finding"]]
+    auc = "-" if op["auc"] is None else f"{op['auc']:.3f} (95% CI {op['auc_ci'][0]:.3f}-{op['auc_ci'][1]:.3f})"
+    lines = [f"ROC of {finding} on {op['n']} images ({op['positives']} {finding}, {op['negatives']} other; "
+             f"95% bootstrap intervals, {op['bootstrap']} resamples): AUC {auc}",
+             f"  P({finding}) >=  sensitivity (95% CI)     specificity (95% CI)     PPV      NPV"]
+    for r in op["table"]:
+        if round(r["threshold"] * 10, 6) % 1 == 0:  # every 0.1 in the text; every 0.05 in the JSON
+            lines.append(f"  {r['threshold']:.2f}        {_ci(r['sensitivity'], r['sensitivity_ci']):24s} "
+                         f"{_ci(r['specificity'], r['specificity_ci']):24s} {pct(r['ppv']):8s} {pct(r['npv'])}")
+    lines.append(f"answers: {report['decided_by']}")
+    at = report.get("at_point")
+    if at:
+        lines.append(f"at the operating point: sensitivity {_ci(at.get('sensitivity'), at.get('sensitivity_ci'))}, "
+                     f"specificity {_ci(at.get('specificity'), at.get('specificity_ci'))}, "
+                     f"PPV {pct(at.get('ppv'))}, NPV {pct(at.get('npv'))} over {at['answered']} answered; "
+                     f"{at['referred']} referred")
+    return lines
