@@ -93,3 +93,24 @@ def test_a_point_needs_a_binary_dataset():
     with pytest.raises(op.PointError, match="binary"):
         op.finding_of("dermamnist", SimpleNamespace(n_outputs=7, multi_label=False))
     assert op.finding_of("breastmnist", _info()) == 0 and op.finding_of("pneumoniamnist", _info()) == 1
+
+
+def test_a_multi_class_report_gives_each_class_against_the_rest():
+    from engine.learn.data import dataset_info
+    from engine.study.validate import _operating, _operating_lines
+
+    info = dataset_info("dermamnist")
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 7, 200)
+    logits = rng.normal(size=(200, 7))
+    logits[np.arange(200), labels] += 2
+    report = {"images": []}
+    _operating(report, SimpleNamespace(dataset="dermamnist"), info, None, labels, logits, None)
+    assert "operating" not in report and report["decided_by"].startswith("argmax")
+    ovr = report["one_vs_rest"]
+    assert list(ovr) == list(info.labels.values())
+    softmax = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    for c, name in info.labels.items():
+        assert ovr[name]["auc"] == pytest.approx(roc_auc_score(labels == c, softmax[:, c]))
+        assert ovr[name]["auc_ci"][0] <= ovr[name]["auc"] <= ovr[name]["auc_ci"][1]
+    assert _operating_lines(report)[0].startswith("AUC of each class against the rest")

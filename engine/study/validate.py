@@ -145,7 +145,11 @@ def _operating(report: dict, saved, info: DatasetInfo, guard: Guard | None, labe
     from . import operating
 
     report["decided_by"] = point.describe() if point is not None else "argmax (no operating point)"
-    if info.n_outputs != 2 or info.multi_label:
+    if info.multi_label:
+        return
+    if info.n_outputs != 2:  # one class against the rest, each with its curve and intervals (no point)
+        scores = metrics.scores_from_logits(logits / (guard.temperature if guard is not None else 1.0), info)
+        report["one_vs_rest"] = {info.labels[c]: operating.curves(labels, scores[:, c], c) for c in range(info.n_outputs)}
         return
     finding = operating.finding_of(saved.dataset, info)
     p = operating.finding_probability(logits, finding, guard if (point is None or point.calibrated) else None)
@@ -202,7 +206,10 @@ def _ci(v, ci) -> str:
 def _operating_lines(report: dict) -> list[str]:
     op = report.get("operating")
     if not op:
-        return [f"answers: {report['decided_by']}"] if "decided_by" in report else []
+        ovr = [f"{name} {c['auc']:.3f} ({c['auc_ci'][0]:.3f}-{c['auc_ci'][1]:.3f})"
+               for name, c in report.get("one_vs_rest", {}).items() if c["auc"] is not None]
+        return (["AUC of each class against the rest (95% bootstrap intervals): " + ", ".join(ovr)] if ovr else []) + (
+            [f"answers: {report['decided_by']}"] if "decided_by" in report else [])
     names = report["labels"]
     finding = names[op["finding"]]
     auc = "-" if op["auc"] is None else f"{op['auc']:.3f} (95% CI {op['auc_ci'][0]:.3f}-{op['auc_ci'][1]:.3f})"
