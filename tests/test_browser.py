@@ -243,6 +243,22 @@ def test_validation_from_a_zip_in_browser(server, browser, tmp_path, data_dir):
         page.get_by_role("button", name="Download the operating point (JSON)").click()
     point = json.loads(Path(dl.value.path()).read_text())
     assert point["chosen_by"] == "recall >= 0.95" and point["images"]["n"] == 4 and point["dataset"] == "pneumoniamnist"
+    # the point stays in force for this browser session: the Upload page's answers name it
+    page.get_by_role("link", name="Upload").first.click()
+    page.get_by_text("Classify your own images, encrypted").wait_for(timeout=60_000)
+    scans = []
+    for i in range(2):
+        Image.fromarray(val.images[i]).save(tmp_path / f"scan{i}.png")
+        scans.append(str(tmp_path / f"scan{i}.png"))
+    page.locator('input[type="file"]').wait_for(state="attached", timeout=180_000)
+    page.locator('input[type="file"]').set_input_files(scans)
+    page.get_by_role("button", name="Encrypted predictions for 2 images").click()
+    page.get_by_role("button", name="Download CSV").wait_for(timeout=180_000)
+    # the page's sidebar and the batch table's caption both name the point
+    assert page.get_by_text("Answers decided by operating point: pneumonia when").count() >= 2
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Download CSV").click()
+    assert Path(dl.value.path()).read_text().splitlines()[0].startswith("file,prediction,decision (operating point)")
     assert page.locator('[data-testid="stException"]').count() == 0
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "validate_encrypted.png"), full_page=True)

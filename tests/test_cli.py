@@ -174,7 +174,7 @@ def test_an_operating_point_chosen_on_one_folder_and_applied_to_another(env, tmp
     val = load_split(DataConfig("pneumoniamnist", data_dir=str(data_dir), allow_download=False), "val")
     normal, pneumonia = (np.flatnonzero(val.labels[:, 0] == c) for c in (0, 1))
     folders = {}
-    for name, part in (("first", slice(0, 60)), ("second", slice(60, 120))):
+    for name, part in (("first", slice(0, 40)), ("second", slice(40, 80))):
         root = folders[name] = tmp_path / name
         for cls, idx in (("NORMAL", normal[part]), ("PNEUMONIA", pneumonia[part])):
             (root / cls).mkdir(parents=True)
@@ -186,17 +186,17 @@ def test_an_operating_point_chosen_on_one_folder_and_applied_to_another(env, tmp
               "--json", str(first)).stdout
     rep = json.loads(first.read_text())
     op = rep["operating"]
-    assert op["n"] == 120 and op["positives"] == 60 and op["finding"] == 1
+    assert op["n"] == 80 and op["positives"] == 40 and op["finding"] == 1
     assert op["auc_ci"][0] <= op["auc"] <= op["auc_ci"][1] and op["auc"] > 0.8
     assert [r["threshold"] for r in op["table"]][:2] == [0.05, 0.1]
     assert all(r["sensitivity_ci"][0] <= r["sensitivity"] <= r["sensitivity_ci"][1] for r in op["table"])
-    assert "ROC of pneumonia on 120 images" in out and "answers: argmax (no operating point)" in out
+    assert "ROC of pneumonia on 80 images" in out and "answers: argmax (no operating point)" in out
     # without a point the answers are argmax: no decision of another kind
     assert all("decision" not in im for im in rep["images"]) and rep["decided_by"].startswith("argmax")
     saved = json.loads(point.read_text())
     chosen = saved["figures"]
     assert chosen["sensitivity"] >= 0.95 and saved["chosen_by"] == "recall >= 0.95" and saved["refer"] == [0.45, 0.5]
-    assert saved["images"]["n"] == 120 and len(saved["images"]["content_hash"]) == 64
+    assert saved["images"]["n"] == 80 and len(saved["images"]["content_hash"]) == 64
     second = tmp_path / "second.json"
     out = run(env, "evaluate", "--dataset", "pneumoniamnist", "--model", "cli-tiny", "--images", str(folders["second"]),
               "--modes", "quantized", "--point", str(point), "--json", str(second)).stdout
