@@ -7,7 +7,7 @@ from __future__ import annotations
 import streamlit as st
 
 from engine.learn import registry
-from engine.study.operating import REFER, OperatingPoint, PointError, finding_probability
+from engine.study.operating import OperatingPoint, PointError
 
 KEY = "operating_points"  # session state: model hash -> OperatingPoint
 
@@ -41,17 +41,14 @@ def in_force(saved: registry.SavedModel) -> str:
 
 
 def decision(saved: registry.SavedModel, logits, info, guard=None, verdict=None) -> str:
-    """The class decided for one answer under the point in force ('' without one: the argmax
-    answer is the decision); a flagged input stays uncertain whatever the point."""
+    """The answer decided under the point in force, with the probability it was decided on ('' without
+    a point: the argmax answer is the decision); a flagged input stays uncertain whatever the point."""
     point = current(saved)
     if point is None:
         return ""
-    if verdict is not None and verdict.foreign:
-        return "uncertain (flagged input)"
-    p = float(finding_probability(logits[None], point.finding, guard if point.calibrated else None)[0])
-    c = point.decide(p)
-    return (f"{REFER if c is None else info.labels[c]} (P({point.finding_name}) {100 * p:.0f}%, "
-            f"threshold {100 * point.threshold:.0f}%)")
+    p = float(point.probability(logits[None], info, guard)[0])
+    return (f"{point.answer(p, info.labels, verdict is not None and verdict.foreign)} "
+            f"(P({point.finding_name}) {100 * p:.0f}%, threshold {100 * point.threshold:.0f}%)")
 
 
 def decisions(saved: registry.SavedModel, items, logits, info, guard=None) -> list[str]:

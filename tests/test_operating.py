@@ -73,7 +73,7 @@ def test_a_point_decides_refers_and_survives_its_file(scored, tmp_path):
     files = [SimpleNamespace(name=f"{i}.png", label=int(v), data=bytes([i % 256])) for i, v in enumerate(y)]
     point = op.make_point(_saved(), _info(), y, p, files, target_recall=0.9, refer=[0.4, 0.5])
     assert point.decide(0.45) is None and point.decide(0.99) == 1 and point.decide(0.0) == 0
-    assert point.answer_text(0.45, _info().labels) == op.REFER
+    assert point.answer(0.45, _info().labels) == op.REFER and point.answer(0.99, _info().labels, flagged=True) == op.UNCERTAIN
     again = op.OperatingPoint.load(point.save(tmp_path / "p.json"))
     assert again == point and again.images["content_hash"] == op.images_hash(list(reversed(files)))
     assert again.check(_saved()) is again

@@ -170,13 +170,9 @@ def _predict_inputs(a, p, guard, sub):
 
 def _decided(point, logits, guard, info, verdict) -> dict:
     """One answer decided at an operating point: a flagged input stays uncertain whatever the point."""
-    from ..study.operating import REFER, finding_probability
-
-    prob = float(finding_probability(logits[None], point.finding, guard if point.calibrated else None)[0])
-    c = point.decide(prob)
-    decision = "uncertain (flagged)" if verdict is not None and verdict.foreign else (REFER if c is None else info.labels[c])
-    return {"decision": decision, "finding_probability": round(prob, 4), "threshold": point.threshold,
-            "refer_band": point.refer}
+    prob = float(point.probability(logits[None], info, guard)[0])
+    return {"decision": point.answer(prob, info.labels, verdict is not None and verdict.foreign),
+            "finding_probability": round(prob, 4), "threshold": point.threshold, "refer_band": point.refer}
 
 
 def add_models(sub) -> None:

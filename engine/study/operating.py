@@ -29,6 +29,7 @@ FINDINGS = {"pneumoniamnist": 1, "breastmnist": 0}
 CANDIDATES = tuple(round(t, 2) for t in np.arange(0.05, 0.951, 0.05))  # thresholds the table shows
 BOOTSTRAP = 1000
 REFER = "refer to a radiologist"
+UNCERTAIN = "uncertain (flagged)"  # a flagged input's answer, whatever the point
 
 
 class PointError(ValueError):
@@ -41,15 +42,18 @@ def finding_of(dataset: str, info) -> int:
     return FINDINGS.get(dataset, 1)
 
 
-def finding_probability(logits: np.ndarray, finding: int, guard=None) -> np.ndarray:
-    """The probability of the finding for each row of ``logits``: calibrated by the model's guard
-    (its temperature) where there is one, else the softmax."""
+def calibrated_scores(logits: np.ndarray, info, guard=None) -> np.ndarray:
+    """Class probabilities as the answers show them: the model's guard's temperature applied where
+    there is one (its calibrated confidence), else the plain softmax."""
+    from ..learn import metrics
+
     z = np.asarray(logits, dtype=np.float64).reshape(len(logits), -1)
-    if guard is not None:
-        z = z / guard.temperature
-    z = z - z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    return p[:, finding] / p.sum(axis=1)
+    return metrics.scores_from_logits(z / (guard.temperature if guard is not None else 1.0), info)
+
+
+def finding_probability(logits: np.ndarray, finding: int, info, guard=None) -> np.ndarray:
+    """The (calibrated) probability of the finding for each row of ``logits``."""
+    return calibrated_scores(logits, info, guard)[:, finding]
 
 
 # -- figures with their uncertainty
@@ -91,12 +95,13 @@ def _value(v: float) -> float | None:
 
 
 def at_thresholds(labels: np.ndarray, p: np.ndarray, finding: int, thresholds, boot: int = BOOTSTRAP,
-                  seed: int = 0) -> list[dict]:
-    """Sensitivity, specificity, PPV and NPV at each threshold, each with its 95% bootstrap interval."""
+                  seed: int = 0, draws: np.ndarray | None = None) -> list[dict]:
+    """Sensitivity, specificity, PPV and NPV at each threshold, each with its 95% bootstrap
+    interval (``draws``: the resamples' weights, when the caller has them already)."""
     pos = np.asarray(labels).reshape(-1) == finding
     thresholds = np.asarray(list(thresholds), dtype=np.float64)
     decided = p[None, :] >= thresholds[:, None]
-    rates = _rates(pos, decided, _draws(len(p), boot, seed))
+    rates = _rates(pos, decided, draws if draws is not None else _draws(len(p), boot, seed))
     return [{"threshold": float(t), **{k: _value(r[0, i]) for k, r in rates.items()},
              **{f"{k}_ci": _interval(r[1:, i]) for k, r in rates.items()},
              "finding_answers": int(decided[i].sum())} for i, t in enumerate(thresholds)]
@@ -110,16 +115,17 @@ def curves(labels: np.ndarray, p: np.ndarray, finding: int, boot: int = BOOTSTRA
     pos = np.asarray(labels).reshape(-1) == finding
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     out = {"finding": int(finding), "n": int(len(p)), "positives": n_pos, "negatives": n_neg, "bootstrap": boot}
+    draws = _draws(len(p), boot, seed)
+    table = at_thresholds(labels, p, finding, CANDIDATES, draws=draws)
     if not n_pos or not n_neg:
-        return {**out, "auc": None, "auc_ci": [None, None], "roc": None, "pr": None,
-                "table": at_thresholds(labels, p, finding, CANDIDATES, boot, seed)}
-    aucs = _auc(pos, p, _draws(len(p), boot, seed))
+        return {**out, "auc": None, "auc_ci": [None, None], "roc": None, "pr": None, "table": table}
+    aucs = _auc(pos, p, draws)
     fpr, tpr, thr = roc_curve(pos, p)
     precision, recall, pr_thr = precision_recall_curve(pos, p)
     return {**out, "auc": _value(aucs[0]), "auc_ci": _interval(aucs[1:]),
             "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": np.minimum(thr, 1.0).tolist()},
             "pr": {"precision": precision.tolist(), "recall": recall.tolist(), "thresholds": pr_thr.tolist()},
-            "table": at_thresholds(labels, p, finding, CANDIDATES, boot, seed)}
+            "table": table}
 
 
 def choose(labels: np.ndarray, p: np.ndarray, finding: int, target_recall: float | None = None,
@@ -184,6 +190,11 @@ class OperatingPoint:
             self.refer = [lo, hi]
 
     # -- deciding
+    def probability(self, logits: np.ndarray, info, guard=None) -> np.ndarray:
+        """The finding's probability for each row of ``logits``, as this point was chosen on
+        (calibrated by ``guard`` when the point was)."""
+        return finding_probability(logits, self.finding, info, guard if self.calibrated else None)
+
     def decide(self, p_finding: float) -> int | None:
         """The class decided for a finding probability, or None: refer."""
         if self.refer is not None and self.refer[0] <= p_finding < self.refer[1]:
@@ -195,7 +206,11 @@ class OperatingPoint:
         return (f"operating point: {self.finding_name} when P({self.finding_name}) >= {self.threshold:.3f} "
                 f"({self.chosen_by}){band}")
 
-    def answer_text(self, p_finding: float, names: dict[int, str]) -> str:
+    def answer(self, p_finding: float, names: dict[int, str], flagged: bool = False) -> str:
+        """The answer at this point, as every face shows it: a class, :data:`REFER`, or
+        :data:`UNCERTAIN` for an input the check flagged."""
+        if flagged:
+            return UNCERTAIN
         c = self.decide(p_finding)
         return REFER if c is None else names[c]
 

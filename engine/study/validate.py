@@ -148,11 +148,11 @@ def _operating(report: dict, saved, info: DatasetInfo, guard: Guard | None, labe
     if info.multi_label:
         return
     if info.n_outputs != 2:  # one class against the rest, each with its curve and intervals (no point)
-        scores = metrics.scores_from_logits(logits / (guard.temperature if guard is not None else 1.0), info)
+        scores = operating.calibrated_scores(logits, info, guard)
         report["one_vs_rest"] = {info.labels[c]: operating.curves(labels, scores[:, c], c) for c in range(info.n_outputs)}
         return
     finding = operating.finding_of(saved.dataset, info)
-    p = operating.finding_probability(logits, finding, guard if (point is None or point.calibrated) else None)
+    p = point.probability(logits, info, guard) if point is not None else operating.finding_probability(logits, finding, info, guard)
     report["operating"] = operating.curves(labels, p, finding)
     for row, v in zip(report["images"], p):
         row["finding_probability"] = round(float(v), 6)
@@ -160,9 +160,7 @@ def _operating(report: dict, saved, info: DatasetInfo, guard: Guard | None, labe
         return
     report["at_point"] = operating.audit(point, labels, p)
     for row, v in zip(report["images"], p):
-        c = point.decide(float(v))
-        # a flagged image stays uncertain whatever the point
-        row["decision"] = "uncertain (flagged)" if row["flagged"] else (operating.REFER if c is None else info.labels[c])
+        row["decision"] = point.answer(float(v), info.labels, row["flagged"])
 
 
 def pct(v) -> str:
